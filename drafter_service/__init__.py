@@ -1,0 +1,1 @@
+"""The drafter tier: proposes candidate blocks for sessions and relays what verifiers commit."""

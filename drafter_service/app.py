@@ -1,0 +1,36 @@
+"""Builds a drafter pod: the drafter (n-gram or model), its batcher, and the gRPC server around them."""
+
+from __future__ import annotations
+
+from drafter_service.drafters import make_drafter
+from drafter_service.service import DraftBatcher, DrafterServicer
+from specdec.proto import drafter_pb2, drafter_pb2_grpc
+from specdec.server import GrpcServer
+
+DEFAULT_DRAFTER = "ngram"
+
+
+async def start_drafter(
+    host: str,
+    port: int,
+    model: str = DEFAULT_DRAFTER,
+    device: str = "cpu",
+    max_draft_tokens: int = 5,
+    max_sessions: int = 64,
+    grace: float = 30.0,
+) -> GrpcServer:
+    batcher = DraftBatcher(make_drafter(model, device, max_sessions))
+    batcher.start()
+    servicer = DrafterServicer(batcher, max_draft_tokens)
+    server = GrpcServer("drafter", host, port, grace)
+
+    def on_drain():
+        servicer.draining = True
+
+    server.add(
+        drafter_pb2_grpc.add_DrafterServiceServicer_to_server,
+        servicer,
+        drafter_pb2.DESCRIPTOR.services_by_name["DrafterService"].full_name,
+        on_drain,
+    )
+    return server

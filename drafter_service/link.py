@@ -1,0 +1,94 @@
+"""One bidirectional Verify stream from this drafter to one verifier, shared by all sessions paired with it.
+
+`open` and `send_block` return the verifier's verdict for that session; replies are matched by session id. If
+the stream breaks, every session waiting on it fails with UNAVAILABLE and the next call opens a new stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from specdec.errors import SessionFailed, Unavailable, status_code_from_int
+from specdec.proto import session_pb2, verifier_pb2, verifier_pb2_grpc
+from specdec.server import CHANNEL_OPTIONS
+
+log = logging.getLogger(__name__)
+
+
+class VerifierLink:
+    def __init__(self, address: str):
+        self.address = address
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = verifier_pb2_grpc.VerifierServiceStub(self._channel)
+        self._outbox: asyncio.Queue | None = None
+        self._waiting: dict[str, asyncio.Future] = {}
+        self._reader: asyncio.Task | None = None
+
+    async def _requests(self, outbox: asyncio.Queue):
+        while True:
+            message = await outbox.get()
+            if message is None:
+                return
+            yield message
+
+    def _ensure_stream(self) -> asyncio.Queue:
+        if self._reader is None or self._reader.done():
+            self._outbox = asyncio.Queue()
+            call = self._stub.Verify(self._requests(self._outbox))
+            self._reader = asyncio.create_task(self._read(call, self._outbox))
+        return self._outbox
+
+    async def _read(self, call, outbox: asyncio.Queue) -> None:
+        error: Exception = Unavailable(f"the stream to verifier {self.address} ended")
+        try:
+            async for response in call:
+                future = self._waiting.pop(response.session_id, None)
+                if future is None or future.done():
+                    continue
+                if response.HasField("error"):
+                    code = status_code_from_int(response.error.code)
+                    future.set_exception(SessionFailed(code, response.error.message))
+                else:
+                    future.set_result(response)
+        except grpc.aio.AioRpcError as exc:
+            error = Unavailable(f"verifier {self.address}: {exc.code().name}: {exc.details()}")
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        finally:
+            if self._outbox is outbox:
+                self._outbox = None
+            for future in self._waiting.values():
+                if not future.done():
+                    future.set_exception(error)
+            self._waiting.clear()
+
+    async def _call(self, session_id: str, request: verifier_pb2.VerifyRequest) -> verifier_pb2.VerifyResponse:
+        outbox = self._ensure_stream()
+        future = asyncio.get_running_loop().create_future()
+        self._waiting[session_id] = future
+        outbox.put_nowait(request)
+        return await future
+
+    async def open(self, spec: session_pb2.SessionSpec) -> verifier_pb2.VerifyResponse:
+        return await self._call(spec.session_id, verifier_pb2.VerifyRequest(open=spec))
+
+    async def send_block(self, block: verifier_pb2.DraftBlock) -> verifier_pb2.VerifyResponse:
+        return await self._call(block.session_id, verifier_pb2.VerifyRequest(block=block))
+
+    def close_session(self, session_id: str) -> None:
+        future = self._waiting.pop(session_id, None)
+        if future and not future.done():
+            future.cancel()
+        if self._outbox is not None:
+            self._outbox.put_nowait(verifier_pb2.VerifyRequest(close=verifier_pb2.CloseSession(session_id=session_id)))
+
+    async def aclose(self) -> None:
+        if self._outbox is not None:
+            self._outbox.put_nowait(None)
+        if self._reader is not None:
+            self._reader.cancel()
+        await self._channel.close()

@@ -1,0 +1,131 @@
+"""The drafter's gRPC edge: DrafterService.Draft runs one session against a verifier.
+
+The loop per session: open it on the verifier (prefill, first token), then draft a block after the committed
+tokens, send it, commit the verdict, stream the committed tokens back, until the verifier says the session is
+finished. Blocks of all sessions are drafted together by the `DraftBatcher`. Every verdict carries the committed
+length, and the next draft is made from exactly the committed tokens, so the drafter never trusts its own guesses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from drafter_service.drafters import Draft, DraftRequest
+from drafter_service.link import VerifierLink
+from specdec.errors import InvalidInput, SpecdecError, Unavailable
+from specdec.proto import drafter_pb2, drafter_pb2_grpc, verifier_pb2
+from specdec.sampling import SamplingConfig
+
+log = logging.getLogger(__name__)
+
+
+class DraftBatcher:
+    """Gathers the sessions waiting for a draft and proposes for all of them in one call on a worker thread."""
+
+    def __init__(self, drafter):
+        self.drafter = drafter
+        self._pending: list[tuple[DraftRequest, asyncio.Future]] = []
+        self._wakeup = asyncio.Event()
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="drafter-forward")
+        self._task: asyncio.Task | None = None
+        self.pending_work = 0  # sessions waiting for a draft: the drafter tier's load metric
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="draft-batcher")
+
+    async def propose(self, request: DraftRequest) -> Draft:
+        if request.k == 0:
+            return Draft([])
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((request, future))
+        self.pending_work = len(self._pending)
+        self._wakeup.set()
+        return await future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            batch, self._pending = self._pending, []
+            batch = [(r, f) for r, f in batch if not f.done()]
+            self.pending_work = 0
+            if not batch:
+                continue
+            try:
+                drafts = await loop.run_in_executor(self._worker, self.drafter.propose, [r for r, _ in batch])
+            except Exception as exc:  # a drafter bug costs speed (empty drafts), never a session
+                log.exception("drafting failed for %d sessions", len(batch))
+                drafts = [Draft([]) for _ in batch]
+                del exc
+            for (_, future), draft in zip(batch, drafts):
+                if not future.done():
+                    future.set_result(draft)
+
+
+class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
+    def __init__(self, batcher: DraftBatcher, default_draft_tokens: int = 5):
+        self.batcher = batcher
+        self.default_draft_tokens = default_draft_tokens
+        self._links: dict[str, VerifierLink] = {}
+        self.draining = False
+        self.sessions_in_flight = 0
+
+    def _link(self, address: str) -> VerifierLink:
+        link = self._links.get(address)
+        if link is None:
+            link = self._links[address] = VerifierLink(address)
+        return link
+
+    async def Draft(self, request, context):
+        spec = request.session
+        if self.draining:
+            await context.abort(Unavailable.code, "this drafter is shutting down; retry on another")
+        if not request.verifier_address:
+            await context.abort(InvalidInput.code, "DraftRequest.verifier_address is empty: name the verifier")
+        k = request.max_draft_tokens or self.default_draft_tokens
+        sampling = SamplingConfig(spec.temperature, spec.top_p or 1.0, spec.top_k)
+        generator = torch.Generator()
+        if spec.HasField("seed"):  # the drafter's own stream, distinct from the verifier's
+            generator.manual_seed((spec.seed ^ 0x5DEECE66D) & 0xFFFF_FFFF_FFFF_FFFF)
+        link = self._link(request.verifier_address)
+        drafter = self.batcher.drafter
+        self.sessions_in_flight += 1
+        opened = False
+        try:
+            drafter.open(spec.session_id)
+            verdict = await link.open(spec)
+            opened = True
+            context_tokens = list(spec.prompt_ids) + list(verdict.update.token_ids)
+            yield drafter_pb2.DraftResponse(update=verdict.update)
+            while not verdict.update.finish_reason:
+                draft = await self.batcher.propose(
+                    DraftRequest(spec.session_id, context_tokens, k, sampling, generator)
+                )
+                block = verifier_pb2.DraftBlock(
+                    session_id=spec.session_id,
+                    committed_length=verdict.update.committed_length,
+                    token_ids=draft.tokens,
+                )
+                if any(ids for ids, _ in draft.distributions):
+                    for ids, probs in draft.distributions:
+                        block.distributions.add(token_ids=ids, probs=probs)
+                verdict = await link.send_block(block)
+                context_tokens.extend(verdict.update.token_ids)
+                yield drafter_pb2.DraftResponse(update=verdict.update)
+            opened = False  # the verifier closes finished sessions itself
+        except SpecdecError as exc:
+            await context.abort(exc.code, str(exc))
+        finally:
+            self.sessions_in_flight -= 1
+            drafter.close(spec.session_id)
+            if opened:  # cancelled or failed mid-session: free the verifier's KV now
+                link.close_session(spec.session_id)
+
+    async def aclose(self) -> None:
+        for link in self._links.values():
+            await link.aclose()

@@ -1,0 +1,1 @@
+"""The router tier: the client-facing Generation service; pairs sessions with drafters and verifiers."""

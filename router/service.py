@@ -1,0 +1,209 @@
+"""The router's gRPC edge: specdec.v1.Generation.
+
+Per request: turn the input into token ids (chat template for `chat`), check it, pick a verifier and (unless
+speculation is off) a drafter, relay the committed tokens through the TextStreamer (UTF-8 safety, stop strings),
+and fill `usage` on the last message. The router keeps each session's committed tokens: if a drafter fails the
+session continues on the verifier alone, and if a verifier fails it resumes on another by prefilling prompt +
+committed tokens. The client sees every token exactly once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+
+import grpc
+
+from router.pool import Pod, Pool
+from router.text import TextStreamer
+from specdec.errors import InvalidInput, SpecdecError, Unavailable
+from specdec.proto import (
+    drafter_pb2,
+    drafter_pb2_grpc,
+    generation_pb2,
+    generation_pb2_grpc,
+    session_pb2,
+    verifier_pb2,
+    verifier_pb2_grpc,
+)
+from specdec.validation import DEFAULT_MAX_NEW_TOKENS_LIMIT, check_prompt_ids, check_sampling
+
+log = logging.getLogger(__name__)
+
+_ROLES = ("system", "user", "assistant")
+# Failures that say "this pod, now" rather than "this request": worth another pod.
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
+_MAX_ATTEMPTS = 4
+
+
+class RouterServicer(generation_pb2_grpc.GenerationServicer):
+    def __init__(
+        self,
+        tokenizer,
+        verifiers: Pool,
+        drafters: Pool,
+        default_draft_tokens: int = 5,
+        max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT,
+    ):
+        self.tokenizer = tokenizer
+        self.verifiers = verifiers
+        self.drafters = drafters
+        self.default_draft_tokens = default_draft_tokens
+        self.max_new_tokens_limit = max_new_tokens_limit
+        self.draining = False
+        self._info: verifier_pb2.GetModelInfoResponse | None = None
+
+    # -- input -------------------------------------------------------------------------------------------------------
+    def prompt_ids(self, request: generation_pb2.GenerateRequest) -> list[int]:
+        kind = request.WhichOneof("input")
+        if kind is None:
+            raise InvalidInput("no input: set one of prompt, chat or tokens")
+        if kind == "tokens":
+            return list(request.tokens.ids)
+        if kind == "prompt":
+            if not request.prompt:
+                raise InvalidInput("the prompt is empty: send some text")
+            return list(self.tokenizer.encode(request.prompt))
+        messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+        if not messages:
+            raise InvalidInput("chat has no messages: send at least one user message")
+        for i, m in enumerate(messages):
+            if m["role"] not in _ROLES:
+                raise InvalidInput(f"chat message {i} has role {m['role']!r}; use one of {', '.join(_ROLES)}")
+        return chat_ids(self.tokenizer, messages)
+
+    async def model_info(self) -> verifier_pb2.GetModelInfoResponse:
+        if self._info is None:
+            for pod in self.verifiers.pods:
+                try:
+                    stub = verifier_pb2_grpc.VerifierServiceStub(pod.channel)
+                    self._info = await stub.GetModelInfo(verifier_pb2.GetModelInfoRequest(), timeout=10)
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    log.warning("verifier %s did not answer GetModelInfo: %s", pod.address, exc.code().name)
+            else:
+                raise Unavailable("no verifier reachable; check the --verifier addresses and that verifiers are up")
+        return self._info
+
+    # -- the RPC -----------------------------------------------------------------------------------------------------
+    async def Generate(self, request, context):
+        try:
+            if self.draining:
+                raise Unavailable("this router is shutting down; retry")
+            sampling = request.sampling
+            check_sampling(sampling.max_new_tokens, sampling.temperature, sampling.top_p, self.max_new_tokens_limit)
+            prompt = self.prompt_ids(request)
+            info = await self.model_info()
+            check_prompt_ids(prompt, info.vocab_size, info.max_sequence_length)
+        except SpecdecError as exc:
+            await context.abort(exc.code, str(exc))
+        k = self.default_draft_tokens
+        if request.speculation.HasField("max_draft_tokens"):
+            k = min(request.speculation.max_draft_tokens, info.max_draft_tokens)
+        streamer = TextStreamer(self.tokenizer, list(sampling.stop))
+        usage = generation_pb2.Usage(prompt_tokens=len(prompt))
+        timeout = context.time_remaining()
+        try:
+            async with contextlib.aclosing(self._session(prompt, sampling, k, usage, timeout)) as updates:
+                async for update in updates:
+                    chunk = streamer.push(list(update.token_ids))
+                    finish = generation_pb2.FINISH_REASON_STOP if chunk.stopped else update.finish_reason
+                    if finish and not chunk.stopped:
+                        tail = streamer.flush()
+                        chunk.token_ids += tail.token_ids
+                        chunk.text += tail.text
+                    if finish:
+                        usage.completion_tokens = streamer.emitted_tokens
+                        yield generation_pb2.GenerateResponse(
+                            token_ids=chunk.token_ids, text=chunk.text, finish_reason=finish, usage=usage
+                        )
+                        return
+                    if chunk.token_ids:
+                        yield generation_pb2.GenerateResponse(token_ids=chunk.token_ids, text=chunk.text)
+        except SpecdecError as exc:
+            await context.abort(exc.code, str(exc))
+
+    async def _session(self, prompt: list[int], sampling, k: int, usage: generation_pb2.Usage, timeout):
+        """Committed updates until the session finishes, across pod failures."""
+        committed: list[int] = []
+        failed_drafters: set[str] = set()
+        failed_verifiers: set[str] = set()
+        done = session_pb2.SessionStats()  # stats of attempts that ended early
+        for _ in range(_MAX_ATTEMPTS):
+            verifier = self.verifiers.pick(failed_verifiers)
+            if verifier is None:
+                raise Unavailable("no verifier reachable; retry later")
+            drafter = self.drafters.pick(failed_drafters) if k > 0 else None
+            spec = session_pb2.SessionSpec(
+                session_id=uuid.uuid4().hex,
+                prompt_ids=prompt + committed,
+                max_new_tokens=sampling.max_new_tokens - len(committed),
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+            )
+            if sampling.HasField("seed"):
+                spec.seed = sampling.seed
+            last = session_pb2.SessionStats()
+            pods = [p for p in (verifier, drafter) if p is not None]
+            for pod in pods:
+                pod.in_flight += 1
+            call = self._call(spec, verifier, drafter, k, timeout)
+            try:
+                async for response in call:
+                    update = response.update
+                    committed.extend(update.token_ids)
+                    last = update.stats
+                    _add_stats(usage, done, last)
+                    yield update
+                    if update.finish_reason:
+                        return
+                raise Unavailable("the session's stream ended before it finished")
+            except (grpc.aio.AioRpcError, Unavailable) as exc:
+                code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else grpc.StatusCode.UNAVAILABLE
+                if code not in _RETRYABLE:
+                    raise _as_error(exc) from None
+                culprit, pool, failed = (
+                    (drafter, self.drafters, failed_drafters) if drafter else (verifier, self.verifiers, failed_verifiers)
+                )
+                log.warning("%s failed mid-session (%s); resuming after %d tokens", culprit.address, code.name, len(committed))
+                failed.add(culprit.address)
+                pool.mark_down(culprit)
+                for field in ("cached_prompt_tokens", "draft_tokens", "accepted_draft_tokens", "verify_steps"):
+                    setattr(done, field, getattr(done, field) + getattr(last, field))
+            finally:
+                call.cancel()
+                for pod in pods:
+                    pod.in_flight -= 1
+        raise Unavailable(f"the session failed on {_MAX_ATTEMPTS} pods in a row; retry later")
+
+    def _call(self, spec, verifier: Pod, drafter: Pod | None, k: int, timeout):
+        if drafter is not None:
+            stub = drafter_pb2_grpc.DrafterServiceStub(drafter.channel)
+            request = drafter_pb2.DraftRequest(session=spec, verifier_address=verifier.address, max_draft_tokens=k)
+            return stub.Draft(request, timeout=timeout)
+        stub = verifier_pb2_grpc.VerifierServiceStub(verifier.channel)
+        return stub.Decode(verifier_pb2.DecodeRequest(session=spec), timeout=timeout)
+
+
+def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The target's chat template applied, ready for the assistant's turn."""
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = out["input_ids"] if hasattr(out, "keys") else out
+    return list(ids)
+
+
+def _add_stats(usage: generation_pb2.Usage, done: session_pb2.SessionStats, last: session_pb2.SessionStats) -> None:
+    usage.cached_prompt_tokens = done.cached_prompt_tokens + last.cached_prompt_tokens
+    usage.draft_tokens = done.draft_tokens + last.draft_tokens
+    usage.accepted_draft_tokens = done.accepted_draft_tokens + last.accepted_draft_tokens
+    usage.verify_steps = done.verify_steps + last.verify_steps
+
+
+def _as_error(exc) -> SpecdecError:
+    from specdec.errors import SessionFailed
+
+    if isinstance(exc, SpecdecError):
+        return exc
+    return SessionFailed(exc.code(), exc.details() or exc.code().name)

@@ -1,0 +1,270 @@
+"""The `specdec` command line. Every flag also reads a SPECDEC_* environment variable (for containers):
+`--max-new-tokens` <- SPECDEC_MAX_NEW_TOKENS; a repeated flag takes a comma-separated list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import time
+
+from specdec.models import DEFAULT_TARGET
+
+DEFAULT_PORT = 50051
+
+
+def _env_name(flag: str) -> str:
+    return "SPECDEC_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def flag(parser: argparse.ArgumentParser, name: str, *, default=None, type=str, help: str, **kwargs) -> None:
+    """Adds --name whose default comes from SPECDEC_NAME when set; the help says so."""
+    env = _env_name(name)
+    value = os.environ.get(env)
+    if value is not None:
+        if kwargs.get("action") == "append":
+            default = [type(v) for v in value.split(",") if v]
+        elif kwargs.get("action") == "store_true":
+            default = value.lower() in ("1", "true", "yes", "on")
+        else:
+            default = type(value)
+    if kwargs.get("action") == "store_true":
+        parser.add_argument(name, default=default or False, help=f"{help} [env {env}]", **kwargs)
+    else:
+        shown = "" if default in (None, []) else f" (default: {default})"
+        parser.add_argument(name, default=default, type=type, help=f"{help}{shown} [env {env}]", **kwargs)
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _serving_flags(p: argparse.ArgumentParser, port: int, host: str = "0.0.0.0") -> None:
+    flag(p, "--host", default=host, help="address to listen on")
+    flag(p, "--port", default=port, type=int, help="port to listen on (0 picks a free one)")
+    flag(p, "--grace", default=30.0, type=float, help="seconds sessions in flight get to finish after SIGTERM")
+
+
+def _verifier_flags(p: argparse.ArgumentParser) -> None:
+    flag(p, "--max-sessions", default=8, type=int, help="KV slots: sessions the verifier holds at once")
+    flag(p, "--max-sequence-length", default=2048, type=int, help="context per session (prompt + generated)")
+    flag(p, "--max-block", default=16, type=int, help="longest draft block the verifier accepts")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="specdec",
+        description="Disaggregated speculative decoding: drafters propose, verifiers check in batches, "
+        "a router pairs them. Output is exactly what the target model alone produces.",
+        epilog="Start with `specdec serve` (all-in-one) and `specdec generate \"Hello\" --chat`.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve",
+        help="run servers (all-in-one without a role)",
+        description="Without a role: router, drafter and verifier in one process on loopback, default models. "
+        "With a role: one tier, to deploy each tier on its own.",
+    )
+    _serving_flags(serve, DEFAULT_PORT, host="127.0.0.1")
+    flag(serve, "--model", default=DEFAULT_TARGET, help="target model SPEC (HF dir, .gguf file or alias)")
+    flag(serve, "--drafter-model", default="ngram", help="drafter SPEC: `ngram` or a small model with the target's tokenizer")
+    flag(serve, "--device", default="cpu", help="torch device for both models, e.g. cpu or cuda:0")
+    flag(serve, "--max-draft-tokens", default=5, type=int, help="default draft block length k")
+    _verifier_flags(serve)
+    serve.set_defaults(func=cmd_serve_all)
+    roles = serve.add_subparsers(dest="role", metavar="ROLE")
+
+    r = roles.add_parser("router", help="the client-facing Generation service")
+    _serving_flags(r, DEFAULT_PORT)
+    flag(r, "--drafter", action="append", help="drafter address host:port (repeat for several)")
+    flag(r, "--verifier", action="append", help="verifier address host:port (repeat for several)")
+    flag(r, "--model", default=DEFAULT_TARGET, help="target SPEC whose tokenizer and chat template to use")
+    flag(r, "--max-draft-tokens", default=5, type=int, help="default draft block length k")
+    flag(r, "--max-new-tokens-limit", default=4096, type=int, help="largest max_new_tokens a request may ask")
+    r.set_defaults(func=cmd_serve_router)
+
+    d = roles.add_parser("drafter", help="a drafter pod")
+    _serving_flags(d, 50052)
+    flag(d, "--model", default="ngram", help="drafter SPEC: `ngram` or a small model with the target's tokenizer")
+    flag(d, "--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    flag(d, "--max-draft-tokens", default=5, type=int, help="draft block length when the request leaves it unset")
+    flag(d, "--max-sessions", default=64, type=int, help="sessions drafted at once (model drafter KV slots)")
+    d.set_defaults(func=cmd_serve_drafter)
+
+    v = roles.add_parser("verifier", help="a verifier pod")
+    _serving_flags(v, 50053)
+    flag(v, "--model", default=DEFAULT_TARGET, help="target model SPEC")
+    flag(v, "--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    _verifier_flags(v)
+    v.set_defaults(func=cmd_serve_verifier)
+
+    g = sub.add_parser("generate", help="stream a generation from a running router",
+                       description="Calls Generate on a router and prints the text as it is committed.")
+    g.add_argument("prompt", help="the prompt text")
+    flag(g, "--address", default=f"127.0.0.1:{DEFAULT_PORT}", help="router address")
+    flag(g, "--chat", action="store_true", help="send the prompt as a user message (chat template applied)")
+    flag(g, "--max-new-tokens", default=128, type=int, help="tokens to generate at most")
+    flag(g, "--temperature", default=0.0, type=float, help="0 = greedy")
+    flag(g, "--top-p", default=0.0, type=float, help="nucleus sampling mass (0 = off)")
+    flag(g, "--top-k", default=0, type=int, help="top-k sampling (0 = off)")
+    flag(g, "--seed", default=None, type=int, help="same seed, same output")
+    flag(g, "--stop", action="append", help="stop string (repeat for several)")
+    flag(g, "--no-speculation", action="store_true", help="target alone (max_draft_tokens = 0)")
+    flag(g, "--max-draft-tokens", default=None, type=int, help="draft block length (server default when unset)")
+    g.set_defaults(func=cmd_generate)
+
+    prep = sub.add_parser("prepare-models", help="convert the default models once so servers start fast")
+    flag(prep, "--model", default=DEFAULT_TARGET, help="model SPEC to prepare")
+    prep.set_defaults(func=cmd_prepare)
+
+    for module in ("specdec.train_drafter", "specdec.eval_drafter"):
+        try:
+            mod = __import__(module, fromlist=["add_parser"])
+        except ImportError:
+            continue
+        mod.add_parser(sub)
+    return parser
+
+
+# -- commands ---------------------------------------------------------------------------------------------------------
+def cmd_serve_all(args) -> int:
+    if args.role:  # argparse dispatches roles through their own func; this is the bare `serve`
+        return args.func(args)
+    from drafter_service.app import start_drafter
+    from router.app import start_router
+    from specdec.server import run_servers
+    from verifier_service.app import start_verifier
+
+    async def main():
+        verifier = await start_verifier(
+            "127.0.0.1", 0, args.model, args.device, args.max_sessions, args.max_sequence_length, args.max_block,
+            args.grace,
+        )
+        drafter = await start_drafter("127.0.0.1", 0, args.drafter_model, args.device, args.max_draft_tokens,
+                                      grace=args.grace)
+        router = await start_router(
+            args.host, args.port, [verifier.address], [drafter.address], args.model, args.max_draft_tokens,
+            grace=args.grace,
+        )
+        # Start the back tiers first so the router's first request finds them.
+        await verifier.start()
+        await drafter.start()
+        print(f"specdec all-in-one serving on {router.address} (verifier {verifier.address}, "
+              f"drafter {drafter.address})", flush=True)
+        await run_servers([router])
+        await drafter.drain()
+        await verifier.drain()
+
+    asyncio.run(main())
+    return 0
+
+
+def _run_one(start) -> int:
+    from specdec.server import run_servers
+
+    async def main():
+        server = await start()
+        print(f"specdec {server.name} serving on {server.address}", flush=True)
+        await run_servers([server])
+
+    asyncio.run(main())
+    return 0
+
+
+def cmd_serve_router(args) -> int:
+    from router.app import start_router
+
+    if not args.verifier:
+        print("specdec serve router: give at least one --verifier ADDR (or SPECDEC_VERIFIER)", file=sys.stderr)
+        return 2
+    return _run_one(lambda: start_router(
+        args.host, args.port, args.verifier, args.drafter or [], args.model, args.max_draft_tokens,
+        args.max_new_tokens_limit, args.grace,
+    ))
+
+
+def cmd_serve_drafter(args) -> int:
+    from drafter_service.app import start_drafter
+
+    return _run_one(lambda: start_drafter(
+        args.host, args.port, args.model, args.device, args.max_draft_tokens, args.max_sessions, args.grace
+    ))
+
+
+def cmd_serve_verifier(args) -> int:
+    from verifier_service.app import start_verifier
+
+    return _run_one(lambda: start_verifier(
+        args.host, args.port, args.model, args.device, args.max_sessions, args.max_sequence_length, args.max_block,
+        args.grace,
+    ))
+
+
+def cmd_generate(args) -> int:
+    from specdec.client import Client, SpecdecError
+
+    kwargs = dict(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        seed=args.seed, stop=args.stop or (),
+        max_draft_tokens=0 if args.no_speculation else args.max_draft_tokens,
+    )
+    if args.chat:
+        kwargs["chat"] = [{"role": "user", "content": args.prompt}]
+    else:
+        kwargs["prompt"] = args.prompt
+    start, first, usage, tokens = time.perf_counter(), None, None, 0
+    try:
+        with Client(args.address) as client:
+            for chunk in client.generate(**kwargs):
+                first = first or time.perf_counter()
+                tokens += len(chunk.token_ids)
+                print(chunk.text, end="", flush=True)
+                if chunk.finish_reason:
+                    usage = chunk.usage
+    except SpecdecError as exc:
+        print(f"\nerror: {exc.code.name}: {exc}", file=sys.stderr)
+        return 1
+    elapsed = time.perf_counter() - start
+    tau = (usage.accepted_draft_tokens + usage.verify_steps) / max(usage.verify_steps, 1)
+    print(f"\n[{tokens} tokens in {elapsed:.2f} s: {tokens / elapsed:.1f} tokens/s, first token "
+          f"{(first - start) * 1000:.0f} ms, tau {tau:.2f}]", file=sys.stderr)
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from specdec import models
+
+    t = time.perf_counter()
+    directory = models.local_directory(models.resolve(args.model))
+    print(f"{args.model}: ready at {directory} ({time.perf_counter() - t:.1f} s)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _logging(args.verbose)
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a clear one-line error for what a user can fix; tracebacks with -v
+        from specdec.errors import SpecdecError
+        from specdec.models import ModelNotFound
+
+        if isinstance(exc, (ModelNotFound, SpecdecError, ValueError, OSError)) and not args.verbose:
+            print(f"specdec: error: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

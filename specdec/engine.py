@@ -1,0 +1,213 @@
+"""A compact Llama-family engine: ragged batched forward over a slotted, preallocated KV cache.
+
+Used by the verifier (many sessions' blocks in one pass) and the model drafter alike. Each row of a batch is one
+session: its KV slot, the position of its first new token (= tokens already in its cache) and its new tokens.
+Rows differ in cache length and in number of new tokens; padding is masked out. Rolling a session back is
+free: the caller passes a smaller start position next time, and positions past it are overwritten.
+
+Covers the Llama, Mistral, Qwen2 and Qwen3 shapes (q/k/v bias, per-head q/k norms). Weights come from
+transformers' own model (which reads safetensors and GGUF), so RoPE variants are taken from its `inv_freq`.
+This module does not own sampling, verification or scheduling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class UnsupportedModel(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+
+    @classmethod
+    def from_hf_config(cls, cfg) -> "LlamaShape":
+        if cfg.model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModel(
+                f"model type {cfg.model_type!r} is not supported by the engine; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return cls(
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.hidden_size,
+            num_layers=cfg.num_hidden_layers,
+            num_heads=cfg.num_attention_heads,
+            num_kv_heads=cfg.num_key_value_heads,
+            head_dim=head_dim,
+            rms_norm_eps=cfg.rms_norm_eps,
+            max_position_embeddings=cfg.max_position_embeddings,
+        )
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.finfo(dtype).bits // 8
+
+
+@dataclass
+class Row:
+    """One session's share of a forward pass."""
+
+    slot: int
+    start: int  # tokens of this session already in its KV slot; the first new token goes at this position
+    tokens: list[int]  # new tokens, at positions start .. start + len(tokens) - 1
+    all_logits: bool = False  # logits for every new token (verification) or only the last (prefill, decode)
+
+
+class KVCache:
+    """Preallocated KV slots: keys/values [num_slots, kv_heads, max_len, head_dim] per layer."""
+
+    def __init__(self, shape: LlamaShape, num_slots: int, max_len: int, device, dtype):
+        size = (num_slots, shape.num_kv_heads, max_len, shape.head_dim)
+        self.keys = [torch.zeros(size, device=device, dtype=dtype) for _ in range(shape.num_layers)]
+        self.values = [torch.zeros(size, device=device, dtype=dtype) for _ in range(shape.num_layers)]
+        self.num_slots = num_slots
+        self.max_len = max_len
+        self._free = list(range(num_slots - 1, -1, -1))
+
+    def allocate(self) -> int | None:
+        return self._free.pop() if self._free else None
+
+    def release(self, slot: int) -> None:
+        self._free.append(slot)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+
+class _Layer:
+    def __init__(self, hf_layer, device, dtype):
+        attn, mlp = hf_layer.self_attn, hf_layer.mlp
+
+        def take(module):
+            return None if module is None else module.detach().to(device=device, dtype=dtype)
+
+        self.qkv_weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).to(device, dtype)
+        biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
+        self.qkv_bias = torch.cat(biases).to(device, dtype) if biases[0] is not None else None
+        self.o_weight = take(attn.o_proj.weight)
+        self.q_norm = take(attn.q_norm.weight) if hasattr(attn, "q_norm") else None
+        self.k_norm = take(attn.k_norm.weight) if hasattr(attn, "k_norm") else None
+        self.gate_up_weight = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).to(device, dtype)
+        self.down_weight = take(mlp.down_proj.weight)
+        self.input_norm = take(hf_layer.input_layernorm.weight)
+        self.post_norm = take(hf_layer.post_attention_layernorm.weight)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # As transformers does it: normalize in fp32, then scale in the model's dtype.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LlamaEngine:
+    """The forward pass of a Llama-family model over a KVCache."""
+
+    def __init__(self, hf_model, device="cpu", dtype=torch.float32):
+        self.shape = LlamaShape.from_hf_config(hf_model.config)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        inner = hf_model.model
+        self.embed = inner.embed_tokens.weight.detach().to(self.device, dtype)
+        self.lm_head = hf_model.lm_head.weight.detach().to(self.device, dtype)
+        self.final_norm = inner.norm.weight.detach().to(self.device, dtype)
+        self.layers = [_Layer(layer, self.device, dtype) for layer in inner.layers]
+        rotary = inner.rotary_emb
+        self.inv_freq = rotary.inv_freq.detach().to(self.device, torch.float32)  # [head_dim / 2]
+        self.attention_scaling = float(getattr(rotary, "attention_scaling", 1.0))
+
+    def new_cache(self, num_slots: int, max_len: int) -> KVCache:
+        return KVCache(self.shape, num_slots, max_len, self.device, self.dtype)
+
+    @torch.inference_mode()
+    def forward(self, cache: KVCache, rows: list[Row]) -> list[torch.Tensor]:
+        """Runs every row in one pass; returns per row logits [n, vocab] (n = len(tokens) or 1), float32."""
+        s = self.shape
+        batch, width = len(rows), max(len(r.tokens) for r in rows)
+        dev = self.device
+        tokens = torch.zeros(batch, width, dtype=torch.long)
+        positions = torch.zeros(batch, width, dtype=torch.long)
+        valid = torch.zeros(batch, width, dtype=torch.bool)
+        for b, row in enumerate(rows):
+            n = len(row.tokens)
+            tokens[b, :n] = torch.tensor(row.tokens)
+            positions[b, :n] = torch.arange(row.start, row.start + n)
+            positions[b, n:] = row.start + n - 1  # padding queries see a real key, so softmax stays finite
+            valid[b, :n] = True
+        tokens, positions, valid = tokens.to(dev), positions.to(dev), valid.to(dev)
+        kv_len = max(r.start + len(r.tokens) for r in rows)
+        slots = torch.tensor([r.slot for r in rows], device=dev)
+        batch_idx, tok_idx = valid.nonzero(as_tuple=True)  # [n_valid] each
+        write_slots, write_pos = slots[batch_idx], positions[batch_idx, tok_idx]
+        # mask [batch, 1, width, kv_len]: a query at position p sees keys 0..p of its own slot
+        mask = (torch.arange(kv_len, device=dev)[None, None, :] <= positions[:, :, None])[:, None]
+
+        freqs = positions[..., None].float() * self.inv_freq  # [batch, width, head_dim / 2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.attention_scaling).to(self.dtype)[:, None]  # [batch, 1, width, head_dim]
+        sin = (emb.sin() * self.attention_scaling).to(self.dtype)[:, None]
+
+        contiguous_slot = rows[0].slot if batch == 1 else None
+        x = self.embed[tokens]  # [batch, width, hidden]
+        q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        for i, layer in enumerate(self.layers):
+            h = _rms_norm(x, layer.input_norm, s.rms_norm_eps)
+            qkv = F.linear(h, layer.qkv_weight, layer.qkv_bias)
+            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+            q = q.view(batch, width, s.num_heads, s.head_dim)
+            k = k.view(batch, width, s.num_kv_heads, s.head_dim)
+            v = v.view(batch, width, s.num_kv_heads, s.head_dim)
+            if layer.q_norm is not None:
+                q = _rms_norm(q, layer.q_norm, s.rms_norm_eps)
+                k = _rms_norm(k, layer.k_norm, s.rms_norm_eps)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [batch, heads, width, head_dim]
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            keys, values = cache.keys[i], cache.values[i]
+            keys[write_slots, :, write_pos] = k[batch_idx, :, tok_idx]
+            values[write_slots, :, write_pos] = v[batch_idx, :, tok_idx]
+            if contiguous_slot is not None:
+                k_all = keys[contiguous_slot : contiguous_slot + 1, :, :kv_len]
+                v_all = values[contiguous_slot : contiguous_slot + 1, :, :kv_len]
+            else:
+                k_all, v_all = keys[slots, :, :kv_len], values[slots, :, :kv_len]
+            attn = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)
+            x = x + F.linear(attn.transpose(1, 2).reshape(batch, width, q_size), layer.o_weight)
+            h = _rms_norm(x, layer.post_norm, s.rms_norm_eps)
+            gate, up = F.linear(h, layer.gate_up_weight).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer.down_weight)
+
+        # Logits only where a caller reads them: the LM head is a large share of a small model's cost.
+        picks = [
+            (b, t) for b, r in enumerate(rows) for t in (range(len(r.tokens)) if r.all_logits else [len(r.tokens) - 1])
+        ]
+        pick_b = torch.tensor([p[0] for p in picks], device=dev)
+        pick_t = torch.tensor([p[1] for p in picks], device=dev)
+        hidden = _rms_norm(x[pick_b, pick_t], self.final_norm, s.rms_norm_eps)
+        logits = F.linear(hidden, self.lm_head).float()  # [n_picks, vocab]
+        out, offset = [], 0
+        for r in rows:
+            n = len(r.tokens) if r.all_logits else 1
+            out.append(logits[offset : offset + n])
+            offset += n
+        return out

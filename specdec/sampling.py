@@ -1,0 +1,50 @@
+"""The target's distribution p for a request: temperature, top-k and top-p applied to logits.
+
+Greedy (temperature 0) is the point mass on the argmax, so greedy and sampled verification are one code path.
+This module does not own verification (specdec.verification) or randomness (callers pass uniforms).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0  # 1.0 = off
+    top_k: int = 0  # 0 = off
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def probs_from_logits(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
+    """logits [..., vocab] -> probabilities [..., vocab] of the same dtype as logits."""
+    if config.greedy:
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    scaled = logits / config.temperature
+    if config.top_k and config.top_k < scaled.shape[-1]:
+        kth = scaled.topk(config.top_k, dim=-1).values[..., -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = scaled.softmax(-1)
+    if config.top_p < 1.0:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(mass_before >= config.top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: probs [..., vocab] (need not be normalized), uniforms [...] in [0, 1) -> ids [...]."""
+    cdf = probs.cumsum(-1)
+    threshold = (uniforms * cdf[..., -1]).unsqueeze(-1)
+    # the first id whose cumulative mass exceeds the threshold; ids of zero mass can never be picked
+    ids = torch.searchsorted(cdf, threshold, right=True).squeeze(-1)
+    return ids.clamp_(max=probs.shape[-1] - 1)

@@ -1,0 +1,65 @@
+"""Lossless verification of draft blocks: a pure function over tensors (no model, socket or cache).
+
+Speculative sampling (Leviathan et al. 2023; Chen et al. 2023). For draft position i (0-based) the drafter
+sampled token x_i from its declared distribution draft_probs[i]; the target's distribution there is
+target_probs[i]. Draft token i is *accepted* with probability min(1, target(x_i) / draft(x_i)), in order, until
+the first rejection. At a rejection the *recovered* token is sampled from norm(max(0, target - draft)) at that
+position; if every draft token is accepted the *bonus* token is sampled from target_probs[draft_len]. Either way a
+verify step commits accepted + 1 tokens, so it is never worse than plain decoding.
+
+Greedy needs no special case: target_probs is the point mass on the argmax, and a deterministic drafter (greedy
+or n-gram) declares the point mass on its token; then acceptance is "equals the argmax" and the recovered token
+is the argmax.
+
+Randomness is an argument (uniforms), so a verification can be replayed anywhere. The caller appends the output
+and rolls back its KV cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from specdec.sampling import sample
+
+
+@dataclass
+class Verdict:
+    num_accepted: torch.Tensor  # [batch] long: accepted draft tokens, 0..draft_len
+    next_tokens: torch.Tensor  # [batch] long: the recovered token, or the bonus token when all were accepted
+
+
+def verify(
+    target_probs: torch.Tensor,  # [batch, k + 1, vocab]: row b is valid for positions 0..draft_lens[b]
+    draft_tokens: torch.Tensor,  # [batch, k] long, padded past draft_lens[b]
+    draft_probs: torch.Tensor,  # [batch, k, vocab]: the distribution each draft token was sampled from
+    draft_lens: torch.Tensor,  # [batch] long, 0..k
+    accept_uniforms: torch.Tensor,  # [batch, k] in [0, 1)
+    sample_uniforms: torch.Tensor,  # [batch] in [0, 1)
+) -> Verdict:
+    batch, k = draft_tokens.shape
+    positions = torch.arange(k, device=draft_tokens.device)
+    if k:
+        target_at = target_probs[:, :k].gather(-1, draft_tokens.unsqueeze(-1)).squeeze(-1)  # [batch, k]
+        draft_at = draft_probs.gather(-1, draft_tokens.unsqueeze(-1)).squeeze(-1)  # [batch, k]
+        # u < p/q  <=>  u * q < p, which avoids dividing by q and accepts nothing where p = 0
+        accepted = (accept_uniforms * draft_at < target_at) & (positions < draft_lens[:, None])
+        # accepted prefix length = index of the first False (or draft_len when all are True)
+        num_accepted = torch.where(accepted, 0, 1).cumsum(-1).eq(0).sum(-1)
+    else:
+        num_accepted = torch.zeros(batch, dtype=torch.long, device=draft_tokens.device)
+
+    rows = torch.arange(batch, device=draft_tokens.device)
+    target_next = target_probs[rows, num_accepted]  # [batch, vocab]
+    rejected = num_accepted < draft_lens
+    if k:
+        draft_next = draft_probs[rows, num_accepted.clamp(max=k - 1)]  # [batch, vocab]
+        residual = (target_next - draft_next).clamp_(min=0)
+        # If the residual has no mass, p <= q everywhere, so p = q and the rejection had probability 0:
+        # fall back to p (only reachable through rounding).
+        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, target_next)
+        next_probs = torch.where(rejected[:, None], residual, target_next)
+    else:
+        next_probs = target_next
+    return Verdict(num_accepted=num_accepted, next_tokens=sample(next_probs, sample_uniforms))

@@ -1,0 +1,1 @@
+"""The verifier tier: runs the target model, verifies drafters' blocks in batched forward passes."""

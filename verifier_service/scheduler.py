@@ -1,0 +1,278 @@
+"""The verifier's scheduler: gathers every session's pending work and runs it as one forward pass per tick.
+
+A tick takes all queued prefills (one ragged pass) and all queued blocks (one ragged pass: each session its own KV
+length and block length), verifies the blocks with `specdec.verification.verify`, commits, and resolves each
+caller's future. Plain decoding is a block of zero draft tokens, so speculation off shares the same batches.
+The model work runs on one worker thread, so the event loop keeps serving gRPC while the device computes.
+
+This module owns admission (KV slots), block validation and commit rules; it knows nothing about gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from specdec.engine import LlamaEngine, Row
+from specdec.errors import Exhausted, InvalidInput, Unavailable
+from specdec.sampling import probs_from_logits, sample
+from specdec.validation import check_prompt_ids
+from specdec.verification import verify
+from verifier_service.session import FINISH_LENGTH, FINISH_NONE, Session, SessionSettings
+
+log = logging.getLogger(__name__)
+
+_PROB_TOLERANCE = 1e-3  # how far a declared draft distribution may sum from 1 (float32 on the wire)
+
+
+@dataclass
+class DraftDistribution:
+    token_ids: list[int]
+    probs: list[float]
+
+
+@dataclass
+class StepResult:
+    """What one prefill or verify step committed for a session."""
+
+    tokens: list[int]  # committed and sent to the client (EOS excluded)
+    accepted: int  # draft tokens accepted
+    session: Session
+
+
+@dataclass
+class _Work:
+    session: Session
+    future: asyncio.Future
+    draft_tokens: list[int] | None = None  # None = prefill
+    draft_dists: list[DraftDistribution] | None = None
+
+
+class Scheduler:
+    def __init__(
+        self,
+        engine: LlamaEngine,
+        eos_ids: frozenset[int],
+        max_sessions: int = 8,
+        max_sequence_length: int = 2048,
+        max_draft_tokens: int = 16,
+    ):
+        self.engine = engine
+        self.vocab_size = engine.shape.vocab_size
+        self.eos_ids = eos_ids
+        self.max_sequence_length = min(max_sequence_length, engine.shape.max_position_embeddings)
+        self.max_draft_tokens = max_draft_tokens
+        self.cache = engine.new_cache(max_sessions, self.max_sequence_length)
+        self.sessions: dict[str, Session] = {}
+        self._queue: list[_Work] = []
+        self._wakeup = asyncio.Event()
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="verifier-forward")
+        self._task: asyncio.Task | None = None
+        self.draining = False
+        self.ticks = 0
+        self.last_batch_size = 0
+
+    # -- lifecycle -----------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="verifier-scheduler")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+        self._worker.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    # -- session API -----------------------------------------------------------------------------------------------
+    async def open(self, settings: SessionSettings) -> StepResult:
+        """Admits a session and prefills its prompt; the result carries the first token."""
+        if self.draining:
+            raise Unavailable("this verifier is shutting down; retry on another")
+        if settings.session_id in self.sessions:
+            raise InvalidInput(f"session {settings.session_id!r} is already open on this verifier")
+        check_prompt_ids(settings.prompt_ids, self.vocab_size, self.max_sequence_length)
+        slot = self.cache.allocate()
+        if slot is None:
+            raise Exhausted(f"all {self.cache.num_slots} KV slots of this verifier are in use; retry later")
+        max_length = min(self.max_sequence_length, len(settings.prompt_ids) + settings.max_new_tokens)
+        session = Session(settings, slot, max_length, self.eos_ids)
+        self.sessions[session.id] = session
+        try:
+            return await self._submit(_Work(session, self._new_future()))
+        except BaseException:
+            self.close(session.id)
+            raise
+
+    async def step(
+        self,
+        session_id: str,
+        committed_length: int,
+        draft_tokens: list[int],
+        draft_dists: list[DraftDistribution] | None = None,
+    ) -> StepResult:
+        """Verifies a block proposed after `committed_length` tokens (an empty block is a plain decode step)."""
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise InvalidInput(f"session {session_id!r} is not open on this verifier")
+        try:
+            self._check_block(session, committed_length, draft_tokens, draft_dists)
+        except InvalidInput:
+            self.close(session_id)
+            raise
+        room = session.draft_room
+        if len(draft_tokens) > room:  # verifying fewer draft tokens never changes the output
+            draft_tokens = draft_tokens[:room]
+            draft_dists = draft_dists[:room] if draft_dists else draft_dists
+        return await self._submit(_Work(session, self._new_future(), draft_tokens, draft_dists or None))
+
+    def close(self, session_id: str) -> None:
+        session = self.sessions.pop(session_id, None)
+        if session is not None:
+            self.cache.release(session.slot)
+
+    # -- internals -------------------------------------------------------------------------------------------------
+    def _new_future(self) -> asyncio.Future:
+        return asyncio.get_running_loop().create_future()
+
+    async def _submit(self, work: _Work) -> StepResult:
+        if work.session.finish != FINISH_NONE:
+            raise InvalidInput(f"session {work.session.id!r} has already finished")
+        self._queue.append(work)
+        self._wakeup.set()
+        return await work.future
+
+    def _check_block(self, session, committed_length, draft_tokens, draft_dists) -> None:
+        if committed_length != len(session.tokens):
+            raise InvalidInput(
+                f"block for session {session.id!r} follows {committed_length} tokens, but {len(session.tokens)} "
+                f"are committed: roll back to the committed length of the last verdict"
+            )
+        if len(draft_tokens) > self.max_draft_tokens:
+            raise InvalidInput(
+                f"block of {len(draft_tokens)} draft tokens; this verifier accepts at most {self.max_draft_tokens}"
+            )
+        bad = [t for t in draft_tokens if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidInput(f"draft token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        if draft_dists:
+            if len(draft_dists) != len(draft_tokens):
+                raise InvalidInput(
+                    f"{len(draft_dists)} draft distributions for {len(draft_tokens)} draft tokens: send one per "
+                    f"token, or none for point masses"
+                )
+            for i, (token, dist) in enumerate(zip(draft_tokens, draft_dists)):
+                _check_distribution(i, token, dist, self.vocab_size)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            batch, self._queue = self._queue, []
+            batch = [w for w in batch if not w.future.done() and w.session.id in self.sessions]
+            if not batch:
+                continue
+            self.ticks += 1
+            self.last_batch_size = len(batch)
+            try:
+                results = await loop.run_in_executor(self._worker, self._tick, batch)
+            except Exception as exc:  # a failed pass fails its sessions, never the scheduler
+                log.exception("forward pass failed for %d sessions", len(batch))
+                for work in batch:
+                    if not work.future.done():
+                        work.future.set_exception(exc)
+                continue
+            for work, result in zip(batch, results):
+                if not work.future.done():
+                    work.future.set_result(result)
+
+    def _tick(self, batch: list[_Work]) -> list[StepResult]:
+        """Runs on the worker thread: one pass for the prefills, one for the blocks."""
+        results: dict[int, StepResult] = {}
+        prefills = [(i, w) for i, w in enumerate(batch) if w.draft_tokens is None]
+        blocks = [(i, w) for i, w in enumerate(batch) if w.draft_tokens is not None]
+        if prefills:
+            for (i, w), res in zip(prefills, self._prefill([w for _, w in prefills])):
+                results[i] = res
+        if blocks:
+            for (i, w), res in zip(blocks, self._verify([w for _, w in blocks])):
+                results[i] = res
+        return [results[i] for i in range(len(batch))]
+
+    def _prefill(self, works: list[_Work]) -> list[StepResult]:
+        rows = [Row(w.session.slot, 0, list(w.session.tokens)) for w in works]
+        logits = self.engine.forward(self.cache, rows)
+        out = []
+        for work, row_logits in zip(works, logits):
+            session = work.session
+            probs = probs_from_logits(row_logits[-1].double(), session.settings.sampling)
+            _, uniform = session.uniforms(0)
+            token = int(sample(probs, uniform[0]))
+            out.append(StepResult(session.commit([token]), 0, session))
+        return out
+
+    def _verify(self, works: list[_Work]) -> list[StepResult]:
+        rows = [Row(w.session.slot, w.session.kv_length, [w.session.tokens[-1], *w.draft_tokens], True) for w in works]
+        logits = self.engine.forward(self.cache, rows)  # per row [n + 1, vocab]
+        batch, k, vocab = len(works), max(len(w.draft_tokens) for w in works), self.vocab_size
+        # float64: the acceptance test compares probabilities, and the batch is small
+        target_probs = torch.zeros(batch, k + 1, vocab, dtype=torch.float64)
+        draft_probs = torch.zeros(batch, k, vocab, dtype=torch.float64)
+        draft_tokens = torch.zeros(batch, k, dtype=torch.long)
+        draft_lens = torch.zeros(batch, dtype=torch.long)
+        accept_u = torch.zeros(batch, k, dtype=torch.float64)
+        sample_u = torch.zeros(batch, dtype=torch.float64)
+        for b, (work, row_logits) in enumerate(zip(works, logits)):
+            n = len(work.draft_tokens)
+            target_probs[b, : n + 1] = probs_from_logits(row_logits.double(), work.session.settings.sampling)
+            if n:
+                draft_tokens[b, :n] = torch.tensor(work.draft_tokens)
+                _fill_draft_probs(draft_probs[b], work.draft_tokens, work.draft_dists)
+            draft_lens[b] = n
+            accept_u[b, :n], sample_u[b : b + 1] = work.session.uniforms(n)
+        verdict = verify(target_probs, draft_tokens, draft_probs, draft_lens, accept_u, sample_u)
+        out = []
+        for b, work in enumerate(works):
+            session, accepted = work.session, int(verdict.num_accepted[b])
+            committed = session.commit([*work.draft_tokens[:accepted], int(verdict.next_tokens[b])])
+            session.stats.draft_tokens += len(work.draft_tokens)
+            session.stats.accepted_draft_tokens += accepted
+            session.stats.verify_steps += 1
+            if session.finish == FINISH_NONE and len(session.tokens) >= session.max_length:
+                session.finish = FINISH_LENGTH
+            out.append(StepResult(committed, accepted, session))
+        return out
+
+
+def _check_distribution(i: int, token: int, dist: DraftDistribution, vocab_size: int) -> None:
+    if len(dist.token_ids) != len(dist.probs):
+        raise InvalidInput(f"draft distribution {i}: {len(dist.token_ids)} ids but {len(dist.probs)} probabilities")
+    if not dist.token_ids:
+        return
+    if any(not 0 <= t < vocab_size for t in dist.token_ids):
+        raise InvalidInput(f"draft distribution {i} names a token id outside the vocabulary [0, {vocab_size})")
+    if any(not math.isfinite(p) or p < 0 for p in dist.probs):
+        raise InvalidInput(f"draft distribution {i} has a negative or non-finite probability")
+    total = sum(dist.probs)
+    if abs(total - 1.0) > _PROB_TOLERANCE:
+        raise InvalidInput(f"draft distribution {i} sums to {total:.6f}, not 1")
+    if not any(t == token and p > 0 for t, p in zip(dist.token_ids, dist.probs)):
+        raise InvalidInput(f"draft token {i} ({token}) has probability 0 under its own declared distribution")
+
+
+def _fill_draft_probs(dest: torch.Tensor, tokens: list[int], dists: list[DraftDistribution] | None) -> None:
+    """dest [n_max, vocab]: the declared sparse distributions, or point masses on the drafted tokens."""
+    for i, token in enumerate(tokens):
+        dist = dists[i] if dists else None
+        if dist is None or not dist.token_ids:
+            dest[i, token] = 1.0
+        else:
+            probs = torch.tensor(dist.probs, dtype=torch.float64)
+            dest[i].index_add_(0, torch.tensor(dist.token_ids), probs / probs.sum())

@@ -1,0 +1,121 @@
+"""The verifier's gRPC edge: VerifierService over a Scheduler.
+
+Translates protobuf to domain objects and domain errors to status codes; all model work is the scheduler's.
+A Verify stream multiplexes many sessions: an error in one session is sent as that session's VerifyError and
+the stream goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from specdec.convert import settings_from_spec, update_of
+from specdec.errors import SpecdecError
+from specdec.proto import verifier_pb2, verifier_pb2_grpc
+from specdec.validation import DEFAULT_MAX_NEW_TOKENS_LIMIT
+from verifier_service.scheduler import DraftDistribution, Scheduler
+from verifier_service.session import FINISH_NONE
+
+log = logging.getLogger(__name__)
+
+
+class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
+    def __init__(self, scheduler: Scheduler, model_name: str, max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT):
+        self.scheduler = scheduler
+        self.model_name = model_name
+        self.max_new_tokens_limit = max_new_tokens_limit
+
+    async def GetModelInfo(self, request, context):
+        s = self.scheduler
+        return verifier_pb2.GetModelInfoResponse(
+            model=self.model_name,
+            vocab_size=s.vocab_size,
+            max_sequence_length=s.max_sequence_length,
+            max_draft_tokens=s.max_draft_tokens,
+            eos_token_ids=sorted(s.eos_ids),
+        )
+
+    async def Decode(self, request, context):
+        session_id = request.session.session_id
+        try:
+            settings = settings_from_spec(request.session, self.max_new_tokens_limit)
+            result = await self.scheduler.open(settings)
+            yield verifier_pb2.DecodeResponse(update=update_of(result.session, result.tokens))
+            while result.session.finish == FINISH_NONE:
+                result = await self.scheduler.step(session_id, len(result.session.tokens), [])
+                yield verifier_pb2.DecodeResponse(update=update_of(result.session, result.tokens))
+        except SpecdecError as exc:
+            await context.abort(exc.code, str(exc))
+        finally:
+            self.scheduler.close(session_id)
+
+    async def Verify(self, request_iterator, context):
+        responses: asyncio.Queue = asyncio.Queue()
+        tasks: set[asyncio.Task] = set()
+        opened: set[str] = set()
+
+        async def handle(request):
+            kind = request.WhichOneof("kind")
+            if kind is None:
+                return  # an empty message from a newer drafter; nothing to do
+            session_id = request.open.session_id if kind == "open" else getattr(request, kind).session_id
+            try:
+                if kind == "close":
+                    self.scheduler.close(session_id)
+                    return
+                if kind == "open":
+                    opened.add(session_id)
+                    result = await self.scheduler.open(settings_from_spec(request.open, self.max_new_tokens_limit))
+                    accepted = 0
+                else:
+                    block = request.block
+                    dists = [DraftDistribution(list(d.token_ids), list(d.probs)) for d in block.distributions]
+                    result = await self.scheduler.step(
+                        session_id, block.committed_length, list(block.token_ids), dists or None
+                    )
+                    accepted = result.accepted
+                if result.session.finish != FINISH_NONE:
+                    self.scheduler.close(session_id)
+                responses.put_nowait(
+                    verifier_pb2.VerifyResponse(
+                        session_id=session_id, update=update_of(result.session, result.tokens), accepted=accepted
+                    )
+                )
+            except SpecdecError as exc:
+                self.scheduler.close(session_id)
+                error = verifier_pb2.VerifyError(code=exc.code.value[0], message=str(exc))
+                responses.put_nowait(verifier_pb2.VerifyResponse(session_id=session_id, error=error))
+
+        async def read():
+            async for request in request_iterator:
+                task = asyncio.create_task(handle(request))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                getter = asyncio.ensure_future(responses.get())
+                done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    yield getter.result()
+                    continue
+                getter.cancel()
+                if reader.exception():
+                    raise reader.exception()
+                if tasks:  # the drafter closed its side: finish the sessions in flight, then end
+                    await asyncio.wait(tasks)
+                while not responses.empty():
+                    yield responses.get_nowait()
+                return
+        except grpc.aio.AioRpcError:
+            return
+        finally:
+            reader.cancel()
+            for task in tasks:
+                task.cancel()
+            for session_id in opened:  # a dropped drafter frees its sessions' KV at once
+                self.scheduler.close(session_id)
