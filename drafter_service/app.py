@@ -32,5 +32,7 @@ async def start_drafter(
         servicer,
         drafter_pb2.DESCRIPTOR.services_by_name["DrafterService"].full_name,
         on_drain,
+        in_flight=lambda: servicer.sessions_in_flight,
+        on_stop=servicer.aclose,  # ends the Verify streams cleanly instead of leaving verifiers to cancel them
     )
     return server

@@ -34,5 +34,6 @@ async def start_router(
         servicer,
         generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
         on_drain,
+        in_flight=lambda: servicer.in_flight,
     )
     return server

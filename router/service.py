@@ -52,6 +52,7 @@ class RouterServicer(generation_pb2_grpc.GenerationServicer):
         self.default_draft_tokens = default_draft_tokens
         self.max_new_tokens_limit = max_new_tokens_limit
         self.draining = False
+        self.in_flight = 0
         self._info: verifier_pb2.GetModelInfoResponse | None = None
 
     # -- input -------------------------------------------------------------------------------------------------------
@@ -104,6 +105,7 @@ class RouterServicer(generation_pb2_grpc.GenerationServicer):
         streamer = TextStreamer(self.tokenizer, list(sampling.stop))
         usage = generation_pb2.Usage(prompt_tokens=len(prompt))
         timeout = context.time_remaining()
+        self.in_flight += 1
         try:
             async with contextlib.aclosing(self._session(prompt, sampling, k, usage, timeout)) as updates:
                 async for update in updates:
@@ -123,6 +125,8 @@ class RouterServicer(generation_pb2_grpc.GenerationServicer):
                         yield generation_pb2.GenerateResponse(token_ids=chunk.token_ids, text=chunk.text)
         except SpecdecError as exc:
             await context.abort(exc.code, str(exc))
+        finally:
+            self.in_flight -= 1
 
     async def _session(self, prompt: list[int], sampling, k: int, usage: generation_pb2.Usage, timeout):
         """Committed updates until the session finishes, across pod failures."""

@@ -1,8 +1,9 @@
 """What every specdec server shares: grpc.health.v1, reflection, and draining on SIGTERM.
 
 `GrpcServer` wraps one grpc.aio server. On SIGTERM (or `drain()`), health turns NOT_SERVING so load balancers
-stop sending work, the tier's `on_drain` hook makes its servicers refuse new sessions with UNAVAILABLE, and the
-sessions in flight get `grace` seconds to finish before the server stops.
+and readiness probes stop sending work, the tier's `on_drain` hook makes its servicers refuse new sessions with
+UNAVAILABLE, and the server keeps listening until the sessions in flight have finished or `grace` seconds have
+passed; then it stops.
 """
 
 from __future__ import annotations
@@ -45,13 +46,29 @@ class GrpcServer:
         self.grace = grace
         self._service_names: list[str] = []
         self._on_drain: list[Callable[[], None]] = []
+        self._in_flight: list[Callable[[], int]] = []
+        self._on_stop: list[Callable[[], object]] = []
         self._stopped = asyncio.Event()
 
-    def add(self, add_fn, servicer, service_name: str, on_drain: Callable[[], None] | None = None) -> None:
+    def add(
+        self,
+        add_fn,
+        servicer,
+        service_name: str,
+        on_drain: Callable[[], None] | None = None,
+        in_flight: Callable[[], int] | None = None,
+        on_stop: Callable[[], object] | None = None,
+    ) -> None:
+        """Registers a servicer; `on_drain` makes it refuse new sessions, `in_flight` counts those still running,
+        `on_stop` (sync or async) releases what it holds once the server has stopped."""
         add_fn(servicer, self.server)
         self._service_names.append(service_name)
         if on_drain:
             self._on_drain.append(on_drain)
+        if in_flight:
+            self._in_flight.append(in_flight)
+        if on_stop:
+            self._on_stop.append(on_stop)
 
     async def start(self) -> None:
         names = [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
@@ -68,14 +85,22 @@ class GrpcServer:
         await self.health.enter_graceful_shutdown()
         for hook in self._on_drain:
             hook()
-        await self.server.stop(self.grace)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.grace
+        while loop.time() < deadline and sum(count() for count in self._in_flight) > 0:
+            await asyncio.sleep(0.1)
+        await self.server.stop(min(1.0, self.grace))
+        for hook in self._on_stop:
+            result = hook()
+            if asyncio.iscoroutine(result):
+                await result
         self._stopped.set()
 
     async def wait(self) -> None:
         await self._stopped.wait()
 
 
-async def run_servers(servers: list[GrpcServer], on_exit: Callable[[], object] | None = None) -> None:
+async def run_servers(servers: list[GrpcServer]) -> None:
     """Starts the servers, then drains them all on SIGTERM or SIGINT and returns when they have stopped."""
     loop = asyncio.get_running_loop()
     for s in servers:
@@ -88,7 +113,3 @@ async def run_servers(servers: list[GrpcServer], on_exit: Callable[[], object] |
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
     await asyncio.gather(*(s.wait() for s in servers))
-    if on_exit:
-        result = on_exit()
-        if asyncio.iscoroutine(result):
-            await result

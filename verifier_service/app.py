@@ -59,5 +59,6 @@ async def start_verifier(
         VerifierServicer(scheduler, model),
         verifier_pb2.DESCRIPTOR.services_by_name["VerifierService"].full_name,
         on_drain,
+        in_flight=lambda: len(scheduler.sessions),
     )
     return server

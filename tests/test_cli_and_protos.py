@@ -1,0 +1,65 @@
+"""The protos lint clean with buf; every command teaches through --help; flags read SPECDEC_* variables."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from drafter_service.drafters import NgramDrafter
+from specdec.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_protos_are_buf_lint_clean():
+    buf = shutil.which("buf", path=str(Path(sys.executable).parent)) or shutil.which("buf")
+    assert buf, "buf (PyPI buf-bin) is installed by make install"
+    result = subprocess.run([buf, "lint"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "argv", [[], ["serve"], ["serve", "router"], ["serve", "drafter"], ["serve", "verifier"], ["generate"],
+             ["prepare-models"]],
+)
+def test_every_command_has_help(argv):
+    result = subprocess.run([sys.executable, "-m", "specdec.cli", *argv, "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert "usage: specdec" in result.stdout
+    if argv:
+        assert "[env SPECDEC_" in " ".join(result.stdout.split())
+
+
+def test_flags_default_from_environment(monkeypatch):
+    monkeypatch.setenv("SPECDEC_PORT", "6000")
+    monkeypatch.setenv("SPECDEC_VERIFIER", "a:1,b:2")
+    args = build_parser().parse_args(["serve", "router"])
+    assert args.port == 6000
+    assert args.verifier == ["a:1", "b:2"]
+
+
+def test_router_without_verifier_says_what_to_do():
+    env = {**os.environ, "SPECDEC_VERIFIER": ""}
+    result = subprocess.run([sys.executable, "-m", "specdec.cli", "serve", "router"], capture_output=True,
+                            text=True, env=env)
+    assert result.returncode == 2
+    assert "--verifier" in result.stderr
+
+
+def test_unknown_model_spec_is_a_clear_error():
+    result = subprocess.run([sys.executable, "-m", "specdec.cli", "prepare-models", "--model", "no/such/model"],
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "not found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ngram_drafter_proposes_what_followed_the_latest_match():
+    drafter = NgramDrafter()
+    context = [5, 6, 7, 8, 9, 1, 2, 5, 6, 7, 3, 4, 5, 6, 7]
+    assert drafter.lookup(context, 3) == [3, 4, 5]  # the latest earlier "5 6 7" was followed by 3 4 5
+    assert drafter.lookup([1, 2, 3], 4) == []

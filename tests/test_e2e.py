@@ -1,0 +1,249 @@
+"""End to end over real gRPC: router, drafter and verifier as separate OS processes, the real default target.
+
+Greedy output with speculation on must be token for token the output with speculation off, and both must equal
+transformers' own greedy `generate` on the same model.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from specdec import Client, InvalidArgumentError
+from specdec.proto import generation_pb2, generation_pb2_grpc, session_pb2, verifier_pb2, verifier_pb2_grpc
+from tests.conftest import ServerProcess, free_port
+
+pytestmark = pytest.mark.e2e
+MAX_NEW = 32
+CONTEXT = 512
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    verifier = ServerProcess("verifier", "--max-sequence-length", str(CONTEXT), "--max-sessions", "8")
+    drafter = ServerProcess("drafter", "--model", "ngram")
+    router = ServerProcess("router", "--verifier", verifier.address, "--drafter", drafter.address,
+                           "--max-new-tokens-limit", "1024")
+    yield {"verifier": verifier, "drafter": drafter, "router": router}
+    for p in (router, drafter, verifier):
+        p.stop()
+
+
+def collect(client: Client, **kwargs):
+    chunks = list(client.generate(**kwargs))
+    return [t for c in chunks for t in c.token_ids], "".join(c.text for c in chunks), chunks[-1]
+
+
+def test_speculation_on_equals_off_equals_transformers(cluster, chat_prompts, hf_target, tokenizer):
+    from router.service import chat_ids
+
+    prompts = chat_prompts[::6][:8]
+    assert len(prompts) == 8
+    eos = hf_target.generation_config.eos_token_id
+    total_steps = total_tokens = 0
+    with Client(cluster["router"].address) as client:
+        for prompt in prompts:
+            messages = prompt["messages"]
+            on, text_on, last_on = collect(client, chat=messages, max_new_tokens=MAX_NEW, max_draft_tokens=5)
+            off, text_off, last_off = collect(client, chat=messages, max_new_tokens=MAX_NEW, max_draft_tokens=0)
+            ids = chat_ids(tokenizer, messages)
+            reference = hf_target.generate(torch.tensor([ids]), max_new_tokens=MAX_NEW, do_sample=False)[0, len(ids):]
+            reference = [t for t in reference.tolist()]
+            if eos in reference:
+                reference = reference[: reference.index(eos)]
+            assert on == off == reference, prompt["id"]
+            assert text_on == text_off == tokenizer.decode(reference)
+            # speculation off: one target pass per token after the first (plus one that produced EOS)
+            ended_by_eos = last_off.finish_reason == generation_pb2.FINISH_REASON_EOS
+            assert last_off.usage.draft_tokens == 0
+            assert last_off.usage.verify_steps == len(off) - 1 + ended_by_eos
+            assert last_on.usage.completion_tokens == len(on)
+            assert last_on.usage.prompt_tokens == len(ids)
+            total_steps += last_on.usage.verify_steps
+            total_tokens += len(on)
+    assert total_steps < total_tokens  # the n-gram drafter got some tokens accepted
+
+
+def test_sampling_with_a_seed_is_reproducible_through_the_stack(cluster):
+    with Client(cluster["router"].address) as client:
+        kwargs = dict(prompt="Write a haiku about the sea.", max_new_tokens=16, temperature=0.8, top_p=0.9, seed=7)
+        first, _, last = collect(client, **kwargs)
+        second, _, _ = collect(client, **kwargs)
+    assert first == second
+    assert last.finish_reason in (generation_pb2.FINISH_REASON_LENGTH, generation_pb2.FINISH_REASON_EOS)
+
+
+def test_stop_string_finishes_with_stop(cluster):
+    with Client(cluster["router"].address) as client:
+        _, full, _ = collect(client, prompt="1, 2, 3, 4, 5, 6,", max_new_tokens=20)
+        assert " 9" in full, full  # the model counts on; the stop below is really reached
+        _, text, last = collect(client, prompt="1, 2, 3, 4, 5, 6,", max_new_tokens=20, stop=[" 9"])
+    assert last.finish_reason == generation_pb2.FINISH_REASON_STOP
+    assert text == full[: full.index(" 9")]
+
+
+BAD_REQUESTS = {
+    "no input": dict(sampling=generation_pb2.SamplingParams(max_new_tokens=4)),
+    "empty prompt": dict(prompt="", sampling=generation_pb2.SamplingParams(max_new_tokens=4)),
+    "max_new_tokens 0": dict(prompt="hi", sampling=generation_pb2.SamplingParams(max_new_tokens=0)),
+    "max_new_tokens over limit": dict(prompt="hi", sampling=generation_pb2.SamplingParams(max_new_tokens=5000)),
+    "temperature < 0": dict(prompt="hi", sampling=generation_pb2.SamplingParams(max_new_tokens=4, temperature=-1)),
+    "temperature NaN": dict(prompt="hi", sampling=generation_pb2.SamplingParams(max_new_tokens=4, temperature=math.nan)),
+    "top_p > 1": dict(prompt="hi", sampling=generation_pb2.SamplingParams(max_new_tokens=4, top_p=1.5)),
+    "top_p < 0": dict(prompt="hi", sampling=generation_pb2.SamplingParams(max_new_tokens=4, top_p=-0.1)),
+    "token id outside vocabulary": dict(tokens=generation_pb2.TokenIds(ids=[1, 2, 49152]),
+                                        sampling=generation_pb2.SamplingParams(max_new_tokens=4)),
+    "negative token id": dict(tokens=generation_pb2.TokenIds(ids=[-5]),
+                              sampling=generation_pb2.SamplingParams(max_new_tokens=4)),
+    "prompt longer than context": dict(tokens=generation_pb2.TokenIds(ids=[42] * CONTEXT),
+                                       sampling=generation_pb2.SamplingParams(max_new_tokens=4)),
+    "bad chat role": dict(chat=generation_pb2.Chat(messages=[generation_pb2.ChatMessage(role="wizard", content="x")]),
+                          sampling=generation_pb2.SamplingParams(max_new_tokens=4)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
+def test_bad_input_gets_invalid_argument_and_the_server_keeps_serving(cluster, case):
+    address = cluster["router"].address
+    with grpc.insecure_channel(address) as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.Generate(generation_pb2.GenerateRequest(**BAD_REQUESTS[case]), timeout=30))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+        assert len(info.value.details()) > 15  # a sentence a person can act on
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+    with Client(address) as client:
+        assert client.complete(prompt="Hello", max_new_tokens=2)
+
+
+def test_sdk_raises_typed_errors(cluster):
+    with Client(cluster["router"].address) as client:
+        with pytest.raises(InvalidArgumentError, match="max_new_tokens"):
+            client.complete(prompt="hi", max_new_tokens=0)
+
+
+def _open(session_id, prompt, max_new=8):
+    return verifier_pb2.VerifyRequest(open=session_pb2.SessionSpec(session_id=session_id, prompt_ids=prompt,
+                                                                  max_new_tokens=max_new))
+
+
+def test_rogue_drafter_fails_only_its_own_sessions(cluster, tokenizer):
+    """A drafter speaking the Verify stream directly: malformed blocks error their session; the good one goes on."""
+    prompt = tokenizer.encode("The capital of France is")
+    with grpc.insecure_channel(cluster["verifier"].address) as channel:
+        stub = verifier_pb2_grpc.VerifierServiceStub(channel)
+        outbox, replies = [], {}
+        cond = threading.Condition()
+
+        def requests():
+            while True:
+                with cond:
+                    cond.wait_for(lambda: outbox)
+                    message = outbox.pop(0)
+                if message is None:
+                    return
+                yield message
+
+        def send(message):
+            with cond:
+                outbox.append(message)
+                cond.notify()
+
+        def wait_reply(session_id, timeout=60):
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if replies.get(session_id):
+                    return replies[session_id].pop(0)
+                time.sleep(0.01)
+            raise TimeoutError(session_id)
+
+        call = stub.Verify(requests())
+        def read():
+            try:
+                for reply in call:
+                    replies.setdefault(reply.session_id, []).append(reply)
+            except grpc.RpcError:
+                pass  # cancelled at the end of the test
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        for sid in ("good", "vocab", "position", "long"):
+            send(_open(sid, prompt))
+        opened = {sid: wait_reply(sid) for sid in ("good", "vocab", "position", "long")}
+        n = opened["vocab"].update.committed_length
+        send(verifier_pb2.VerifyRequest(block=verifier_pb2.DraftBlock(session_id="vocab", committed_length=n,
+                                                                      token_ids=[1, 10**6])))
+        send(verifier_pb2.VerifyRequest(block=verifier_pb2.DraftBlock(session_id="position", committed_length=n + 3,
+                                                                      token_ids=[1])))
+        send(verifier_pb2.VerifyRequest(block=verifier_pb2.DraftBlock(session_id="long", committed_length=n,
+                                                                      token_ids=[1] * 100)))
+        for sid, needle in (("vocab", "vocabulary"), ("position", "committed"), ("long", "at most")):
+            reply = wait_reply(sid)
+            assert reply.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0], sid
+            assert needle in reply.error.message
+        reply = opened["good"]
+        while not reply.update.finish_reason:
+            send(verifier_pb2.VerifyRequest(block=verifier_pb2.DraftBlock(
+                session_id="good", committed_length=reply.update.committed_length)))
+            reply = wait_reply("good")
+            assert not reply.HasField("error")
+        assert reply.update.finish_reason == generation_pb2.FINISH_REASON_LENGTH
+        send(None)
+        call.cancel()
+
+
+def test_a_missing_drafter_never_fails_a_request(cluster):
+    dead = f"127.0.0.1:{free_port()}"
+    router = ServerProcess("router", "--verifier", cluster["verifier"].address, "--drafter", dead)
+    try:
+        with Client(cluster["router"].address) as healthy, Client(router.address) as degraded:
+            expected, _, _ = collect(healthy, prompt="The three primary colors are", max_new_tokens=12)
+            got, _, last = collect(degraded, prompt="The three primary colors are", max_new_tokens=12)
+        assert got == expected
+        assert last.usage.draft_tokens == 0  # the session went on with speculation off
+    finally:
+        router.stop()
+
+
+def test_sigterm_drains_sessions_in_flight_then_exits():
+    verifier = ServerProcess("verifier", "--max-sequence-length", "256")
+    router = ServerProcess("router", "--verifier", verifier.address)
+    try:
+        received = []
+        with Client(router.address) as client:
+            stream = client.generate(prompt="Count slowly: one, two, three,", max_new_tokens=40, max_draft_tokens=0)
+            received.append(next(stream))
+            verifier.proc.send_signal(15)
+            time.sleep(0.5)
+            with grpc.insecure_channel(verifier.address) as channel:  # new sessions are refused while draining
+                status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            received.extend(stream)
+        assert received[-1].finish_reason == generation_pb2.FINISH_REASON_LENGTH
+        assert sum(len(c.token_ids) for c in received) == 40
+        assert verifier.proc.wait(30) == 0
+    finally:
+        router.stop()
+        verifier.stop()
+
+
+def test_cancelled_requests_free_their_kv_at_once(cluster):
+    address = cluster["router"].address
+    with grpc.insecure_channel(address) as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        for _ in range(10):  # more cancelled sessions than the verifier has KV slots
+            request = generation_pb2.GenerateRequest(prompt="Tell me a long story.",
+                                                     sampling=generation_pb2.SamplingParams(max_new_tokens=500))
+            call = stub.Generate(request)
+            next(call)
+            call.cancel()
+    time.sleep(1)
+    with Client(address) as client:
+        assert client.complete(prompt="Hi", max_new_tokens=3)

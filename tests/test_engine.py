@@ -1,0 +1,103 @@
+"""The Llama engine against transformers' own implementation (fp32, CPU), and batched against unbatched.
+
+Tolerance: max |logit difference| <= 1e-4 for random small models and 5e-4 for the real target, whose logits
+span about +-30; both are far below the gaps that decide a greedy token in practice, and the end-to-end test
+checks exact token equality with transformers' generate.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from specdec.engine import LlamaEngine, Row, UnsupportedModel
+
+CONFIGS = {
+    "llama": (transformers.LlamaConfig, {}),
+    "mistral": (transformers.MistralConfig, {"sliding_window": None}),
+    "qwen2": (transformers.Qwen2Config, {}),
+    "qwen3": (transformers.Qwen3Config, {"head_dim": 16}),
+}
+
+
+def tiny_model(kind: str, seed: int = 0):
+    config_cls, extra = CONFIGS[kind]
+    torch.manual_seed(seed)
+    config = config_cls(
+        vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=kind == "llama", **extra,
+    )
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():  # transformers zero-initializes biases; make them matter
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    return model
+
+
+def reference_logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float()
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_engine_logits_match_transformers(kind):
+    model = tiny_model(kind)
+    engine = LlamaEngine(model)
+    cache = engine.new_cache(2, 64)
+    ids = torch.randint(0, 97, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    expected = reference_logits(model, ids)
+    slot = cache.allocate()
+    prefill = engine.forward(cache, [Row(slot, 0, ids[:25], all_logits=True)])[0]
+    rest = engine.forward(cache, [Row(slot, 25, ids[25:], all_logits=True)])[0]
+    assert (torch.cat([prefill, rest]) - expected).abs().max() <= 1e-4
+
+
+def test_engine_matches_transformers_on_the_real_target(hf_target, tokenizer):
+    engine = LlamaEngine(hf_target)
+    cache = engine.new_cache(1, 128)
+    ids = tokenizer.encode("The quick brown fox jumps over the lazy dog. Speculative decoding is")
+    expected = reference_logits(hf_target, ids)
+    got = engine.forward(cache, [Row(0, 0, ids, all_logits=True)])[0]
+    assert (got - expected).abs().max() <= 5e-4
+    assert got.argmax(-1).tolist() == expected.argmax(-1).tolist()
+
+
+def test_batched_forward_equals_each_row_alone():
+    model = tiny_model("llama", seed=3)
+    engine = LlamaEngine(model)
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (7, 19, 3)]
+    blocks = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (1, 6, 3)]
+
+    alone = []
+    for prompt, block in zip(prompts, blocks):
+        cache = engine.new_cache(1, 64)
+        engine.forward(cache, [Row(0, 0, prompt)])
+        alone.append(engine.forward(cache, [Row(0, len(prompt), block, all_logits=True)])[0])
+
+    cache = engine.new_cache(3, 64)
+    engine.forward(cache, [Row(i, 0, p) for i, p in enumerate(prompts)])  # ragged prefill
+    batched = engine.forward(cache, [Row(i, len(p), b, all_logits=True) for i, (p, b) in enumerate(zip(prompts, blocks))])
+    for a, b in zip(alone, batched):
+        assert a.shape == b.shape
+        assert (a - b).abs().max() <= 1e-5
+
+
+def test_rollback_is_a_smaller_start_position():
+    model = tiny_model("qwen2", seed=4)
+    engine = LlamaEngine(model)
+    cache = engine.new_cache(1, 64)
+    ids = list(range(10, 30))
+    engine.forward(cache, [Row(0, 0, ids[:12])])
+    engine.forward(cache, [Row(0, 12, [1, 2, 3, 4])])  # a rejected block leaves stale KV at 12..15
+    got = engine.forward(cache, [Row(0, 12, ids[12:], all_logits=True)])[0]
+    assert (got - reference_logits(model, ids)[12:]).abs().max() <= 1e-4
+
+
+def test_unsupported_architecture_is_refused_with_its_name():
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(UnsupportedModel, match="gpt2"):
+        LlamaEngine(model)

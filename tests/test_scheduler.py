@@ -1,0 +1,190 @@
+"""The verifier's scheduler with the real target: batching, the greedy ladder, seeds and malformed blocks."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from specdec.engine import LlamaEngine
+from specdec.errors import Exhausted, InvalidInput
+from specdec.sampling import SamplingConfig
+from verifier_service.app import eos_ids_of
+from verifier_service.scheduler import DraftDistribution, Scheduler
+from verifier_service.session import FINISH_NONE, SessionSettings
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, a small robot"]
+GREEDY = SamplingConfig()
+
+
+@pytest.fixture(scope="module")
+def engine(hf_target):
+    return LlamaEngine(hf_target)
+
+
+@pytest.fixture(scope="module")
+def eos(hf_target):
+    return eos_ids_of(hf_target)
+
+
+@pytest.fixture(scope="module")
+def references(hf_target, tokenizer):
+    """transformers' greedy continuation of each prompt (20 tokens, EOS suppressed by length)."""
+    out = {}
+    for text in PROMPTS:
+        ids = tokenizer.encode(text)
+        generated = hf_target.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)[0, len(ids):]
+        out[text] = (ids, generated.tolist())
+    return out
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def _generate(scheduler, settings, drafter):
+    """Drives one session: `drafter(context)` returns a list of draft tokens for the committed context."""
+    result = await scheduler.open(settings)
+    out = list(result.tokens)
+    while result.session.finish == FINISH_NONE:
+        tokens = list(result.session.tokens)
+        result = await scheduler.step(settings.session_id, len(tokens), drafter(tokens))
+        out.extend(result.tokens)
+    scheduler.close(settings.session_id)
+    return out, result.session.stats
+
+
+def _scheduler(engine, eos, **kw):
+    s = Scheduler(engine, eos, **kw)
+    s.start()
+    return s
+
+
+def test_greedy_ladder_with_the_real_target(engine, eos, references):
+    ids, expected = references[PROMPTS[0]]
+    full = ids + expected
+
+    def right(ctx):
+        return full[len(ctx) : len(ctx) + 5]
+
+    def wrong(ctx):
+        return [(t + 1) % 49152 for t in right(ctx)]
+
+    def planted(j):
+        def draft(ctx):
+            block = right(ctx)
+            if len(block) > j:
+                block[j] = (block[j] + 1) % 49152
+            return block
+
+        return draft
+
+    async def main():
+        s = _scheduler(engine, eos)
+        results = {}
+        for name, drafter in [("right", right), ("wrong", wrong)] + [(f"j={j}", planted(j)) for j in range(5)]:
+            settings = SessionSettings(name, ids, 20, GREEDY)
+            results[name] = await _generate(s, settings, drafter)
+        await s.stop()
+        return results
+
+    results = run(main())
+    for name, (tokens, stats) in results.items():
+        assert tokens == expected, name
+    assert results["wrong"][1].accepted_draft_tokens == 0
+    assert results["right"][1].verify_steps <= 4  # 1 prefill token + 6 per step covers 20 tokens in 4 steps
+
+
+def test_batched_sessions_equal_each_alone(engine, eos, references):
+    async def main(concurrent: bool):
+        s = _scheduler(engine, eos, max_sessions=4)
+        jobs = [
+            _generate(s, SessionSettings(text, references[text][0], 20, GREEDY),
+                      lambda ctx, t=text: _ngram_like(ctx, references[t]))
+            for text in PROMPTS
+        ]
+        if concurrent:
+            out = await asyncio.gather(*jobs)
+            ticks = s.ticks
+        else:
+            out = [await j for j in jobs]
+            ticks = s.ticks
+        await s.stop()
+        return [tokens for tokens, _ in out], ticks
+
+    together, ticks_together = run(main(True))
+    alone, ticks_alone = run(main(False))
+    assert together == alone
+    assert together == [references[t][1] for t in PROMPTS]
+    assert ticks_together < ticks_alone  # the sessions really shared forward passes
+
+
+def _ngram_like(ctx, reference):
+    """Right for two tokens, then wrong: exercises partial acceptance in every step."""
+    ids, expected = reference
+    full = ids + expected
+    block = full[len(ctx) : len(ctx) + 4]
+    return block[:2] + [(t + 3) % 49152 for t in block[2:]]
+
+
+def test_same_seed_same_sampled_output(engine, eos, references):
+    ids, _ = references[PROMPTS[2]]
+    sampling = SamplingConfig(temperature=0.9, top_p=0.95)
+
+    async def main(seed):
+        s = _scheduler(engine, eos)
+        out, _ = await _generate(s, SessionSettings("x", ids, 16, sampling, seed=seed), lambda ctx: [])
+        await s.stop()
+        return out
+
+    assert run(main(42)) == run(main(42))
+    assert run(main(42)) != run(main(43))
+
+
+def test_malformed_blocks_fail_their_session_only(engine, eos, references):
+    ids, expected = references[PROMPTS[0]]
+
+    async def main():
+        s = _scheduler(engine, eos, max_draft_tokens=4)
+        good = asyncio.create_task(_generate(s, SessionSettings("good", ids, 20, GREEDY), lambda ctx: []))
+        errors = []
+        cases = [
+            ("out of vocabulary", lambda n: (n, [49152])),
+            ("position mismatch", lambda n: (n - 1, [1])),
+            ("too long", lambda n: (n, [1] * 5)),
+        ]
+        for i, (name, make) in enumerate(cases):
+            r = await s.open(SessionSettings(f"bad{i}", ids, 20, GREEDY))
+            length, tokens = make(len(r.session.tokens))
+            with pytest.raises(InvalidInput) as info:
+                await s.step(f"bad{i}", length, tokens)
+            errors.append(str(info.value))
+            assert f"bad{i}" not in s.sessions  # its KV slot is freed
+        r = await s.open(SessionSettings("baddist", ids, 20, GREEDY))
+        with pytest.raises(InvalidInput, match="sums to"):
+            await s.step("baddist", len(r.session.tokens), [5], [DraftDistribution([5, 6], [0.5, 0.9])])
+        tokens, _ = await good
+        await s.stop()
+        return errors, tokens
+
+    errors, tokens = run(main())
+    assert "outside the vocabulary" in errors[0]
+    assert "roll back" in errors[1]
+    assert "at most 4" in errors[2]
+    assert tokens == expected
+
+
+def test_full_verifier_answers_resource_exhausted(engine, eos, references):
+    ids, _ = references[PROMPTS[0]]
+
+    async def main():
+        s = _scheduler(engine, eos, max_sessions=1)
+        await s.open(SessionSettings("a", ids, 5, GREEDY))
+        with pytest.raises(Exhausted, match="retry later"):
+            await s.open(SessionSettings("b", ids, 5, GREEDY))
+        s.close("a")
+        await s.open(SessionSettings("b", ids, 5, GREEDY))  # a freed slot is reused
+        await s.stop()
+
+    run(main())
