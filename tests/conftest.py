@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("SPECDEC_CACHE_DIR", str(ROOT / ".cache"))
-PROMPTS = ROOT.parent / "shared" / "prompts" / "chat.jsonl"
+PROMPTS = ROOT / "bench" / "prompts" / "chat.jsonl"  # a copy of ../shared/prompts/chat.jsonl (measurement only)
 
 
 def free_port() -> int:
