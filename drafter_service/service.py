@@ -101,7 +101,8 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
             verdict = await link.open(spec)
             opened = True
             context_tokens = list(spec.prompt_ids) + list(verdict.update.token_ids)
-            yield drafter_pb2.DraftResponse(update=verdict.update)
+            wire_bytes = spec.ByteSize() + verdict.ByteSize()
+            yield drafter_pb2.DraftResponse(update=verdict.update, wire_bytes=wire_bytes)
             while not verdict.update.finish_reason:
                 draft = await self.batcher.propose(
                     DraftRequest(spec.session_id, context_tokens, k, sampling, generator)
@@ -115,8 +116,9 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                     for ids, probs in draft.distributions:
                         block.distributions.add(token_ids=ids, probs=probs)
                 verdict = await link.send_block(block)
+                wire_bytes += block.ByteSize() + verdict.ByteSize()
                 context_tokens.extend(verdict.update.token_ids)
-                yield drafter_pb2.DraftResponse(update=verdict.update)
+                yield drafter_pb2.DraftResponse(update=verdict.update, wire_bytes=wire_bytes)
             opened = False  # the verifier closes finished sessions itself
         except SpecdecError as exc:
             await context.abort(exc.code, str(exc))

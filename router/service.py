@@ -134,6 +134,7 @@ class RouterServicer(generation_pb2_grpc.GenerationServicer):
         failed_drafters: set[str] = set()
         failed_verifiers: set[str] = set()
         done = session_pb2.SessionStats()  # stats of attempts that ended early
+        wire_done = 0
         for _ in range(_MAX_ATTEMPTS):
             verifier = self.verifiers.pick(failed_verifiers)
             if verifier is None:
@@ -149,7 +150,7 @@ class RouterServicer(generation_pb2_grpc.GenerationServicer):
             )
             if sampling.HasField("seed"):
                 spec.seed = sampling.seed
-            last = session_pb2.SessionStats()
+            last, wire_last = session_pb2.SessionStats(), 0
             pods = [p for p in (verifier, drafter) if p is not None]
             for pod in pods:
                 pod.in_flight += 1
@@ -159,7 +160,9 @@ class RouterServicer(generation_pb2_grpc.GenerationServicer):
                     update = response.update
                     committed.extend(update.token_ids)
                     last = update.stats
+                    wire_last = getattr(response, "wire_bytes", 0)
                     _add_stats(usage, done, last)
+                    usage.draft_wire_bytes = wire_done + wire_last
                     yield update
                     if update.finish_reason:
                         return
@@ -174,8 +177,8 @@ class RouterServicer(generation_pb2_grpc.GenerationServicer):
                 log.warning("%s failed mid-session (%s); resuming after %d tokens", culprit.address, code.name, len(committed))
                 failed.add(culprit.address)
                 pool.mark_down(culprit)
-                for field in ("cached_prompt_tokens", "draft_tokens", "accepted_draft_tokens", "verify_steps"):
-                    setattr(done, field, getattr(done, field) + getattr(last, field))
+                _accumulate(done, last)
+                wire_done += wire_last
             finally:
                 call.cancel()
                 for pod in pods:
@@ -198,11 +201,28 @@ def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
     return list(ids)
 
 
+_COUNTERS = ("cached_prompt_tokens", "draft_tokens", "accepted_draft_tokens", "verify_steps")
+_BY_POSITION = ("drafted_by_position", "accepted_by_position")
+
+
 def _add_stats(usage: generation_pb2.Usage, done: session_pb2.SessionStats, last: session_pb2.SessionStats) -> None:
-    usage.cached_prompt_tokens = done.cached_prompt_tokens + last.cached_prompt_tokens
-    usage.draft_tokens = done.draft_tokens + last.draft_tokens
-    usage.accepted_draft_tokens = done.accepted_draft_tokens + last.accepted_draft_tokens
-    usage.verify_steps = done.verify_steps + last.verify_steps
+    """usage = stats of the attempts that ended early + stats of the current attempt."""
+    for name in _COUNTERS:
+        setattr(usage, name, getattr(done, name) + getattr(last, name))
+    for name in _BY_POSITION:
+        getattr(usage, name)[:] = _sum_lists(getattr(done, name), getattr(last, name))
+
+
+def _accumulate(done: session_pb2.SessionStats, last: session_pb2.SessionStats) -> None:
+    for name in _COUNTERS:
+        setattr(done, name, getattr(done, name) + getattr(last, name))
+    for name in _BY_POSITION:
+        getattr(done, name)[:] = _sum_lists(getattr(done, name), getattr(last, name))
+
+
+def _sum_lists(a, b) -> list[int]:
+    n = max(len(a), len(b))
+    return [(a[i] if i < len(a) else 0) + (b[i] if i < len(b) else 0) for i in range(n)]
 
 
 def _as_error(exc) -> SpecdecError:

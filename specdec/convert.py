@@ -29,5 +29,7 @@ def update_of(session: Session, tokens: list[int]) -> session_pb2.SessionUpdate:
             draft_tokens=s.draft_tokens,
             accepted_draft_tokens=s.accepted_draft_tokens,
             verify_steps=s.verify_steps,
+            drafted_by_position=s.drafted_by_position,
+            accepted_by_position=s.accepted_by_position,
         ),
     )

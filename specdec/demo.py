@@ -5,39 +5,13 @@ Runs the same prompt with speculation on (default drafter) and off, so the two s
 
 from __future__ import annotations
 
-import signal
-import socket
-import subprocess
 import sys
 import time
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from specdec.client import Client
+from specdec.launch import ServerProcess
 
 PROMPT = "Explain in a few sentences how a hash table works and why lookups are fast."
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_serving(address: str, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise SystemExit(f"the server exited with {proc.returncode}; see its log above")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    return
-            except grpc.RpcError:
-                time.sleep(0.3)
-    raise SystemExit(f"the server did not start within {timeout} s")
 
 
 def _run(client: Client, label: str, max_draft_tokens: int | None) -> None:
@@ -59,19 +33,13 @@ def _run(client: Client, label: str, max_draft_tokens: int | None) -> None:
 
 
 def main() -> int:
-    port = _free_port()
-    address = f"127.0.0.1:{port}"
-    print(f"starting `specdec serve --port {port}` (router + drafter + verifier, default models)...", flush=True)
-    server = subprocess.Popen([sys.executable, "-m", "specdec.cli", "serve", "--port", str(port)])
-    try:
-        _wait_serving(address, server)
-        with Client(address) as client:
+    print("starting `specdec serve` (router + drafter + verifier, default models)...", flush=True)
+    with ServerProcess(None) as server:
+        print(f"serving on {server.address}", flush=True)
+        with Client(server.address) as client:
             print(f"prompt: {PROMPT}")
             _run(client, "speculation on", None)
             _run(client, "speculation off", 0)
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(60)
     return 0
 
 

@@ -3,68 +3,26 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import grpc
 import pytest
+
+from specdec import launch
+from specdec.launch import free_port, wait_serving  # noqa: F401  (tests import them from here)
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("SPECDEC_CACHE_DIR", str(ROOT / ".cache"))
 PROMPTS = ROOT / "bench" / "prompts" / "chat.jsonl"  # a copy of ../shared/prompts/chat.jsonl (measurement only)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_serving(address: str, proc: subprocess.Popen | None = None, timeout: float = 120.0) -> None:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"server for {address} exited with {proc.returncode}")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise TimeoutError(f"{address} did not become SERVING in {timeout} s")
-
-
-class ServerProcess:
-    """`specdec serve ROLE ...` as its own OS process."""
+class ServerProcess(launch.ServerProcess):
+    """A tier in its own process, its log under .cache/ for when a test fails."""
 
     def __init__(self, role: str, *args: str, port: int | None = None):
-        self.port = port or free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "specdec.cli", "serve", role, "--host", "127.0.0.1", "--port", str(self.port),
-               "--grace", "5", *args]
-        self.log = open(ROOT / ".cache" / f"test-{role}-{self.port}.log", "w") if (ROOT / ".cache").is_dir() else None
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log or subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        wait_serving(self.address, self.proc)
-
-    def stop(self, sig=signal.SIGTERM, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.log:
-            self.log.close()
-        return self.proc.returncode
+        port = port or free_port()
+        logs = ROOT / ".cache"
+        logs.mkdir(exist_ok=True)
+        super().__init__(role, *args, port=port, log=logs / f"test-{role}-{port}.log")
 
 
 @pytest.fixture(scope="session")

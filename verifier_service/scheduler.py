@@ -242,9 +242,7 @@ class Scheduler:
         for b, work in enumerate(works):
             session, accepted = work.session, int(verdict.num_accepted[b])
             committed = session.commit([*work.draft_tokens[:accepted], int(verdict.next_tokens[b])])
-            session.stats.draft_tokens += len(work.draft_tokens)
-            session.stats.accepted_draft_tokens += accepted
-            session.stats.verify_steps += 1
+            session.stats.record_block(len(work.draft_tokens), accepted)
             if session.finish == FINISH_NONE and len(session.tokens) >= session.max_length:
                 session.finish = FINISH_LENGTH
             out.append(StepResult(committed, accepted, session))

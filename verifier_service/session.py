@@ -22,6 +22,17 @@ class Stats:
     draft_tokens: int = 0
     accepted_draft_tokens: int = 0
     verify_steps: int = 0
+    drafted_by_position: list[int] = field(default_factory=list)
+    accepted_by_position: list[int] = field(default_factory=list)
+
+    def record_block(self, drafted: int, accepted: int) -> None:
+        self.draft_tokens += drafted
+        self.accepted_draft_tokens += accepted
+        self.verify_steps += 1
+        for counts, n in ((self.drafted_by_position, drafted), (self.accepted_by_position, accepted)):
+            counts.extend([0] * (n - len(counts)))
+            for i in range(n):
+                counts[i] += 1
 
 
 @dataclass
