@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from drafter_service.drafters import make_drafter
 from drafter_service.service import DraftBatcher, DrafterServicer
+from specdec import compute
 from specdec.proto import drafter_pb2, drafter_pb2_grpc
 from specdec.server import GrpcServer
 
@@ -19,7 +20,7 @@ async def start_drafter(
     max_sessions: int = 64,
     grace: float = 30.0,
 ) -> GrpcServer:
-    batcher = DraftBatcher(make_drafter(model, device, max_sessions))
+    batcher = DraftBatcher(compute.call(make_drafter, model, device, max_sessions))
     batcher.start()
     servicer = DrafterServicer(batcher, max_draft_tokens)
     server = GrpcServer("drafter", host, port, grace)

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from drafter_service.drafters import Draft, DraftRequest
 from drafter_service.link import VerifierLink
+from specdec import compute
 from specdec.errors import InvalidInput, SpecdecError, Unavailable
 from specdec.proto import drafter_pb2, drafter_pb2_grpc, verifier_pb2
 from specdec.sampling import SamplingConfig
@@ -24,13 +24,12 @@ log = logging.getLogger(__name__)
 
 
 class DraftBatcher:
-    """Gathers the sessions waiting for a draft and proposes for all of them in one call on a worker thread."""
+    """Gathers the sessions waiting for a draft and proposes for all of them in one call on the torch thread."""
 
     def __init__(self, drafter):
         self.drafter = drafter
         self._pending: list[tuple[DraftRequest, asyncio.Future]] = []
         self._wakeup = asyncio.Event()
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="drafter-forward")
         self._task: asyncio.Task | None = None
         self.pending_work = 0  # sessions waiting for a draft: the drafter tier's load metric
 
@@ -47,7 +46,6 @@ class DraftBatcher:
         return await future
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
@@ -57,7 +55,7 @@ class DraftBatcher:
             if not batch:
                 continue
             try:
-                drafts = await loop.run_in_executor(self._worker, self.drafter.propose, [r for r, _ in batch])
+                drafts = await compute.run(self.drafter.propose, [r for r, _ in batch])
             except Exception as exc:  # a drafter bug costs speed (empty drafts), never a session
                 log.exception("drafting failed for %d sessions", len(batch))
                 drafts = [Draft([]) for _ in batch]
@@ -65,6 +63,16 @@ class DraftBatcher:
             for (_, future), draft in zip(batch, drafts):
                 if not future.done():
                     future.set_result(draft)
+
+
+def next_draft_length(current: int, drafted: int, accepted: int, k_max: int) -> int:
+    """Per-session draft length from the last verdict: grow after a fully accepted block, else shrink to what
+    was accepted plus one. Wrong draft tokens cost verify compute; a drafter that is rarely right drafts 1."""
+    if drafted == 0:
+        return current
+    if accepted == drafted:
+        return min(k_max, current + 1)
+    return max(1, accepted + 1)
 
 
 class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
@@ -87,7 +95,8 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
             await context.abort(Unavailable.code, "this drafter is shutting down; retry on another")
         if not request.verifier_address:
             await context.abort(InvalidInput.code, "DraftRequest.verifier_address is empty: name the verifier")
-        k = request.max_draft_tokens or self.default_draft_tokens
+        k_max = request.max_draft_tokens or self.default_draft_tokens
+        k = k_max
         sampling = SamplingConfig(spec.temperature, spec.top_p or 1.0, spec.top_k)
         generator = torch.Generator()
         if spec.HasField("seed"):  # the drafter's own stream, distinct from the verifier's
@@ -116,6 +125,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                     for ids, probs in draft.distributions:
                         block.distributions.add(token_ids=ids, probs=probs)
                 verdict = await link.send_block(block)
+                k = next_draft_length(k, len(draft.tokens), verdict.accepted, k_max)
                 wire_bytes += block.ByteSize() + verdict.ByteSize()
                 context_tokens.extend(verdict.update.token_ids)
                 yield drafter_pb2.DraftResponse(update=verdict.update, wire_bytes=wire_bytes)

@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     flag(prep, "--model", default=DEFAULT_TARGET, help="model SPEC to prepare")
     prep.set_defaults(func=cmd_prepare)
 
-    for module in ("specdec.train_drafter", "specdec.eval_drafter"):
+    for module in ("specdec.bench", "specdec.train_drafter", "specdec.eval_drafter"):
         try:
             mod = __import__(module, fromlist=["add_parser"])
         except ImportError:
@@ -251,6 +251,7 @@ def cmd_prepare(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command_line = "specdec " + " ".join(argv if argv is not None else sys.argv[1:])
     _logging(args.verbose)
     try:
         return args.func(args) or 0

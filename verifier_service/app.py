@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from specdec import models
+from specdec import compute, models
 from specdec.engine import LlamaEngine
 from specdec.proto import verifier_pb2, verifier_pb2_grpc
 from specdec.server import GrpcServer
@@ -47,7 +47,7 @@ async def start_verifier(
     max_draft_tokens: int = 16,
     grace: float = 30.0,
 ) -> GrpcServer:
-    scheduler = build_scheduler(model, device, max_sessions, max_sequence_length, max_draft_tokens)
+    scheduler = compute.call(build_scheduler, model, device, max_sessions, max_sequence_length, max_draft_tokens)
     scheduler.start()
     server = GrpcServer("verifier", host, port, grace)
 

@@ -3,7 +3,8 @@
 A tick takes all queued prefills (one ragged pass) and all queued blocks (one ragged pass: each session its own KV
 length and block length), verifies the blocks with `specdec.verification.verify`, commits, and resolves each
 caller's future. Plain decoding is a block of zero draft tokens, so speculation off shares the same batches.
-The model work runs on one worker thread, so the event loop keeps serving gRPC while the device computes.
+The model work runs on the process's torch thread (specdec.compute), so the event loop keeps serving gRPC while
+the device computes.
 
 This module owns admission (KV slots), block validation and commit rules; it knows nothing about gRPC.
 """
@@ -13,11 +14,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
+from specdec import compute
 from specdec.engine import LlamaEngine, Row
 from specdec.errors import Exhausted, InvalidInput, Unavailable
 from specdec.sampling import probs_from_logits, sample
@@ -71,7 +72,6 @@ class Scheduler:
         self.sessions: dict[str, Session] = {}
         self._queue: list[_Work] = []
         self._wakeup = asyncio.Event()
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="verifier-forward")
         self._task: asyncio.Task | None = None
         self.draining = False
         self.ticks = 0
@@ -84,7 +84,6 @@ class Scheduler:
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()
-        self._worker.shutdown(wait=False, cancel_futures=True)
 
     @property
     def queue_depth(self) -> int:
@@ -171,7 +170,6 @@ class Scheduler:
                 _check_distribution(i, token, dist, self.vocab_size)
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
@@ -182,7 +180,7 @@ class Scheduler:
             self.ticks += 1
             self.last_batch_size = len(batch)
             try:
-                results = await loop.run_in_executor(self._worker, self._tick, batch)
+                results = await compute.run(self._tick, batch)
             except Exception as exc:  # a failed pass fails its sessions, never the scheduler
                 log.exception("forward pass failed for %d sessions", len(batch))
                 for work in batch:

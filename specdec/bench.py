@@ -1,0 +1,311 @@
+"""`specdec bench`: the benchmark sweep. Starts router, drafter(s) and verifier as separate processes (or uses a
+running router), sweeps concurrency and modes over a prompt set, and writes JSON and a PNG plot.
+
+Modes: `off` (speculation off: the verifier decodes alone), `ngram` (prompt lookup drafter) and `model` (a drafter
+model, `--drafter-model`). In the same run it times transformers' own `generate` and assisted generation on the
+same models (`--baselines`), so each table has its peers.
+
+Reported per (mode, concurrency): per-user tokens/s (mean over requests of completion tokens / request time),
+aggregate tokens/s (all tokens / wall time), time to first token p50/p99, inter-token latency p50/p99 (gaps
+between streamed messages, per token), tau (tokens committed per verify step, bonus included), acceptance rate
+by draft position, and drafter<->verifier bytes per committed token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from specdec.cli import flag
+from specdec.models import DEFAULT_TARGET
+
+DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "bench" / "prompts" / "chat.jsonl"
+
+
+@dataclass
+class RequestResult:
+    tokens: int
+    seconds: float
+    ttft: float
+    gaps: list[float]  # per-token inter-token latencies
+    draft_tokens: int
+    accepted: int
+    steps: int
+    drafted_by_position: list[int]
+    accepted_by_position: list[int]
+    wire_bytes: int
+
+
+@dataclass
+class Row:
+    mode: str
+    concurrency: int
+    requests: int
+    tokens: int
+    wall_s: float
+    per_user_tps: float
+    aggregate_tps: float
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    itl_p50_ms: float
+    itl_p99_ms: float
+    tau: float
+    acceptance_by_position: list[float] = field(default_factory=list)
+    wire_bytes_per_token: float = 0.0
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def load_prompts(path: Path) -> list[list[dict]]:
+    return [json.loads(line)["messages"] for line in path.read_text().splitlines() if line.strip()]
+
+
+async def _one(client, messages, max_new_tokens, k) -> RequestResult:
+    start = time.perf_counter()
+    last = start
+    first = None
+    gaps: list[float] = []
+    tokens = 0
+    usage = None
+    async for chunk in client.generate(chat=messages, max_new_tokens=max_new_tokens, max_draft_tokens=k):
+        now = time.perf_counter()
+        n = len(chunk.token_ids)
+        if first is None:
+            first = now
+        elif n:
+            gaps.extend([(now - last) / n] * n)
+        if n:
+            last = now
+        tokens += n
+        if chunk.finish_reason:
+            usage = chunk.usage
+    end = time.perf_counter()
+    return RequestResult(
+        tokens, end - start, (first or end) - start, gaps, usage.draft_tokens, usage.accepted_draft_tokens,
+        usage.verify_steps, list(usage.drafted_by_position), list(usage.accepted_by_position),
+        usage.draft_wire_bytes,
+    )
+
+
+async def run_level(address: str, prompts, concurrency: int, requests: int, max_new_tokens: int, k: int):
+    from specdec.client import AsyncClient
+
+    queue: asyncio.Queue = asyncio.Queue()
+    for i in range(requests):
+        queue.put_nowait(prompts[i % len(prompts)])
+    results: list[RequestResult] = []
+    async with AsyncClient(address) as client:
+
+        async def worker():
+            while not queue.empty():
+                messages = queue.get_nowait()
+                results.append(await _one(client, messages, max_new_tokens, k))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    return results, wall
+
+
+def summarize(mode: str, concurrency: int, results: list[RequestResult], wall: float) -> Row:
+    tokens = sum(r.tokens for r in results)
+    steps = sum(r.steps for r in results)
+    drafted = _sum_lists([r.drafted_by_position for r in results])
+    accepted = _sum_lists([r.accepted_by_position for r in results])
+    gaps = [g for r in results for g in r.gaps]
+    return Row(
+        mode=mode,
+        concurrency=concurrency,
+        requests=len(results),
+        tokens=tokens,
+        wall_s=round(wall, 3),
+        per_user_tps=round(statistics.mean(r.tokens / r.seconds for r in results), 2),
+        aggregate_tps=round(tokens / wall, 2),
+        ttft_p50_ms=round(1000 * _pct([r.ttft for r in results], 0.5), 1),
+        ttft_p99_ms=round(1000 * _pct([r.ttft for r in results], 0.99), 1),
+        itl_p50_ms=round(1000 * _pct(gaps, 0.5), 2),
+        itl_p99_ms=round(1000 * _pct(gaps, 0.99), 2),
+        tau=round((sum(r.accepted for r in results) + steps) / max(steps, 1), 3),
+        acceptance_by_position=[round(a / d, 3) if d else 0.0 for a, d in zip(accepted, drafted)],
+        wire_bytes_per_token=round(sum(r.wire_bytes for r in results) / max(tokens, 1), 1),
+    )
+
+
+def _sum_lists(lists: list[list[int]]) -> list[int]:
+    n = max((len(x) for x in lists), default=0)
+    return [sum(x[i] for x in lists if i < len(x)) for i in range(n)]
+
+
+def hf_baselines(target: str, drafter: str | None, prompts, n: int, max_new_tokens: int, k: int, device: str):
+    """transformers' generate, prompt-lookup and (with a drafter model) assisted generation, one user, greedy."""
+    import torch
+
+    from specdec import models
+    from router.service import chat_ids
+
+    tokenizer = models.load_tokenizer(target)
+    model = models.load_hf_model(target, device=device)
+    assistant = None
+    if drafter and drafter != "ngram":
+        assistant = _hf_drafter(drafter, target, device)
+    variants = {"transformers generate": {}, "transformers prompt lookup": {"prompt_lookup_num_tokens": k}}
+    if assistant is not None:
+        variants["transformers assisted generation"] = {"assistant_model": assistant}
+    out = {}
+    for name, extra in variants.items():
+        tokens, seconds = 0, 0.0
+        for messages in prompts[:n]:
+            ids = torch.tensor([chat_ids(tokenizer, messages)], device=device)
+            start = time.perf_counter()
+            generated = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, **extra)
+            seconds += time.perf_counter() - start
+            tokens += generated.shape[1] - ids.shape[1]
+        out[name] = round(tokens / seconds, 2)
+        print(f"  {name}: {out[name]} tokens/s ({n} prompts)", flush=True)
+    return out
+
+
+def _hf_drafter(spec: str, target: str, device: str):
+    try:
+        from specdec.drafter_model import is_drafter_artifact, load_drafter
+
+        if is_drafter_artifact(spec):
+            return load_drafter(spec, target, device=device).eval()
+    except ImportError:
+        pass
+    from specdec import models
+
+    return models.load_hf_model(spec, device=device)
+
+
+def plot(rows: list[Row], baselines: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for mode in dict.fromkeys(r.mode for r in rows):
+        mine = [r for r in rows if r.mode == mode]
+        xs = [r.concurrency for r in mine]
+        left.plot(xs, [r.per_user_tps for r in mine], marker="o", label=mode)
+        right.plot(xs, [r.aggregate_tps for r in mine], marker="o", label=mode)
+    for name, tps in baselines.items():
+        left.axhline(tps, linestyle=":", linewidth=1, color="gray")
+        left.annotate(name, (1, tps), fontsize=7, color="gray")
+    for ax, title in ((left, "per-user tokens/s"), (right, "aggregate tokens/s")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent users")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def run(args) -> int:
+    from specdec.launch import ServerProcess
+
+    prompts = load_prompts(Path(args.prompts))
+    levels = [int(c) for c in args.concurrency.split(",")]
+    modes = args.modes.split(",")
+    if "model" in modes and not args.drafter_model:
+        raise SystemExit("mode `model` needs --drafter-model SPEC")
+    out = Path(args.out or f"out/bench-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[Row] = []
+    started: list = []
+    try:
+        routers: dict[str, str] = {}
+        if args.address:
+            routers = {m: args.address for m in modes}
+        else:
+            print("starting verifier...", flush=True)
+            verifier = ServerProcess("verifier", "--model", args.target, "--device", args.verifier_device,
+                                     "--max-sessions", str(max(levels)), "--max-sequence-length",
+                                     str(args.max_sequence_length), log=out / "verifier.log")
+            started.append(verifier)
+            for mode in modes:
+                drafters = []
+                if mode != "off":
+                    spec = "ngram" if mode == "ngram" else args.drafter_model
+                    print(f"starting {mode} drafter...", flush=True)
+                    drafter = ServerProcess("drafter", "--model", spec, "--device", args.drafter_device,
+                                            "--max-sessions", str(max(levels)), log=out / f"drafter-{mode}.log")
+                    started.append(drafter)
+                    drafters = ["--drafter", drafter.address]
+                router = ServerProcess("router", "--verifier", verifier.address, *drafters, "--model", args.target,
+                                       log=out / f"router-{mode}.log")
+                started.append(router)
+                routers[mode] = router.address
+        for concurrency in levels:
+            for mode in modes:
+                requests = max(args.requests or len(prompts), concurrency)
+                k = 0 if mode == "off" else args.k
+                results, wall = asyncio.run(
+                    run_level(routers[mode], prompts, concurrency, requests, args.max_new_tokens, k)
+                )
+                row = summarize(mode, concurrency, results, wall)
+                rows.append(row)
+                print(f"{mode:>6} x{concurrency:<4} per-user {row.per_user_tps:8.1f} tok/s  aggregate "
+                      f"{row.aggregate_tps:8.1f} tok/s  TTFT p50 {row.ttft_p50_ms:7.1f} ms  ITL p50 "
+                      f"{row.itl_p50_ms:6.2f} ms p99 {row.itl_p99_ms:6.2f} ms  tau {row.tau:5.2f}  accept@pos "
+                      f"{row.acceptance_by_position}  wire {row.wire_bytes_per_token} B/tok", flush=True)
+    finally:
+        for proc in reversed(started):
+            proc.stop()
+    baselines = {}
+    if args.baselines:
+        print("transformers baselines (one user, greedy, in this process):", flush=True)
+        drafter = args.drafter_model if "model" in modes else None
+        baselines = hf_baselines(args.target, drafter, prompts, args.baseline_prompts, args.max_new_tokens, args.k,
+                                 args.verifier_device)
+    report = {
+        "command": args.command_line,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "devices": {
+            "verifier": args.verifier_device, "drafter": args.drafter_device}},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("func", "command_line")},
+        "rows": [asdict(r) for r in rows],
+        "baselines_tokens_per_s": baselines,
+    }
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    plot(rows, baselines, out / "plot.png")
+    print(f"wrote {out / 'results.json'} and {out / 'plot.png'}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="benchmark sweep: concurrency x modes, JSON + PNG",
+        description="Starts verifier, drafters and routers as separate processes (or uses --address), runs the "
+        "prompt set at each concurrency level in each mode, and reports speed, latency and acceptance.",
+    )
+    flag(p, "--target", default=DEFAULT_TARGET, help="target model SPEC")
+    flag(p, "--drafter-model", default=None, help="drafter SPEC for mode `model`")
+    flag(p, "--modes", default="off,ngram", help="comma-separated: off, ngram, model")
+    flag(p, "--concurrency", default="1,4", help="comma-separated concurrent users, e.g. 1,4,16,64,256")
+    flag(p, "--prompts", default=str(DEFAULT_PROMPTS), help="JSONL prompt set ({messages: [...]} per line)")
+    flag(p, "--requests", default=0, type=int, help="requests per level (0 = one per prompt)")
+    flag(p, "--max-new-tokens", default=128, type=int, help="tokens per request")
+    flag(p, "--k", default=5, type=int, help="draft block length")
+    flag(p, "--verifier-device", default="cpu", help="torch device of the verifier, e.g. cuda:1")
+    flag(p, "--drafter-device", default="cpu", help="torch device of the drafter, e.g. cuda:0")
+    flag(p, "--max-sequence-length", default=2048, type=int, help="verifier context per session")
+    flag(p, "--address", default=None, help="use this running router instead of starting processes")
+    flag(p, "--baselines", action="store_true", help="also time transformers' generate and assisted generation")
+    flag(p, "--baseline-prompts", default=8, type=int, help="prompts for the transformers baselines")
+    flag(p, "--out", default=None, help="output directory (default out/bench-TIMESTAMP)")
+    p.set_defaults(func=run)
