@@ -68,13 +68,18 @@ class Row:
 
 
 class KVCache:
-    """Preallocated KV slots: keys/values [num_slots, kv_heads, max_len, head_dim] per layer."""
+    """Preallocated KV slots: keys/values [num_slots + 1, kv_heads, max_len, head_dim] per layer.
+
+    The extra last slot is scratch: padding tokens of a batch write there, so every pass writes a fixed number of
+    entries without a host-side filter (which also makes passes capturable as CUDA graphs).
+    """
 
     def __init__(self, shape: LlamaShape, num_slots: int, max_len: int, device, dtype):
-        size = (num_slots, shape.num_kv_heads, max_len, shape.head_dim)
+        size = (num_slots + 1, shape.num_kv_heads, max_len, shape.head_dim)
         self.keys = [torch.zeros(size, device=device, dtype=dtype) for _ in range(shape.num_layers)]
         self.values = [torch.zeros(size, device=device, dtype=dtype) for _ in range(shape.num_layers)]
         self.num_slots = num_slots
+        self.scratch = num_slots
         self.max_len = max_len
         self._free = list(range(num_slots - 1, -1, -1))
 
@@ -123,7 +128,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class LlamaEngine:
     """The forward pass of a Llama-family model over a KVCache."""
 
-    def __init__(self, hf_model, device="cpu", dtype=torch.float32):
+    def __init__(self, hf_model, device="cpu", dtype=torch.float32, cuda_graphs: bool | None = None):
+        """cuda_graphs: replay decode/verify passes as CUDA graphs (default: on when the device is CUDA)."""
         self.shape = LlamaShape.from_hf_config(hf_model.config)
         self.device = torch.device(device)
         self.dtype = dtype
@@ -135,39 +141,71 @@ class LlamaEngine:
         rotary = inner.rotary_emb
         self.inv_freq = rotary.inv_freq.detach().to(self.device, torch.float32)  # [head_dim / 2]
         self.attention_scaling = float(getattr(rotary, "attention_scaling", 1.0))
+        if cuda_graphs if cuda_graphs is not None else self.device.type == "cuda":
+            self.enable_cuda_graphs()
 
     def new_cache(self, num_slots: int, max_len: int) -> KVCache:
         return KVCache(self.shape, num_slots, max_len, self.device, self.dtype)
 
+    def enable_cuda_graphs(self, max_batch: int = 256, max_width: int = 16) -> None:
+        """Replays decode/verify passes (up to max_batch rows of up to max_width tokens) as CUDA graphs, captured
+        lazily per (batch, width, kv length) bucket. Prefills and larger passes stay eager."""
+        if self.device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
+        self._graphs = _GraphRunner(self, max_batch, max_width)
+
+    _graphs = None
+
     @torch.inference_mode()
     def forward(self, cache: KVCache, rows: list[Row]) -> list[torch.Tensor]:
         """Runs every row in one pass; returns per row logits [n, vocab] (n = len(tokens) or 1), float32."""
-        s = self.shape
         batch, width = len(rows), max(len(r.tokens) for r in rows)
-        dev = self.device
-        tokens = torch.zeros(batch, width, dtype=torch.long)
-        positions = torch.zeros(batch, width, dtype=torch.long)
-        valid = torch.zeros(batch, width, dtype=torch.bool)
-        for b, row in enumerate(rows):
-            n = len(row.tokens)
-            tokens[b, :n] = torch.tensor(row.tokens)
-            positions[b, :n] = torch.arange(row.start, row.start + n)
-            positions[b, n:] = row.start + n - 1  # padding queries see a real key, so softmax stays finite
-            valid[b, :n] = True
-        tokens, positions, valid = tokens.to(dev), positions.to(dev), valid.to(dev)
         kv_len = max(r.start + len(r.tokens) for r in rows)
-        slots = torch.tensor([r.slot for r in rows], device=dev)
-        batch_idx, tok_idx = valid.nonzero(as_tuple=True)  # [n_valid] each
-        write_slots, write_pos = slots[batch_idx], positions[batch_idx, tok_idx]
+        picks = [
+            (b, t) for b, r in enumerate(rows) for t in (range(len(r.tokens)) if r.all_logits else [len(r.tokens) - 1])
+        ]
+        pick_b = torch.tensor([p[0] for p in picks])
+        pick_t = torch.tensor([p[1] for p in picks])
+        if self._graphs is not None and self._graphs.accepts(batch, width):
+            logits = self._graphs.run(cache, rows, kv_len)[pick_b.to(self.device), pick_t.to(self.device)].float()
+        else:
+            inputs = _pack(rows, batch, width, cache.scratch)
+            single = rows[0].slot if batch == 1 else None
+            x = self._layers(cache, *(t.to(self.device) for t in inputs), kv_len, single)
+            # Logits only where a caller reads them: the LM head is a large share of a small model's cost.
+            logits = self._head(x[pick_b.to(self.device), pick_t.to(self.device)]).float()  # [n_picks, vocab]
+        out, offset = [], 0
+        for r in rows:
+            n = len(r.tokens) if r.all_logits else 1
+            out.append(logits[offset : offset + n])
+            offset += n
+        return out
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(_rms_norm(x, self.final_norm, self.shape.rms_norm_eps), self.lm_head)
+
+    def _layers(
+        self,
+        cache: KVCache,
+        tokens: torch.Tensor,  # [batch, width] long
+        positions: torch.Tensor,  # [batch, width] long
+        write_slots: torch.Tensor,  # [batch * width] long: the slot each token's KV goes to (scratch for padding)
+        write_pos: torch.Tensor,  # [batch * width] long
+        slots: torch.Tensor,  # [batch] long
+        kv_len: int,  # keys 0..kv_len-1 are read; the same for all rows (masked per row)
+        single_slot: int | None = None,  # batch of one: read its slot as a view instead of a gather
+    ) -> torch.Tensor:
+        """The transformer layers; no host synchronization inside, so the pass can be graph-captured."""
+        s = self.shape
+        batch, width = tokens.shape
+        dev = tokens.device
         # mask [batch, 1, width, kv_len]: a query at position p sees keys 0..p of its own slot
         mask = (torch.arange(kv_len, device=dev)[None, None, :] <= positions[:, :, None])[:, None]
-
         freqs = positions[..., None].float() * self.inv_freq  # [batch, width, head_dim / 2]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = (emb.cos() * self.attention_scaling).to(self.dtype)[:, None]  # [batch, 1, width, head_dim]
         sin = (emb.sin() * self.attention_scaling).to(self.dtype)[:, None]
 
-        contiguous_slot = rows[0].slot if batch == 1 else None
         x = self.embed[tokens]  # [batch, width, hidden]
         q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         for i, layer in enumerate(self.layers):
@@ -184,11 +222,12 @@ class LlamaEngine:
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             keys, values = cache.keys[i], cache.values[i]
-            keys[write_slots, :, write_pos] = k[batch_idx, :, tok_idx]
-            values[write_slots, :, write_pos] = v[batch_idx, :, tok_idx]
-            if contiguous_slot is not None:
-                k_all = keys[contiguous_slot : contiguous_slot + 1, :, :kv_len]
-                v_all = values[contiguous_slot : contiguous_slot + 1, :, :kv_len]
+            # [batch * width, kv_heads, head_dim] into (slot, :, position)
+            keys[write_slots, :, write_pos] = k.transpose(1, 2).reshape(batch * width, s.num_kv_heads, s.head_dim)
+            values[write_slots, :, write_pos] = v.transpose(1, 2).reshape(batch * width, s.num_kv_heads, s.head_dim)
+            if single_slot is not None:
+                k_all = keys[single_slot : single_slot + 1, :, :kv_len]
+                v_all = values[single_slot : single_slot + 1, :, :kv_len]
             else:
                 k_all, v_all = keys[slots, :, :kv_len], values[slots, :, :kv_len]
             attn = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)
@@ -196,18 +235,76 @@ class LlamaEngine:
             h = _rms_norm(x, layer.post_norm, s.rms_norm_eps)
             gate, up = F.linear(h, layer.gate_up_weight).chunk(2, dim=-1)
             x = x + F.linear(F.silu(gate) * up, layer.down_weight)
+        return x
 
-        # Logits only where a caller reads them: the LM head is a large share of a small model's cost.
-        picks = [
-            (b, t) for b, r in enumerate(rows) for t in (range(len(r.tokens)) if r.all_logits else [len(r.tokens) - 1])
-        ]
-        pick_b = torch.tensor([p[0] for p in picks], device=dev)
-        pick_t = torch.tensor([p[1] for p in picks], device=dev)
-        hidden = _rms_norm(x[pick_b, pick_t], self.final_norm, s.rms_norm_eps)
-        logits = F.linear(hidden, self.lm_head).float()  # [n_picks, vocab]
-        out, offset = [], 0
-        for r in rows:
-            n = len(r.tokens) if r.all_logits else 1
-            out.append(logits[offset : offset + n])
-            offset += n
-        return out
+
+def _pack(rows: list[Row], batch: int, width: int, scratch: int):
+    """Host tensors for a pass: tokens and positions [batch, width], write targets [batch * width], slots [batch].
+    Rows past len(rows) and tokens past a row's length are padding: they write to the scratch slot."""
+    tokens = torch.zeros(batch, width, dtype=torch.long)
+    positions = torch.zeros(batch, width, dtype=torch.long)
+    write_slots = torch.full((batch, width), scratch, dtype=torch.long)
+    slots = torch.full((batch,), scratch, dtype=torch.long)
+    for b, row in enumerate(rows):
+        n = len(row.tokens)
+        tokens[b, :n] = torch.tensor(row.tokens)
+        positions[b, :n] = torch.arange(row.start, row.start + n)
+        positions[b, n:] = row.start + n - 1  # padding queries see a real key, so softmax stays finite
+        write_slots[b, :n] = row.slot
+        slots[b] = row.slot
+    write_pos = torch.where(write_slots == scratch, 0, positions)
+    return tokens, positions, write_slots.reshape(-1), write_pos.reshape(-1), slots
+
+
+def _bucket(n: int, floor: int = 1) -> int:
+    return max(floor, 1 << (n - 1).bit_length())
+
+
+class _GraphRunner:
+    """CUDA graphs of the decode/verify pass, one per (batch, width, kv length) bucket, captured on first use.
+
+    Each graph owns static input buffers; a replay copies the packed inputs in and returns its logits buffer
+    [batch, width, vocab]. Padding rows and tokens write to the cache's scratch slot, so they are harmless.
+    """
+
+    def __init__(self, engine: LlamaEngine, max_batch: int, max_width: int):
+        self.engine = engine
+        self.max_batch = max_batch
+        self.max_width = max_width
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple[int, int, int, int], tuple] = {}
+
+    def accepts(self, batch: int, width: int) -> bool:
+        return batch <= self.max_batch and width <= self.max_width
+
+    def run(self, cache: KVCache, rows: list[Row], kv_len: int) -> torch.Tensor:
+        batch, width = _bucket(len(rows)), _bucket(max(len(r.tokens) for r in rows))
+        length = min(_bucket(kv_len, floor=128), cache.max_len)
+        key = (id(cache), batch, width, length)
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self.graphs[key] = self._capture(cache, batch, width, length)
+        graph, buffers, logits = entry
+        for buffer, value in zip(buffers, _pack(rows, batch, width, cache.scratch)):
+            buffer.copy_(value, non_blocking=True)
+        graph.replay()
+        return logits
+
+    def _capture(self, cache: KVCache, batch: int, width: int, length: int):
+        engine = self.engine
+        dev = engine.device
+        buffers = [t.to(dev) for t in _pack([], batch, width, cache.scratch)]
+
+        def step():
+            return engine._head(engine._layers(cache, *buffers, length))
+
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm up kernels and allocator outside the capture
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = step()
+        return graph, buffers, logits

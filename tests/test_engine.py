@@ -101,3 +101,29 @@ def test_unsupported_architecture_is_refused_with_its_name():
     model = transformers.AutoModelForCausalLM.from_config(config)
     with pytest.raises(UnsupportedModel, match="gpt2"):
         LlamaEngine(model)
+
+
+def test_bucketed_padded_pass_equals_the_exact_pass():
+    """What a CUDA graph replays: batch, width and KV length padded to buckets, padding written to scratch."""
+    from specdec.engine import _bucket, _pack
+
+    model = tiny_model("llama", seed=6)
+    engine = LlamaEngine(model)
+    prompts = [list(range(3, 3 + n)) for n in (9, 17, 5)]
+    blocks = [[11], [12, 13, 14, 15, 16], [17, 18]]
+    exact_cache, padded_cache = engine.new_cache(4, 64), engine.new_cache(4, 64)
+    for cache in (exact_cache, padded_cache):
+        engine.forward(cache, [Row(i, 0, p) for i, p in enumerate(prompts)])
+    rows = [Row(i, len(p), b, all_logits=True) for i, (p, b) in enumerate(zip(prompts, blocks))]
+    exact = engine.forward(exact_cache, rows)
+
+    batch, width = _bucket(len(rows)), _bucket(max(len(b) for b in blocks))  # 4 rows, 8 tokens
+    inputs = _pack(rows, batch, width, padded_cache.scratch)
+    with torch.inference_mode():
+        logits = engine._head(engine._layers(padded_cache, *inputs, kv_len=64)).float()  # [batch, width, vocab]
+    for b, (row, expected) in enumerate(zip(rows, exact)):
+        assert (logits[b, : len(row.tokens)] - expected).abs().max() <= 1e-5
+    for layer in range(len(engine.layers)):  # real slots hold the same KV either way
+        for slot, row in enumerate(rows):
+            n = row.start + len(row.tokens)
+            assert torch.allclose(padded_cache.keys[layer][slot, :, :n], exact_cache.keys[layer][slot, :, :n], atol=1e-6)

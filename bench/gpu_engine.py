@@ -1,0 +1,151 @@
+"""GPU engine check and timings, in one call (see ../shared/GPU.md for the method).
+
+1. Parity: CUDA-graphed passes against eager passes of the same engine (bf16): max |logit diff| and argmax
+   agreement for decode (1 token) and verify (6 tokens) at batch 1 and 4.
+2. Step time (CUDA events, median of 50): default target, batch 1 and 64, 1 and 6 tokens, eager vs graphed;
+   transformers' eager forward for reference.
+3. An 8B-shaped Llama (random bf16 weights): one graphed decode step at batch 1 against weight bytes / measured
+   copy bandwidth.
+
+    python bench/gpu_engine.py --model /root/m/model.gguf --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+
+def timed(fn, runs: int = 50) -> float:
+    """Median milliseconds of fn() with CUDA events, after warm-up."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def rows_for(batch: int, width: int, base: int, slots: list[int]):
+    from specdec.engine import Row
+
+    return [Row(slots[b], base + 7 * b, list(range(100 + b, 100 + b + width)), True) for b in range(batch)]
+
+
+def part_parity_and_timing(spec: str, results: dict) -> None:
+    from specdec import models
+    from specdec.engine import LlamaEngine, Row
+
+    hf = models.load_hf_model(spec, device="cuda", dtype=torch.bfloat16)
+    eager = LlamaEngine(hf, "cuda", torch.bfloat16, cuda_graphs=False)
+    graphed = LlamaEngine(hf, "cuda", torch.bfloat16, cuda_graphs=True)
+    parity = {}
+    for batch in (1, 4):
+        caches = [e.new_cache(64, 1024) for e in (eager, graphed)]
+        for engine, cache in zip((eager, graphed), caches):
+            engine.forward(cache, [Row(b, 0, list(range(10 + b, 10 + b + 300 + 7 * b))) for b in range(batch)])
+        for width in (1, 6):
+            rows = rows_for(batch, width, 300, list(range(batch)))
+            a = torch.cat(eager.forward(caches[0], rows))
+            b = torch.cat(graphed.forward(caches[1], rows))
+            parity[f"batch{batch}_width{width}"] = {
+                "max_abs_diff": float((a - b).abs().max()),
+                "argmax_agree": float((a.argmax(-1) == b.argmax(-1)).float().mean()),
+            }
+    results["parity_graph_vs_eager_bf16"] = parity
+    print(json.dumps(parity), flush=True)
+
+    timing = {}
+    for batch in (1, 64):
+        for width in (1, 6):
+            for name, engine in (("eager", eager), ("graphed", graphed)):
+                cache = engine.new_cache(batch, 1024)
+                engine.forward(cache, [Row(b, 0, list(range(200))) for b in range(batch)])
+                rows = rows_for(batch, width, 200, list(range(batch)))
+                for r in rows:
+                    r.start = 200
+                timing[f"{name}_batch{batch}_width{width}_ms"] = round(timed(lambda: engine.forward(cache, rows)), 3)
+                del cache
+    ids = torch.arange(100, 300, device="cuda")[None]
+    with torch.inference_mode():
+        out = hf(ids, use_cache=True)
+        past = out.past_key_values
+        step = torch.tensor([[5]], device="cuda")
+        timing["transformers_eager_batch1_width1_ms"] = round(
+            timed(lambda: hf(step, past_key_values=past, use_cache=True), runs=20), 3)
+    results["step_ms_default_target"] = timing
+    print(json.dumps(timing), flush=True)
+    del eager, graphed, hf
+    torch.cuda.empty_cache()
+
+
+def part_8b(results: dict) -> None:
+    import transformers
+
+    from specdec.engine import LlamaEngine, Row
+
+    config = transformers.LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+    )
+    start = time.perf_counter()
+    with torch.device("cuda"):
+        torch.set_default_dtype(torch.bfloat16)
+        model = transformers.LlamaForCausalLM(config)
+        torch.set_default_dtype(torch.float32)
+    model.eval()
+    engine = LlamaEngine(model, "cuda", torch.bfloat16, cuda_graphs=True)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    del model
+    torch.cuda.empty_cache()
+    cache = engine.new_cache(2, 1024)
+    engine.forward(cache, [Row(0, 0, list(range(128)))])
+    rows = [Row(0, 128, [7], True)]
+    step_ms = timed(lambda: engine.forward(cache, rows))
+    big = torch.empty(weight_bytes // 2, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(big)
+    copy_ms = timed(lambda: dst.copy_(big), runs=20)
+    bandwidth = 2 * big.numel() * 2 / (copy_ms / 1000)  # bytes read + written per second
+    floor_ms = weight_bytes / bandwidth * 1000
+    results["llama_8b_shape"] = {
+        "weight_gb": round(weight_bytes / 1e9, 2), "decode_batch1_graphed_ms": round(step_ms, 3),
+        "copy_bandwidth_tb_s": round(bandwidth / 1e12, 2), "floor_ms": round(floor_ms, 3),
+        "ratio_to_floor": round(step_ms / floor_ms, 2), "setup_s": round(time.perf_counter() - start, 1),
+    }
+    print(json.dumps(results["llama_8b_shape"]), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="target SPEC (the staged GGUF file)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--skip-8b", action="store_true")
+    args = parser.parse_args()
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    parts = [lambda: part_parity_and_timing(args.model, results)]
+    if not args.skip_8b:
+        parts.append(lambda: part_8b(results))
+    for part in parts:
+        try:
+            part()
+        except Exception:
+            results.setdefault("errors", []).append(traceback.format_exc())
+            traceback.print_exc()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "gpu_engine.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
