@@ -19,10 +19,14 @@ async def start_drafter(
     max_draft_tokens: int = 5,
     max_sessions: int = 64,
     grace: float = 30.0,
+    proactive: bool | None = None,
 ) -> GrpcServer:
+    """proactive: draft ahead while blocks are verified (default: on when the drafter has a CUDA device)."""
     batcher = DraftBatcher(compute.call(make_drafter, model, device, max_sessions))
     batcher.start()
-    servicer = DrafterServicer(batcher, max_draft_tokens)
+    if proactive is None:
+        proactive = device.startswith("cuda")
+    servicer = DrafterServicer(batcher, max_draft_tokens, proactive)
     server = GrpcServer("drafter", host, port, grace)
 
     def on_drain():

@@ -75,10 +75,27 @@ def next_draft_length(current: int, drafted: int, accepted: int, k_max: int) -> 
     return max(1, accepted + 1)
 
 
+async def _usable_ahead(ahead: asyncio.Future, block, verdict, k: int) -> Draft | None:
+    """The proactive draft, if the verdict accepted the whole block and its bonus is the drafter's guess."""
+    committed = list(verdict.update.token_ids)
+    all_accepted = verdict.accepted == len(block.token_ids) and not verdict.update.finish_reason
+    if not all_accepted or not committed:
+        ahead.cancel()  # a draft already running finishes on the torch thread; its result is dropped
+        return None
+    guess = await ahead
+    if not guess.tokens or guess.tokens[0] != committed[-1]:
+        return None
+    return Draft(guess.tokens[1 : 1 + k], guess.distributions[1 : 1 + k])
+
+
 class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
-    def __init__(self, batcher: DraftBatcher, default_draft_tokens: int = 5):
+    def __init__(self, batcher: DraftBatcher, default_draft_tokens: int = 5, proactive: bool = False):
+        """proactive: while a block is being verified, draft the next one as if the block and the drafter's own
+        guess of the bonus token were accepted; use it if the verdict agrees, else throw it away. Pays when the
+        drafter has its own device; on a shared CPU it only competes with verification."""
         self.batcher = batcher
         self.default_draft_tokens = default_draft_tokens
+        self.proactive = proactive
         self._links: dict[str, VerifierLink] = {}
         self.draining = False
         self.sessions_in_flight = 0
@@ -112,10 +129,12 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
             context_tokens = list(spec.prompt_ids) + list(verdict.update.token_ids)
             wire_bytes = spec.ByteSize() + verdict.ByteSize()
             yield drafter_pb2.DraftResponse(update=verdict.update, wire_bytes=wire_bytes)
+            draft: Draft | None = None
             while not verdict.update.finish_reason:
-                draft = await self.batcher.propose(
-                    DraftRequest(spec.session_id, context_tokens, k, sampling, generator)
-                )
+                if draft is None:
+                    draft = await self.batcher.propose(
+                        DraftRequest(spec.session_id, context_tokens, k, sampling, generator)
+                    )
                 block = verifier_pb2.DraftBlock(
                     session_id=spec.session_id,
                     committed_length=verdict.update.committed_length,
@@ -124,11 +143,23 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                 if any(ids for ids, _ in draft.distributions):
                     for ids, probs in draft.distributions:
                         block.distributions.add(token_ids=ids, probs=probs)
-                verdict = await link.send_block(block)
+                sending = asyncio.ensure_future(link.send_block(block))
+                ahead = None
+                if self.proactive and draft.tokens:
+                    k_ahead = next_draft_length(k, len(draft.tokens), len(draft.tokens), k_max)
+                    ahead = asyncio.ensure_future(self.batcher.propose(DraftRequest(
+                        spec.session_id, context_tokens + draft.tokens, k_ahead + 1, sampling, generator)))
+                try:
+                    verdict = await sending
+                except BaseException:
+                    if ahead:
+                        ahead.cancel()
+                    raise
                 k = next_draft_length(k, len(draft.tokens), verdict.accepted, k_max)
                 wire_bytes += block.ByteSize() + verdict.ByteSize()
                 context_tokens.extend(verdict.update.token_ids)
                 yield drafter_pb2.DraftResponse(update=verdict.update, wire_bytes=wire_bytes)
+                draft = await _usable_ahead(ahead, block, verdict, k) if ahead else None
             opened = False  # the verifier closes finished sessions itself
         except SpecdecError as exc:
             await context.abort(exc.code, str(exc))

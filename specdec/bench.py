@@ -281,7 +281,10 @@ def run(args) -> int:
         "baselines_tokens_per_s": baselines,
     }
     (out / "results.json").write_text(json.dumps(report, indent=2))
-    plot(rows, baselines, out / "plot.png")
+    try:
+        plot(rows, baselines, out / "plot.png")
+    except ImportError:
+        print("matplotlib is not installed: no plot (the JSON has every figure)")
     print(f"wrote {out / 'results.json'} and {out / 'plot.png'}")
     return 0
 

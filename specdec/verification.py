@@ -63,3 +63,19 @@ def verify(
     else:
         next_probs = target_next
     return Verdict(num_accepted=num_accepted, next_tokens=sample(next_probs, sample_uniforms))
+
+
+def verify_greedy(
+    target_argmax: torch.Tensor,  # [batch, k + 1] long: the target's argmax at each position
+    draft_tokens: torch.Tensor,  # [batch, k] long, padded past draft_lens[b]
+    draft_lens: torch.Tensor,  # [batch] long, 0..k
+) -> Verdict:
+    """`verify` for greedy rows with point-mass drafts, without dense distributions: a draft token is accepted
+    iff it equals the target's argmax, and the next token is the argmax after the accepted prefix. Identical
+    verdicts (tested), at the cost of k + 1 integers per row instead of (2k + 1) * vocab probabilities."""
+    batch, k = draft_tokens.shape
+    positions = torch.arange(k, device=draft_tokens.device)
+    accepted = (draft_tokens == target_argmax[:, :k]) & (positions < draft_lens[:, None])
+    num_accepted = torch.where(accepted, 0, 1).cumsum(-1).eq(0).sum(-1) if k else torch.zeros_like(draft_lens)
+    rows = torch.arange(batch, device=draft_tokens.device)
+    return Verdict(num_accepted=num_accepted, next_tokens=target_argmax[rows, num_accepted])

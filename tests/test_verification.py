@@ -151,3 +151,24 @@ def test_inverse_cdf_sampling_never_picks_a_zero_probability_token():
     probs = torch.tensor([0.0, 0.5, 0.0, 0.5], dtype=torch.float64)
     u = torch.tensor([0.0, 0.25, 0.4999, 0.5, 0.9999999], dtype=torch.float64)
     assert sample(probs.expand(5, -1), u).tolist() == [1, 1, 1, 3, 3]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_greedy_fast_path_equals_verify_with_point_masses(seed):
+    from specdec.verification import verify_greedy
+
+    gen = torch.Generator().manual_seed(seed)
+    batch, k, vocab = 32, 5, 9
+    logits = torch.randn(batch, k + 1, vocab, generator=gen, dtype=torch.float64)
+    argmax = logits.argmax(-1)
+    # drafts right with probability ~1/2 per position, so every accepted-prefix length occurs
+    guess = torch.where(torch.rand(batch, k, generator=gen) < 0.5, argmax[:, :k], torch.randint(0, vocab, (batch, k), generator=gen))
+    lens = torch.randint(0, k + 1, (batch,), generator=gen)
+    target = probs_from_logits(logits, SamplingConfig())
+    draft = torch.zeros(batch, k, vocab, dtype=torch.float64).scatter_(-1, guess[..., None], 1.0)
+    slow = verify(target, guess, draft, lens, torch.rand(batch, k, generator=gen, dtype=torch.float64),
+                  torch.rand(batch, generator=gen, dtype=torch.float64))
+    fast = verify_greedy(argmax, guess, lens)
+    assert torch.equal(slow.num_accepted, fast.num_accepted)
+    assert torch.equal(slow.next_tokens, fast.next_tokens)
+    assert set(fast.num_accepted.tolist()) >= {0, 1}
