@@ -20,9 +20,10 @@ async def start_drafter(
     max_sessions: int = 64,
     grace: float = 30.0,
     proactive: bool | None = None,
+    target: str | None = None,
 ) -> GrpcServer:
     """proactive: draft ahead while blocks are verified (default: on when the drafter has a CUDA device)."""
-    batcher = DraftBatcher(compute.call(make_drafter, model, device, max_sessions))
+    batcher = DraftBatcher(compute.call(make_drafter, model, device, max_sessions, 2048, target))
     batcher.start()
     if proactive is None:
         proactive = device.startswith("cuda")

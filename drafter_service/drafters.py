@@ -3,10 +3,11 @@
 Two kinds, chosen once by `make_drafter`:
 - `ngram` (prompt lookup): finds the latest earlier occurrence of the context's last n tokens (n = 3..1) and
   proposes what followed it. Deterministic, so each draft distribution is a point mass.
-- `model`: a small causal LM with the target's tokenizer, run through the Llama engine with one KV slot per
-  session. Greedy requests draft the argmax (point mass); sampled requests draw from the drafter's tempered
-  distribution truncated to its top `TOP_N` tokens, and declare exactly that distribution, which is all
-  speculative sampling needs to stay lossless.
+- `model`: a small causal LM with the target's tokenizer, or a drafter artifact trained by
+  `specdec train-drafter` (which borrows the target's embeddings and may score a reduced draft vocabulary), run
+  through the Llama engine with one KV slot per session. Greedy requests draft the argmax (point mass); sampled
+  requests draw from the drafter's tempered distribution truncated to its top `TOP_N` tokens, and declare exactly
+  that distribution (in full-vocabulary ids), which is all speculative sampling needs to stay lossless.
 
 `propose` takes every session with pending work at once (batched drafting). A drafter's per-session state is
 rolled back to what the context says is committed; nothing else is trusted. This module knows nothing about gRPC.
@@ -71,8 +72,15 @@ class NgramDrafter:
 class ModelDrafter:
     kind = "model"
 
-    def __init__(self, engine: LlamaEngine, max_sessions: int = 64, max_sequence_length: int = 2048):
+    def __init__(
+        self,
+        engine: LlamaEngine,
+        max_sessions: int = 64,
+        max_sequence_length: int = 2048,
+        draft_vocab: list[int] | None = None,  # full-vocabulary id of each drafter logit (reduced draft head)
+    ):
         self.engine = engine
+        self.draft_vocab = draft_vocab
         self.cache = engine.new_cache(max_sessions, min(max_sequence_length, engine.shape.max_position_embeddings))
         self._slots: dict[str, int] = {}
         self._cached: dict[str, list[int]] = {}  # tokens whose KV is in the session's slot
@@ -106,7 +114,7 @@ class ModelDrafter:
             logits = self.engine.forward(self.cache, rows)
             next_rows = []
             for r, row, row_logits in zip(live, rows, logits):
-                token, dist = _pick(row_logits[-1], r)
+                token, dist = _pick(row_logits[-1], r, self.draft_vocab)
                 draft = drafts[r.session_id]
                 draft.tokens.append(token)
                 draft.distributions.append(dist)
@@ -128,25 +136,45 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _pick(logits: torch.Tensor, request: DraftRequest) -> tuple[int, tuple[list[int], list[float]]]:
-    """One draft token from logits [vocab], with the distribution it was drawn from."""
+def _pick(
+    logits: torch.Tensor, request: DraftRequest, draft_vocab: list[int] | None
+) -> tuple[int, tuple[list[int], list[float]]]:
+    """One draft token from logits [draft vocab], with the distribution it was drawn from (full-vocabulary ids)."""
     if request.sampling.greedy:
-        return int(logits.argmax()), ([], [])
+        index = int(logits.argmax())
+        return (draft_vocab[index] if draft_vocab else index), ([], [])
     top = (logits.double() / request.sampling.temperature).topk(TOP_N)
     # float32 on the wire: sample from exactly the rounded, renormalized values the verifier will see
     probs = top.values.softmax(-1).float()
     probs = probs / probs.sum()
     index = int(torch.multinomial(probs.double(), 1, generator=request.generator))
-    return int(top.indices[index]), (top.indices.tolist(), probs.tolist())
+    ids = top.indices.tolist()
+    if draft_vocab:
+        ids = [draft_vocab[i] for i in ids]
+    return ids[index], (ids, probs.tolist())
 
 
-def make_drafter(spec: str, device: str = "cpu", max_sessions: int = 64, max_sequence_length: int = 2048):
-    """`ngram`, or a model SPEC (see specdec.models) for the `model` kind."""
+def make_drafter(
+    spec: str,
+    device: str = "cpu",
+    max_sessions: int = 64,
+    max_sequence_length: int = 2048,
+    target: str | None = None,
+):
+    """`ngram`, a drafter artifact (`target` names the model whose embeddings it borrows), or a model SPEC."""
     if spec == "ngram":
         return NgramDrafter()
     from specdec import models
+    from specdec.drafter_model import is_drafter_artifact, load_drafter
     from verifier_service.app import default_dtype
 
-    hf_model = models.load_hf_model(spec)
+    draft_vocab = None
+    spec, alias_target = models.resolve_drafter(spec)
+    if is_drafter_artifact(spec):
+        hf_model = load_drafter(spec, target or alias_target or models.DEFAULT_TARGET)
+        if getattr(hf_model, "draft_vocab", None) is not None:
+            draft_vocab = hf_model.draft_vocab.tolist()
+    else:
+        hf_model = models.load_hf_model(spec)
     engine = LlamaEngine(hf_model, device=device, dtype=default_dtype(device))
-    return ModelDrafter(engine, max_sessions, max_sequence_length)
+    return ModelDrafter(engine, max_sessions, max_sequence_length, draft_vocab)

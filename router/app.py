@@ -1,13 +1,28 @@
-"""Builds a router pod: the target's tokenizer, the pools of drafters and verifiers, and the gRPC server."""
+"""Builds a router pod: the target's tokenizer, the pools of drafters and verifiers, the verifier choice
+(policy, weights, locality store) and the gRPC server."""
 
 from __future__ import annotations
 
+import asyncio
+
 from router.pool import Pool
+from router.scoring import Chooser, Locator, Weights
 from router.service import RouterServicer
 from specdec import models
 from specdec.proto import generation_pb2, generation_pb2_grpc
 from specdec.server import GrpcServer
 from specdec.validation import DEFAULT_MAX_NEW_TOKENS_LIMIT
+
+
+def open_store_factory(redis_url: str | None, store=None, ttl: float = 30.0, timeout: float = 0.05):
+    """namespace -> store: Redis when a URL is given, else the given in-process store, else None."""
+    if redis_url:
+        from specdec.locality import RedisStore
+
+        return lambda namespace: RedisStore(redis_url, namespace, ttl=ttl, timeout=timeout)
+    if store is not None:
+        return lambda namespace: store
+    return None
 
 
 async def start_router(
@@ -19,12 +34,26 @@ async def start_router(
     max_draft_tokens: int = 5,
     max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT,
     grace: float = 30.0,
+    redis_url: str | None = None,
+    store=None,
+    routing: str = "locality",
+    weights: Weights = Weights(),
+    locality_ttl: float = 30.0,
+    redis_timeout: float = 0.05,
 ) -> GrpcServer:
     if not verifiers:
         raise ValueError("the router needs at least one --verifier address")
     tokenizer = models.load_tokenizer(model)
-    servicer = RouterServicer(tokenizer, Pool(verifiers), Pool(drafters), max_draft_tokens, max_new_tokens_limit)
+    verifier_pool = Pool(verifiers)
+    locator = Locator(open_store_factory(redis_url, store, locality_ttl, redis_timeout), reap_interval=locality_ttl / 3)
+    servicer = RouterServicer(tokenizer, verifier_pool, Pool(drafters), max_draft_tokens, max_new_tokens_limit,
+                              locator, Chooser(routing, weights))
     server = GrpcServer("router", host, port, grace)
+    watcher = asyncio.get_running_loop().create_task(verifier_pool.watch(), name="verifier-health")
+
+    async def on_stop():
+        watcher.cancel()
+        await locator.aclose()
 
     def on_drain():
         servicer.draining = True
@@ -35,5 +64,6 @@ async def start_router(
         generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
         on_drain,
         in_flight=lambda: servicer.in_flight,
+        on_stop=on_stop,
     )
     return server

@@ -16,6 +16,7 @@ import uuid
 import grpc
 
 from router.pool import Pod, Pool
+from router.scoring import Chooser, Locator
 from router.text import TextStreamer
 from specdec.errors import InvalidInput, SpecdecError, Unavailable
 from specdec.proto import (
@@ -45,8 +46,12 @@ class RouterServicer(generation_pb2_grpc.GenerationServicer):
         drafters: Pool,
         default_draft_tokens: int = 5,
         max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT,
+        locator: Locator | None = None,
+        chooser: Chooser | None = None,
     ):
         self.tokenizer = tokenizer
+        self.locator = locator or Locator()
+        self.chooser = chooser or Chooser()
         self.verifiers = verifiers
         self.drafters = drafters
         self.default_draft_tokens = default_draft_tokens
@@ -80,6 +85,7 @@ class RouterServicer(generation_pb2_grpc.GenerationServicer):
                 try:
                     stub = verifier_pb2_grpc.VerifierServiceStub(pod.channel)
                     self._info = await stub.GetModelInfo(verifier_pb2.GetModelInfoRequest(), timeout=10)
+                    self.locator.bind(self._info.model)  # hash prompts under the verifiers' model identity
                     break
                 except grpc.aio.AioRpcError as exc:
                     log.warning("verifier %s did not answer GetModelInfo: %s", pod.address, exc.code().name)
@@ -105,9 +111,11 @@ class RouterServicer(generation_pb2_grpc.GenerationServicer):
         streamer = TextStreamer(self.tokenizer, list(sampling.stop))
         usage = generation_pb2.Usage(prompt_tokens=len(prompt))
         timeout = context.time_remaining()
+        route: dict[str, str] = {}
         self.in_flight += 1
         try:
-            async with contextlib.aclosing(self._session(prompt, sampling, k, usage, timeout)) as updates:
+            session = self._session(prompt, sampling, k, usage, timeout, request.session_id, route)
+            async with contextlib.aclosing(session) as updates:
                 async for update in updates:
                     chunk = streamer.push(list(update.token_ids))
                     finish = generation_pb2.FINISH_REASON_STOP if chunk.stopped else update.finish_reason
@@ -117,6 +125,8 @@ class RouterServicer(generation_pb2_grpc.GenerationServicer):
                         chunk.text += tail.text
                     if finish:
                         usage.completion_tokens = streamer.emitted_tokens
+                        # Where the session ran and how it was routed: for operators and the locality tests.
+                        context.set_trailing_metadata(tuple((f"x-specdec-{k}", v) for k, v in route.items()))
                         yield generation_pb2.GenerateResponse(
                             token_ids=chunk.token_ids, text=chunk.text, finish_reason=finish, usage=usage
                         )
@@ -128,15 +138,29 @@ class RouterServicer(generation_pb2_grpc.GenerationServicer):
         finally:
             self.in_flight -= 1
 
-    async def _session(self, prompt: list[int], sampling, k: int, usage: generation_pb2.Usage, timeout):
+    async def _pick_verifier(self, ids: list[int], session_id: str, exclude: set[str], route: dict) -> Pod | None:
+        candidates = self.verifiers.candidates(exclude)
+        cached: dict[str, int] = {}
+        if self.chooser.policy == "locality" and len(candidates) > 1:
+            cached = await self.locator.lookup(self.locator.hashes(ids))
+        pod = self.chooser.choose(candidates, cached, session_id)
+        if pod is not None:
+            route.update(verifier=pod.address, routing=self.chooser.policy if self.chooser.policy != "locality"
+                         else self.locator.mode, **{"cached-blocks": str(cached.get(pod.address, 0))})
+        return pod
+
+    async def _session(self, prompt: list[int], sampling, k: int, usage: generation_pb2.Usage, timeout,
+                       session_id: str = "", route: dict | None = None):
         """Committed updates until the session finishes, across pod failures."""
+        route = {} if route is None else route
         committed: list[int] = []
         failed_drafters: set[str] = set()
         failed_verifiers: set[str] = set()
         done = session_pb2.SessionStats()  # stats of attempts that ended early
         wire_done = 0
         for _ in range(_MAX_ATTEMPTS):
-            verifier = self.verifiers.pick(failed_verifiers)
+            verifier = await self._pick_verifier(prompt + committed, session_id, failed_verifiers, route)
+            route["attempts"] = str(int(route.get("attempts", "0")) + 1)
             if verifier is None:
                 raise Unavailable("no verifier reachable; retry later")
             drafter = self.drafters.pick(failed_drafters) if k > 0 else None
@@ -163,6 +187,8 @@ class RouterServicer(generation_pb2_grpc.GenerationServicer):
                     wire_last = getattr(response, "wire_bytes", 0)
                     _add_stats(usage, done, last)
                     usage.draft_wire_bytes = wire_done + wire_last
+                    if update.finish_reason:  # before the yield: the consumer closes this generator after it
+                        self._finished_on(verifier, session_id, prompt + committed)
                     yield update
                     if update.finish_reason:
                         return
@@ -184,6 +210,11 @@ class RouterServicer(generation_pb2_grpc.GenerationServicer):
                 for pod in pods:
                     pod.in_flight -= 1
         raise Unavailable(f"the session failed on {_MAX_ATTEMPTS} pods in a row; retry later")
+
+    def _finished_on(self, verifier: Pod, session_id: str, tokens: list[int]) -> None:
+        """The verifier now holds this conversation's blocks (the last token's KV is never computed)."""
+        self.chooser.remember(session_id, verifier.address)
+        self.locator.learned(verifier.address, self.locator.hashes(tokens, len(tokens) - 1))
 
     def _call(self, spec, verifier: Pod, drafter: Pod | None, k: int, timeout):
         if drafter is not None:

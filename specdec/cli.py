@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-from specdec.models import DEFAULT_TARGET
+from specdec.models import DEFAULT_DRAFTER, DEFAULT_TARGET
 
 DEFAULT_PORT = 50051
 
@@ -38,6 +38,14 @@ def flag(parser: argparse.ArgumentParser, name: str, *, default=None, type=str, 
         parser.add_argument(name, default=default, type=type, help=f"{help}{shown} [env {env}]", **kwargs)
 
 
+def _yes_no(value: str) -> bool:
+    if value.lower() in ("1", "yes", "true", "on"):
+        return True
+    if value.lower() in ("0", "no", "false", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected yes or no, got {value!r}")
+
+
 def _logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -56,6 +64,16 @@ def _verifier_flags(p: argparse.ArgumentParser) -> None:
     flag(p, "--max-sessions", default=8, type=int, help="KV slots: sessions the verifier holds at once")
     flag(p, "--max-sequence-length", default=2048, type=int, help="context per session (prompt + generated)")
     flag(p, "--max-block", default=16, type=int, help="longest draft block the verifier accepts")
+    flag(p, "--prefix-cache-blocks", default=256, type=int,
+         help="prefix cache size in 16-token KV blocks (0 = off); the memory budget of reused prompts")
+
+
+def _locality_flags(p: argparse.ArgumentParser) -> None:
+    flag(p, "--redis-url", default=None, help="locality store, e.g. redis://redis:6379/0 (unset: no shared hints)")
+    flag(p, "--locality-ttl", default=30.0, type=float,
+         help="seconds a locality entry lives unless refreshed (heartbeat every ttl/3)")
+    flag(p, "--redis-timeout", default=0.05, type=float,
+         help="seconds a Redis call may take before the circuit breaker counts a failure")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _serving_flags(serve, DEFAULT_PORT, host="127.0.0.1")
     flag(serve, "--model", default=DEFAULT_TARGET, help="target model SPEC (HF dir, .gguf file or alias)")
-    flag(serve, "--drafter-model", default="ngram", help="drafter SPEC: `ngram` or a small model with the target's tokenizer")
+    flag(serve, "--drafter-model", default=DEFAULT_DRAFTER,
+         help="drafter SPEC: a trained drafter, `ngram`, or a small model with the target's tokenizer")
     flag(serve, "--device", default="cpu", help="torch device for both models, e.g. cpu or cuda:0")
     flag(serve, "--max-draft-tokens", default=5, type=int, help="default draft block length k")
     _verifier_flags(serve)
@@ -90,14 +109,26 @@ def build_parser() -> argparse.ArgumentParser:
     flag(r, "--model", default=DEFAULT_TARGET, help="target SPEC whose tokenizer and chat template to use")
     flag(r, "--max-draft-tokens", default=5, type=int, help="default draft block length k")
     flag(r, "--max-new-tokens-limit", default=4096, type=int, help="largest max_new_tokens a request may ask")
+    _locality_flags(r)
+    flag(r, "--routing", default="locality", choices=("locality", "round-robin", "random"),
+         help="verifier choice: cached prefix against load, or a baseline to compare with")
+    flag(r, "--route-cache-weight", default=1.0, type=float, help="score per cached 16-token prefix block")
+    flag(r, "--route-load-weight", default=4.0, type=float, help="score penalty per session in flight on a verifier")
+    flag(r, "--route-load-slack", default=2, type=int,
+         help="sessions above the least-loaded verifier before a verifier is skipped as overloaded")
     r.set_defaults(func=cmd_serve_router)
 
     d = roles.add_parser("drafter", help="a drafter pod")
     _serving_flags(d, 50052)
-    flag(d, "--model", default="ngram", help="drafter SPEC: `ngram` or a small model with the target's tokenizer")
+    flag(d, "--model", default=DEFAULT_DRAFTER,
+         help="drafter SPEC: a trained drafter (the default one ships for the default target), `ngram`, or a small "
+         "Hugging Face model with the target's tokenizer")
+    flag(d, "--target", default=DEFAULT_TARGET, help="the target SPEC whose embeddings a trained drafter borrows")
     flag(d, "--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     flag(d, "--max-draft-tokens", default=5, type=int, help="draft block length when the request leaves it unset")
     flag(d, "--max-sessions", default=64, type=int, help="sessions drafted at once (model drafter KV slots)")
+    flag(d, "--proactive", default=None, type=_yes_no,
+         help="draft the next block while one is verified: yes|no (default: yes on a CUDA device)")
     d.set_defaults(func=cmd_serve_drafter)
 
     v = roles.add_parser("verifier", help="a verifier pod")
@@ -105,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     flag(v, "--model", default=DEFAULT_TARGET, help="target model SPEC")
     flag(v, "--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     _verifier_flags(v)
+    _locality_flags(v)
+    flag(v, "--advertise", default=None,
+         help="this verifier's address as routers know it (default: host:port, the hostname for 0.0.0.0)")
     v.set_defaults(func=cmd_serve_verifier)
 
     g = sub.add_parser("generate", help="stream a generation from a running router",
@@ -144,16 +178,25 @@ def cmd_serve_all(args) -> int:
     from specdec.server import run_servers
     from verifier_service.app import start_verifier
 
+    from specdec.locality import InProcessStore
+
     async def main():
+        store = InProcessStore()  # all-in-one: the locality store is a dict shared by verifier and router
         verifier = await start_verifier(
             "127.0.0.1", 0, args.model, args.device, args.max_sessions, args.max_sequence_length, args.max_block,
-            args.grace,
+            args.grace, args.prefix_cache_blocks, store=store,
         )
-        drafter = await start_drafter("127.0.0.1", 0, args.drafter_model, args.device, args.max_draft_tokens,
-                                      grace=args.grace)
+        drafter_model = args.drafter_model
+        if drafter_model == DEFAULT_DRAFTER and args.model != DEFAULT_TARGET:
+            logging.getLogger("specdec").warning(
+                "the shipped drafter belongs to %s; drafting for %s with ngram (train one: specdec train-drafter)",
+                DEFAULT_TARGET, args.model)
+            drafter_model = "ngram"
+        drafter = await start_drafter("127.0.0.1", 0, drafter_model, args.device, args.max_draft_tokens,
+                                      grace=args.grace, target=args.model)
         router = await start_router(
             args.host, args.port, [verifier.address], [drafter.address], args.model, args.max_draft_tokens,
-            grace=args.grace,
+            grace=args.grace, store=store,
         )
         # Start the back tiers first so the router's first request finds them.
         await verifier.start()
@@ -186,9 +229,13 @@ def cmd_serve_router(args) -> int:
     if not args.verifier:
         print("specdec serve router: give at least one --verifier ADDR (or SPECDEC_VERIFIER)", file=sys.stderr)
         return 2
+    from router.scoring import Weights
+
+    weights = Weights(args.route_cache_weight, args.route_load_weight, args.route_load_slack)
     return _run_one(lambda: start_router(
         args.host, args.port, args.verifier, args.drafter or [], args.model, args.max_draft_tokens,
-        args.max_new_tokens_limit, args.grace,
+        args.max_new_tokens_limit, args.grace, redis_url=args.redis_url, routing=args.routing, weights=weights,
+        locality_ttl=args.locality_ttl, redis_timeout=args.redis_timeout,
     ))
 
 
@@ -196,7 +243,8 @@ def cmd_serve_drafter(args) -> int:
     from drafter_service.app import start_drafter
 
     return _run_one(lambda: start_drafter(
-        args.host, args.port, args.model, args.device, args.max_draft_tokens, args.max_sessions, args.grace
+        args.host, args.port, args.model, args.device, args.max_draft_tokens, args.max_sessions, args.grace,
+        args.proactive, args.target,
     ))
 
 
@@ -205,7 +253,8 @@ def cmd_serve_verifier(args) -> int:
 
     return _run_one(lambda: start_verifier(
         args.host, args.port, args.model, args.device, args.max_sessions, args.max_sequence_length, args.max_block,
-        args.grace,
+        args.grace, args.prefix_cache_blocks, redis_url=args.redis_url, advertise=args.advertise,
+        locality_ttl=args.locality_ttl, redis_timeout=args.redis_timeout,
     ))
 
 

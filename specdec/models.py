@@ -27,6 +27,15 @@ _ALIASES = {
 }
 
 
+# The drafter trained for the default target ships in the repository (see its MODEL_CARD.md).
+DEFAULT_DRAFTER = "smollm2-135m-instruct-drafter"
+_DRAFTER_ALIASES = {
+    # alias -> (artifact directory relative to the source tree, the target it belongs to)
+    DEFAULT_DRAFTER: ("drafters/smollm2-135m-instruct", DEFAULT_TARGET),
+}
+_SOURCE_ROOT = Path(__file__).resolve().parents[1]
+
+
 class ModelNotFound(ValueError):
     """A SPEC that names nothing loadable here."""
 
@@ -65,6 +74,17 @@ def resolve(spec: str) -> ModelSource:
     raise ModelNotFound(
         f"model {spec!r} not found: give a local Hugging Face model directory, a .gguf file, or one of: {known}"
     )
+
+
+def resolve_drafter(spec: str) -> tuple[str, str | None]:
+    """A drafter alias -> (artifact path, its target); any other SPEC is returned as is, with no target."""
+    if spec in _DRAFTER_ALIASES:
+        relative, target = _DRAFTER_ALIASES[spec]
+        path = _SOURCE_ROOT / relative
+        if not (path / "config.json").is_file():
+            raise ModelNotFound(f"drafter {spec!r} should be at {path}, which is missing: reinstall from the repository")
+        return str(path), target
+    return spec, None
 
 
 def cache_dir() -> Path:

@@ -30,8 +30,10 @@ def cluster():
     drafter = ServerProcess("drafter", "--model", "ngram")
     router = ServerProcess("router", "--verifier", verifier.address, "--drafter", drafter.address,
                            "--max-new-tokens-limit", "1024")
-    yield {"verifier": verifier, "drafter": drafter, "router": router}
-    for p in (router, drafter, verifier):
+    trained = ServerProcess("drafter")  # the shipped drafter, the default
+    trained_router = ServerProcess("router", "--verifier", verifier.address, "--drafter", trained.address)
+    yield {"verifier": verifier, "drafter": drafter, "router": router, "trained_router": trained_router}
+    for p in (trained_router, trained, router, drafter, verifier):
         p.stop()
 
 
@@ -41,23 +43,27 @@ def collect(client: Client, **kwargs):
 
 
 def test_speculation_on_equals_off_equals_transformers(cluster, chat_prompts, hf_target, tokenizer):
+    """Token for token: n-gram drafter, the shipped trained drafter, speculation off, transformers' generate."""
     from router.service import chat_ids
 
     prompts = chat_prompts[::6][:8]
     assert len(prompts) == 8
     eos = hf_target.generation_config.eos_token_id
     total_steps = total_tokens = 0
-    with Client(cluster["router"].address) as client:
+    trained_steps = 0
+    with Client(cluster["router"].address) as client, Client(cluster["trained_router"].address) as trained:
         for prompt in prompts:
             messages = prompt["messages"]
             on, text_on, last_on = collect(client, chat=messages, max_new_tokens=MAX_NEW, max_draft_tokens=5)
+            drafted, _, last_trained = collect(trained, chat=messages, max_new_tokens=MAX_NEW, max_draft_tokens=5)
+            trained_steps += last_trained.usage.verify_steps
             off, text_off, last_off = collect(client, chat=messages, max_new_tokens=MAX_NEW, max_draft_tokens=0)
             ids = chat_ids(tokenizer, messages)
             reference = hf_target.generate(torch.tensor([ids]), max_new_tokens=MAX_NEW, do_sample=False)[0, len(ids):]
             reference = [t for t in reference.tolist()]
             if eos in reference:
                 reference = reference[: reference.index(eos)]
-            assert on == off == reference, prompt["id"]
+            assert on == off == drafted == reference, prompt["id"]
             assert text_on == text_off == tokenizer.decode(reference)
             # speculation off: one target pass per token after the first (plus one that produced EOS)
             ended_by_eos = last_off.finish_reason == generation_pb2.FINISH_REASON_EOS
@@ -68,6 +74,7 @@ def test_speculation_on_equals_off_equals_transformers(cluster, chat_prompts, hf
             total_steps += last_on.usage.verify_steps
             total_tokens += len(on)
     assert total_steps < total_tokens  # the n-gram drafter got some tokens accepted
+    assert trained_steps < total_steps  # the trained drafter needs fewer target passes than n-gram
 
 
 def test_sampling_with_a_seed_is_reproducible_through_the_stack(cluster):
@@ -213,7 +220,8 @@ def test_a_missing_drafter_never_fails_a_request(cluster):
 
 
 def test_sigterm_drains_sessions_in_flight_then_exits():
-    verifier = ServerProcess("verifier", "--max-sequence-length", "256")
+    # a grace far longer than the 40 tokens need, so a loaded machine cannot turn the drain into a timeout
+    verifier = ServerProcess("verifier", "--max-sequence-length", "256", "--grace", "120")
     router = ServerProcess("router", "--verifier", verifier.address)
     try:
         received = []
@@ -285,6 +293,21 @@ def test_model_drafter_is_lossless_greedy_and_seeded_sampling(cluster, small_dra
             second, _, _ = collect(client, **kwargs)
             assert first == second
             assert last.usage.draft_tokens > 0
+    finally:
+        router.stop()
+        drafter.stop()
+
+
+def test_proactive_drafting_is_lossless(cluster):
+    drafter = ServerProcess("drafter", "--model", "ngram", "--proactive", "yes")
+    router = ServerProcess("router", "--verifier", cluster["verifier"].address, "--drafter", drafter.address)
+    try:
+        prompt = "List the numbers: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2, 3,"
+        with Client(router.address) as client:
+            on, _, last = collect(client, prompt=prompt, max_new_tokens=24, max_draft_tokens=4)
+            off, _, _ = collect(client, prompt=prompt, max_new_tokens=24, max_draft_tokens=0)
+        assert on == off
+        assert last.usage.accepted_draft_tokens > 0
     finally:
         router.stop()
         drafter.stop()

@@ -1,15 +1,20 @@
-"""Builds a verifier pod: the target model, its engine and scheduler, and the gRPC server around them."""
+"""Builds a verifier pod: the target model, its engine, prefix cache and scheduler, the locality publisher
+(Redis, an in-process store, or none), and the gRPC server around them."""
 
 from __future__ import annotations
 
 import logging
+import socket
 
 import torch
 
 from specdec import compute, models
 from specdec.engine import LlamaEngine
+from specdec.locality import Publisher
+from specdec.prefix_hash import model_namespace, model_seed
 from specdec.proto import verifier_pb2, verifier_pb2_grpc
 from specdec.server import GrpcServer
+from verifier_service.prefix_cache import PrefixCache
 from verifier_service.scheduler import Scheduler
 from verifier_service.service import VerifierServicer
 
@@ -29,10 +34,16 @@ def eos_ids_of(hf_model) -> frozenset[int]:
     return frozenset(ids)
 
 
-def build_scheduler(model: str, device: str, max_sessions: int, max_sequence_length: int, max_draft_tokens: int):
+def build_scheduler(model: str, device: str, max_sessions: int, max_sequence_length: int, max_draft_tokens: int,
+                    prefix_cache_blocks: int = 0, on_change=None):
     hf_model = models.load_hf_model(model)
     engine = LlamaEngine(hf_model, device=device, dtype=default_dtype(device))
-    scheduler = Scheduler(engine, eos_ids_of(hf_model), max_sessions, max_sequence_length, max_draft_tokens)
+    prefix_cache = None
+    if prefix_cache_blocks > 0:
+        prefix_cache = PrefixCache(engine.shape, prefix_cache_blocks, engine.device, engine.dtype, model_seed(model),
+                                   on_change)
+    scheduler = Scheduler(engine, eos_ids_of(hf_model), max_sessions, max_sequence_length, max_draft_tokens,
+                          prefix_cache)
     del hf_model  # the engine holds its own copies of the weights
     return scheduler
 
@@ -46,10 +57,36 @@ async def start_verifier(
     max_sequence_length: int = 2048,
     max_draft_tokens: int = 16,
     grace: float = 30.0,
+    prefix_cache_blocks: int = 256,
+    redis_url: str | None = None,
+    advertise: str | None = None,
+    store=None,
+    locality_ttl: float = 30.0,
+    redis_timeout: float = 0.05,
 ) -> GrpcServer:
-    scheduler = compute.call(build_scheduler, model, device, max_sessions, max_sequence_length, max_draft_tokens)
-    scheduler.start()
+    """`store`: an in-process locality store (all-in-one); `redis_url` makes a Redis one; neither: no hints."""
     server = GrpcServer("verifier", host, port, grace)
+    if redis_url:
+        from specdec.locality import RedisStore
+
+        # Off the token path, so a longer timeout than the router's lookups is fine.
+        store = RedisStore(redis_url, model_namespace(model), ttl=locality_ttl, timeout=max(redis_timeout, 0.2))
+    publisher = None
+    if store is not None and prefix_cache_blocks > 0:
+        pod = advertise or (server.address if not server.address.startswith("0.0.0.0:")
+                            else f"{socket.gethostname()}:{server.port}")
+        publisher = Publisher(store, pod, ttl=locality_ttl)
+    scheduler = compute.call(build_scheduler, model, device, max_sessions, max_sequence_length, max_draft_tokens,
+                             prefix_cache_blocks, publisher.changed if publisher else None)
+    scheduler.start()
+    if publisher is not None:
+        await publisher.start()
+
+    async def on_stop():
+        if publisher is not None:
+            await publisher.stop()  # this pod's blocks leave the store at once, not after the TTL
+        if store is not None:
+            await store.aclose()
 
     def on_drain():
         scheduler.draining = True
@@ -60,5 +97,6 @@ async def start_verifier(
         verifier_pb2.DESCRIPTOR.services_by_name["VerifierService"].full_name,
         on_drain,
         in_flight=lambda: len(scheduler.sessions),
+        on_stop=on_stop,
     )
     return server

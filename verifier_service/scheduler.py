@@ -24,6 +24,7 @@ from specdec.errors import Exhausted, InvalidInput, Unavailable
 from specdec.sampling import probs_from_logits, sample
 from specdec.validation import check_prompt_ids
 from specdec.verification import verify
+from verifier_service.prefix_cache import PrefixCache
 from verifier_service.session import FINISH_LENGTH, FINISH_NONE, Session, SessionSettings
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,10 @@ class Scheduler:
         max_sessions: int = 8,
         max_sequence_length: int = 2048,
         max_draft_tokens: int = 16,
+        prefix_cache: PrefixCache | None = None,
     ):
         self.engine = engine
+        self.prefix_cache = prefix_cache
         self.vocab_size = engine.shape.vocab_size
         self.eos_ids = eos_ids
         self.max_sequence_length = min(max_sequence_length, engine.shape.max_position_embeddings)
@@ -76,6 +79,7 @@ class Scheduler:
         self.draining = False
         self.ticks = 0
         self.last_batch_size = 0
+        self._saving: set[asyncio.Task] = set()  # closed sessions whose blocks are being saved
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -133,7 +137,23 @@ class Scheduler:
 
     def close(self, session_id: str) -> None:
         session = self.sessions.pop(session_id, None)
-        if session is not None:
+        if session is None:
+            return
+        if self.prefix_cache is not None and self.prefix_cache.wants(session):
+            # The copy into the prefix cache is torch work; the slot is released only after it, so no new
+            # session can overwrite the KV being saved.
+            task = asyncio.get_running_loop().create_task(self._save_then_release(session))
+            self._saving.add(task)
+            task.add_done_callback(self._saving.discard)
+        else:
+            self.cache.release(session.slot)
+
+    async def _save_then_release(self, session: Session) -> None:
+        try:
+            await compute.run(self.prefix_cache.on_close, self.cache, session)
+        except Exception:
+            log.exception("saving the prefix blocks of session %s failed", session.id)
+        finally:
             self.cache.release(session.slot)
 
     # -- internals -------------------------------------------------------------------------------------------------
@@ -205,11 +225,16 @@ class Scheduler:
         return [results[i] for i in range(len(batch))]
 
     def _prefill(self, works: list[_Work]) -> list[StepResult]:
-        rows = [Row(w.session.slot, 0, list(w.session.tokens)) for w in works]
+        cache = self.prefix_cache
+        starts = [cache.restore(self.cache, w.session.slot, w.session.tokens) if cache else 0 for w in works]
+        rows = [Row(w.session.slot, start, list(w.session.tokens[start:])) for w, start in zip(works, starts)]
         logits = self.engine.forward(self.cache, rows)
         out = []
-        for work, row_logits in zip(works, logits):
+        for work, row_logits, start in zip(works, logits, starts):
             session = work.session
+            session.stats.cached_prompt_tokens = start
+            if cache:
+                cache.after_prefill(self.cache, session)
             probs = probs_from_logits(row_logits[-1].double(), session.settings.sampling)
             _, uniform = session.uniforms(0)
             token = int(sample(probs, uniform[0]))

@@ -1,0 +1,559 @@
+"""`specdec train-drafter`: train a small drafter for a target by self-distillation.
+
+The target writes its own training text. Prompts are built here (topics x instruction styles), plus prompts the
+target writes itself (questions about a topic, and passages to summarize or rewrite); the target answers them
+through its chat template, half greedily and half at temperature 0.7. A drafter of a few Llama layers, started
+from evenly spaced layers of the target and sharing its frozen embeddings and LM head, then learns the target's
+next-token distribution on those prompt + answer sequences: the loss is KL(target_probs || draft_probs) at every
+answer position, with target_probs computed on the fly from the target's logits.
+
+Several sizes (`--layers 2,4`) train side by side on the same batches, sharing the target's forward pass; each is
+written to its own artifact (`OUT/L2`, `OUT/L4`). Generated data and checkpoints live in `--work-dir` (default
+`OUT/train-state`), so `--resume` continues a stopped run. Never trains on ../shared/prompts/chat.jsonl, which is
+for measurement.
+
+This module owns the data recipe and the training loop; the artifact format is specdec.drafter_model's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shlex
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from specdec import drafter_model, models
+
+TOPICS = [
+    # science and nature
+    "black holes", "photosynthesis", "plate tectonics", "the water cycle", "DNA replication", "volcanoes",
+    "the immune system", "climate change", "electricity", "magnetism", "gravity", "the speed of light",
+    "evolution by natural selection", "bees and pollination", "coral reefs", "rainforests", "the human heart",
+    "sleep", "nutrition and protein", "antibiotics", "the periodic table", "chemical bonds", "the moon's phases",
+    "solar eclipses", "earthquakes", "ocean tides", "renewable energy", "nuclear fusion", "batteries",
+    "the brain and memory", "bacteria and viruses", "genetics", "dinosaurs", "the solar system", "Mars",
+    # technology and computing
+    "recursion", "binary search", "sorting algorithms", "linked lists", "databases and SQL", "REST APIs",
+    "version control with git", "unit testing", "object-oriented programming", "functional programming",
+    "Python dictionaries", "JavaScript promises", "memory management", "operating systems", "the internet",
+    "encryption", "passwords and security", "machine learning", "neural networks", "cloud computing",
+    "regular expressions", "web browsers", "compilers", "spreadsheets", "smartphones", "3D printing",
+    "caching", "concurrency and threads", "big-O notation", "open source software", "Linux command line",
+    # math
+    "prime numbers", "fractions", "percentages", "probability", "the Pythagorean theorem", "linear equations",
+    "compound interest", "averages and medians", "geometry of circles", "statistics", "logarithms", "infinity",
+    # history and society
+    "the Roman Empire", "the printing press", "the Industrial Revolution", "ancient Egypt", "the Renaissance",
+    "democracy", "the history of money", "world trade", "the Silk Road", "the invention of the telephone",
+    "space exploration", "the Olympic Games", "human rights", "city planning", "public libraries",
+    # everyday life
+    "cooking pasta", "baking bread", "making coffee", "gardening", "houseplants", "composting", "budgeting",
+    "saving money", "job interviews", "writing a resume", "time management", "studying for exams",
+    "learning a language", "running", "yoga", "healthy breakfast", "camping", "traveling on a budget",
+    "moving to a new city", "adopting a dog", "caring for a cat", "cleaning a kitchen", "public speaking",
+    "making friends", "remote work", "team meetings", "writing emails", "negotiating a salary", "meditation",
+    "first aid", "bicycle maintenance", "painting a room", "birthday parties", "board games", "photography",
+    # arts and culture
+    "poetry", "jazz", "classical music", "learning the guitar", "film making", "short stories", "museums",
+    "architecture", "fairy tales", "mythology", "chess", "soccer", "basketball", "video games", "theater",
+    # economics and business
+    "inflation", "supply and demand", "starting a small business", "marketing", "customer service",
+    "stock markets", "insurance", "taxes", "renting versus buying a home", "electric cars",
+]
+
+# {topic} is filled in; every style reads as a plain chat request.
+STYLES = [
+    "Explain {topic} in simple terms.",
+    "What is {topic}? Give a short explanation.",
+    "Why does {topic} matter?",
+    "Describe how {topic} works, step by step.",
+    "Give me three interesting facts about {topic}.",
+    "List five key ideas about {topic}.",
+    "Write a short poem about {topic}.",
+    "Write a short story that involves {topic}.",
+    "Explain {topic} to a ten-year-old.",
+    "What are the pros and cons of {topic}?",
+    "What are common mistakes people make about {topic}?",
+    "Give me some practical tips about {topic}.",
+    "Compare {topic} with something from everyday life.",
+    "What is the history of {topic}?",
+    "Write a haiku about {topic}.",
+    "How would you teach {topic} to a beginner?",
+    "Summarize the most important things to know about {topic} in one paragraph.",
+    "What questions should I ask to understand {topic} better?",
+    "Write a short blog post introduction about {topic}.",
+    "I am confused about {topic}. Can you help?",
+    "Give an example that illustrates {topic}.",
+    "What is a common misconception about {topic}?",
+    "Write a friendly email to a colleague about {topic}.",
+    "Create a simple quiz with three questions about {topic}.",
+    "How is {topic} related to daily life?",
+    "Write a limerick about {topic}.",
+    "What would happen if {topic} did not exist?",
+    "Give me a one-sentence definition of {topic}.",
+    "Outline a short presentation on {topic}.",
+    "Tell me something surprising about {topic}.",
+]
+
+CODE_TASKS = [
+    "Write a Python function that reverses a string.",
+    "Write a Python function that checks whether a number is prime.",
+    "Write a Python function that counts the words in a sentence.",
+    "Write a Python function that returns the largest element of a list.",
+    "Write a Python function that computes the factorial of n.",
+    "Write a Python function that merges two sorted lists.",
+    "Write a JavaScript function that removes duplicates from an array.",
+    "Write a SQL query that selects all users older than 30.",
+    "Write a Python class for a simple bank account.",
+    "Write a Python function that computes Fibonacci numbers.",
+    "Write a Python script that reads a file and prints each line.",
+    "Write a function that checks whether a string is a palindrome.",
+    "Write a Python function that converts Celsius to Fahrenheit.",
+    "Write a Python function that sums the even numbers in a list.",
+    "Write a bash command that counts the files in a directory.",
+    "Write a Python function that finds the average of a list of numbers.",
+]
+
+MATH_TEMPLATES = [
+    "What is {a} plus {b}?",
+    "What is {a} times {b}?",
+    "If I have {a} apples and give away {b}, how many are left?",
+    "A train travels {a} km in {b} hours. What is its average speed?",
+    "What is {b} percent of {a}?",
+    "Solve for x: x + {b} = {a}.",
+    "A rectangle is {a} cm long and {b} cm wide. What is its area?",
+    "Is {a} an even or odd number? Explain.",
+]
+
+# The target writes prompts too: more varied wording than any template list (half the data comes from these).
+SELF_PROMPTS = [
+    "Write one question that a curious person might ask about {topic}. Reply with the question only.",
+    "Write a request that someone might send to an AI assistant about {topic}. Reply with the request only.",
+    "Write a short task for a student about {topic}. Reply with the task only.",
+    "What is a question a beginner could ask about {topic}? Reply with the question only.",
+]
+SELF_PASSAGE = "Write a short paragraph about {topic}."
+PASSAGE_TASKS = [
+    "Summarize the following text in one sentence:\n\n{passage}",
+    "Rewrite the following text in a more formal tone:\n\n{passage}",
+    "Rewrite the following text so a child can understand it:\n\n{passage}",
+    "Give the main points of this text as a bulleted list:\n\n{passage}",
+    "Suggest a title for this text:\n\n{passage}",
+]
+
+
+def template_prompts(n: int, rng: random.Random) -> list[str]:
+    """n prompts: topics x styles, plus code and arithmetic tasks."""
+    prompts = []
+    for _ in range(n):
+        roll = rng.random()
+        if roll < 0.08:
+            prompts.append(rng.choice(CODE_TASKS))
+        elif roll < 0.14:
+            a, b = rng.randint(2, 500), rng.randint(2, 90)
+            prompts.append(rng.choice(MATH_TEMPLATES).format(a=a, b=b))
+        else:
+            prompts.append(rng.choice(STYLES).format(topic=rng.choice(TOPICS)))
+    return prompts
+
+
+def chat_ids(tokenizer, user_text: str) -> list[int]:
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": user_text}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    if isinstance(ids, dict) or hasattr(ids, "keys"):  # some transformers versions return a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+@torch.inference_mode()
+def generate_answers(
+    target, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int, device, desc: str,
+    temperatures: tuple[float, ...] = (0.0, 0.7),
+) -> list[list[int]]:
+    """The target's answers (token ids, through its end-of-turn token) to chat-templated prompts.
+
+    Batches alternate between the given temperatures; prompts are sorted by length to waste little padding.
+    """
+    from tqdm import tqdm
+
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers: list[list[int]] = [[] for _ in prompts]
+    bar = tqdm(total=len(prompts), desc=desc, unit="answer", file=sys.stderr, dynamic_ncols=True)
+    generated, started = 0, time.perf_counter()
+    for batch_no, first in enumerate(range(0, len(order), batch_size)):
+        index = order[first : first + batch_size]
+        width = max(len(prompts[i]) for i in index)
+        input_ids = torch.full((len(index), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(index), width), dtype=torch.long)
+        for row, i in enumerate(index):  # left padding: every row's next token goes at the same column
+            input_ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+            attention[row, width - len(prompts[i]) :] = 1
+        temperature = temperatures[batch_no % len(temperatures)]
+        sampling = dict(do_sample=False)
+        if temperature:
+            sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+        out = target.generate(
+            input_ids=input_ids.to(device), attention_mask=attention.to(device), max_new_tokens=max_new_tokens,
+            eos_token_id=eos, pad_token_id=pad, **sampling,
+        )
+        for row, i in enumerate(index):
+            ids = out[row, width:].tolist()
+            if eos in ids:
+                ids = ids[: ids.index(eos) + 1]
+            answers[i] = ids
+            generated += len(ids)
+        bar.update(len(index))
+        bar.set_postfix(tok_s=f"{generated / (time.perf_counter() - started):.0f}")
+    bar.close()
+    return answers
+
+
+def build_dataset(target, tokenizer, n: int, gen_tokens: int, batch_size: int, device, seed: int) -> list[dict]:
+    """n (prompt_ids, answer_ids) pairs, shuffled: ~45% template prompts, ~45% target-written, ~10% passage tasks."""
+    rng = random.Random(seed)
+    n_questions, n_passages = n * 9 // 20, max(1, n // 10) if n >= 4 else 0
+    n_template = n - n_questions - n_passages
+    seeds = [rng.choice(SELF_PROMPTS).format(topic=rng.choice(TOPICS)) for _ in range(n_questions)]
+    seeds += [SELF_PASSAGE.format(topic=rng.choice(TOPICS)) for _ in range(n_passages)]
+    written = generate_answers(
+        target, tokenizer, [chat_ids(tokenizer, s) for s in seeds], min(96, gen_tokens), batch_size, device,
+        "target writes prompts", temperatures=(0.9,),
+    )
+    written_text = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in written]
+    user_texts = template_prompts(n_template, rng)
+    for text, fallback_topic in zip(written_text[:n_questions], TOPICS * (1 + n_questions // len(TOPICS))):
+        question = next((line.strip() for line in text.splitlines() if line.strip()), "")
+        user_texts.append(question or f"Tell me about {fallback_topic}.")
+    for text in written_text[n_questions:]:
+        user_texts.append(rng.choice(PASSAGE_TASKS).format(passage=text or "The weather was nice today."))
+    prompt_ids = [chat_ids(tokenizer, t) for t in user_texts]
+    answers = generate_answers(target, tokenizer, prompt_ids, gen_tokens, batch_size, device, "target answers")
+    dataset = [{"prompt": p, "answer": a} for p, a in zip(prompt_ids, answers) if a]
+    rng.shuffle(dataset)  # so the held-out slice is a sample of every kind of prompt
+    return dataset
+
+
+def choose_draft_vocab(dataset: list[dict], size: int, vocab_size: int, always: list[int]) -> list[int] | None:
+    """The `size` ids the target says most often in its answers (plus `always`), sorted; None for the full head."""
+    if not size or size >= vocab_size:
+        return None
+    counts = Counter(t for ex in dataset for t in ex["answer"])
+    chosen = set(always)
+    for token, _ in counts.most_common():
+        if len(chosen) >= size:
+            break
+        chosen.add(token)
+    # Fewer distinct tokens than asked (tiny runs): fill with the lowest unused ids so the head has `size` rows.
+    next_id = 0
+    while len(chosen) < size:
+        chosen.add(next_id)
+        next_id += 1
+    return sorted(chosen)
+
+
+def vocab_coverage(dataset: list[dict], draft_vocab: list[int] | None) -> float:
+    if draft_vocab is None:
+        return 1.0
+    keep = set(draft_vocab)
+    total = sum(len(ex["answer"]) for ex in dataset)
+    return sum(t in keep for ex in dataset for t in ex["answer"]) / max(1, total)
+
+
+def init_layers(num_layers: int, target_layers: int) -> list[int]:
+    """Evenly spaced target layers, first and last included: where each drafter layer starts from."""
+    if num_layers == 1:
+        return [target_layers - 1]
+    return [round(i * (target_layers - 1) / (num_layers - 1)) for i in range(num_layers)]
+
+
+def new_student(target, num_layers: int, embed, lm_head, draft_vocab):
+    cfg = target.config.to_dict()
+    cfg["num_hidden_layers"] = num_layers
+    for key in drafter_model._NOT_ARCHITECTURE:
+        cfg.pop(key, None)
+    student = drafter_model.build_drafter(cfg, embed, lm_head, draft_vocab)
+    sources = init_layers(num_layers, target.config.num_hidden_layers)
+    for mine, theirs in zip(student.model.layers, sources):
+        mine.load_state_dict({k: v.float() for k, v in target.model.layers[theirs].state_dict().items()})
+    student.model.norm.load_state_dict({k: v.float() for k, v in target.model.norm.state_dict().items()})
+    return student, sources
+
+
+def batches(dataset: list[dict], batch_size: int, max_len: int, rng: random.Random):
+    """Endless random batches: input ids [batch, width] and the answer-position mask [batch, width]."""
+    while True:
+        order = list(range(len(dataset)))
+        rng.shuffle(order)
+        for first in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
+            rows = [dataset[i] for i in order[first : first + batch_size]]
+            seqs = [(r["prompt"] + r["answer"])[:max_len] for r in rows]
+            width = max(len(s) for s in seqs)
+            ids = torch.zeros(len(seqs), width, dtype=torch.long)
+            # mask[b, t]: position t predicts token t + 1, which is an answer token
+            mask = torch.zeros(len(seqs), width, dtype=torch.bool)
+            for b, (r, s) in enumerate(zip(rows, seqs)):
+                ids[b, : len(s)] = torch.tensor(s)
+                mask[b, len(r["prompt"]) - 1 : len(s) - 1] = True
+            yield ids, mask
+
+
+def lr_at(step: int, progress: float, peak: float, warmup: int) -> float:
+    """Linear warmup, then cosine decay to a tenth of the peak as `progress` goes 0 -> 1."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+@torch.no_grad()
+def held_out_metrics(target, students, held_out, vocab_index, batch_size, max_len, device, autocast) -> list[dict]:
+    """Per student: mean KL loss and top-1 agreement with the target on sequences it never trained on."""
+    sums = [{"loss": 0.0, "agree": 0.0} for _ in students]
+    positions = 0
+    stream = batches(held_out, min(batch_size, len(held_out)), max_len, random.Random(0))
+    for _ in range(max(1, len(held_out) // max(1, batch_size))):
+        ids, mask = next(stream)
+        ids, mask = ids.to(device), mask.to(device)
+        target_logits = target.lm_head(target.model(input_ids=ids).last_hidden_state[mask]).float()
+        target_probs = target_logits.softmax(-1)
+        target_top = target_logits.argmax(-1)
+        if vocab_index is not None:
+            target_probs = target_probs[:, vocab_index]
+        n = int(mask.sum())
+        positions += n
+        for acc, student in zip(sums, students):
+            with autocast:
+                draft_logits = student.lm_head(student.model(input_ids=ids).last_hidden_state[mask]).float()
+            acc["loss"] += float(-(target_probs * draft_logits.log_softmax(-1)).sum(-1).sum())
+            top = draft_logits.argmax(-1)
+            top = top if vocab_index is None else vocab_index[top]
+            acc["agree"] += float((top == target_top).sum())
+    return [{k: round(v / max(1, positions), 4) for k, v in acc.items()} for acc in sums]
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "train-drafter",
+        help="train a drafter for a target by self-distillation",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument("--target", default=models.DEFAULT_TARGET, help="target model SPEC (default: %(default)s)")
+    p.add_argument("--target-name", help="name recorded in the artifact (default: the --target SPEC)")
+    p.add_argument("--out", required=True, help="artifact directory (one per size under it when several --layers)")
+    p.add_argument("--work-dir", help="generated data and checkpoints (default: OUT/train-state)")
+    p.add_argument("--layers", default="2", help="drafter layers; a comma list trains several sizes side by side")
+    p.add_argument("--steps", type=int, default=2000, help="optimizer steps (upper bound with --max-minutes)")
+    p.add_argument("--max-minutes", type=float, default=0, help="stop training after this long (0 = no limit)")
+    p.add_argument(
+        "--total-minutes", type=float, default=0,
+        help="whole-run budget, generation included: training gets what generation leaves (0 = no limit)",
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per training step")
+    p.add_argument("--max-len", type=int, default=512, help="tokens per training sequence, prompt included")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--data-prompts", type=int, default=4096, help="prompts the target answers")
+    p.add_argument("--gen-tokens", type=int, default=256, help="max new tokens per answer")
+    p.add_argument("--gen-batch-size", type=int, default=256, help="prompts per generate call")
+    p.add_argument("--draft-vocab", type=int, default=16384, help="reduced draft head size (0 = full vocabulary)")
+    p.add_argument("--save-every", type=int, default=250, help="checkpoint and write artifacts every N steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="reuse generated data and continue from the checkpoint")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    run_started = time.perf_counter()
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    sizes = [int(x) for x in str(args.layers).split(",") if x.strip()]
+    out = Path(args.out)
+    work = Path(args.work_dir) if args.work_dir else out / "train-state"
+    work.mkdir(parents=True, exist_ok=True)
+    command = "specdec " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "specdec train-drafter"
+
+    tokenizer = models.load_tokenizer(args.target)
+    target = models.load_hf_model(args.target, device=device, dtype=torch.bfloat16 if on_gpu else torch.float32)
+    for param in target.parameters():
+        param.requires_grad_(False)
+    embed, lm_head = drafter_model.target_head_weights(args.target)
+    target_hash = drafter_model.target_hash(embed, lm_head)
+
+    data_file = work / "data.pt"
+    gen_started = time.perf_counter()
+    if args.resume and data_file.is_file():
+        dataset = torch.load(data_file)
+        print(f"reusing {len(dataset)} generated sequences from {data_file}", file=sys.stderr)
+        gen_seconds = 0.0
+    else:
+        dataset = build_dataset(
+            target, tokenizer, args.data_prompts, args.gen_tokens, args.gen_batch_size, device, args.seed
+        )
+        torch.save(dataset, data_file)
+        gen_seconds = time.perf_counter() - gen_started
+    # 2% held out (at least one sequence) to report agreement on text the drafter never trained on
+    held_out_count = max(1, len(dataset) // 50) if len(dataset) > 1 else 0
+    dataset, held_out = dataset[held_out_count:], dataset[:held_out_count]
+    answer_tokens = sum(len(ex["answer"]) for ex in dataset)
+    always = [t for t in (tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id) if t is not None]
+    draft_vocab = choose_draft_vocab(dataset, args.draft_vocab, embed.shape[0], always)
+    coverage = vocab_coverage(dataset, draft_vocab)
+    print(
+        f"data: {len(dataset)} sequences, {answer_tokens} answer tokens (generated in {gen_seconds:.0f} s); "
+        f"draft vocabulary {len(draft_vocab) if draft_vocab else embed.shape[0]} covers {coverage:.2%} of them",
+        file=sys.stderr,
+    )
+
+    students, sources, optimizers = [], [], []
+    for n in sizes:
+        student, src = new_student(target, n, embed, lm_head, draft_vocab)
+        student.to(device).train()
+        students.append(student)
+        sources.append(src)
+        params = [p for p in student.parameters() if p.requires_grad]
+        optimizers.append(torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.95)))
+    vocab_index = None if draft_vocab is None else torch.tensor(draft_vocab, device=device)
+
+    step, resumed_seconds, checkpoint_file = 0, 0.0, work / "checkpoint.pt"
+    if args.resume and checkpoint_file.is_file():
+        state = torch.load(checkpoint_file, map_location=device)
+        if state["layers"] != sizes or state["draft_vocab"] != draft_vocab:
+            raise SystemExit(
+                f"checkpoint {checkpoint_file} is for --layers {state['layers']}: not resumable with these"
+            )
+        for student, optimizer, s_state, o_state in zip(students, optimizers, state["students"], state["optimizers"]):
+            student.load_state_dict(s_state, strict=False)
+            optimizer.load_state_dict(o_state)
+        step, resumed_seconds = state["step"], state.get("train_seconds", 0.0)
+        print(f"resuming at step {step}", file=sys.stderr)
+
+    def artifact_dir(n: int) -> Path:
+        return out if len(sizes) == 1 else out / f"L{n}"
+
+    train_seconds = 0.0
+
+    def save(final: bool, held_out: list[dict] | None = None) -> None:
+        def own(m):
+            return {k: v for k, v in m.state_dict().items() if k.startswith("model.layers.") or k == "model.norm.weight"}
+
+        torch.save(
+            {
+                "step": step, "train_seconds": train_seconds, "layers": sizes, "draft_vocab": draft_vocab,
+                "students": [own(s) for s in students], "optimizers": [o.state_dict() for o in optimizers],
+            },
+            checkpoint_file,
+        )
+        for n, student, src in zip(sizes, students, sources):
+            training = {
+                "command": command, "device": torch.cuda.get_device_name(device) if on_gpu else "cpu",
+                "steps": step, "batch_size": args.batch_size, "lr": args.lr, "sequences": len(dataset),
+                "answer_tokens": answer_tokens, "gen_tokens": args.gen_tokens, "init_from_target_layers": src,
+                "draft_vocab_coverage": round(coverage, 5), "generate_seconds": round(gen_seconds, 1),
+                "train_seconds": round(train_seconds, 1), "final": final,
+                "held_out": (held_out or [None] * len(sizes))[sizes.index(n)],
+            }
+            drafter_model.save_drafter(
+                artifact_dir(n), student, target=args.target_name or args.target, target_hash_hex=target_hash,
+                draft_vocab=draft_vocab, training=training,
+            )
+
+    if args.total_minutes:
+        # keep ~30 s for the held-out pass and the final save
+        left = (args.total_minutes * 60 - (time.perf_counter() - run_started) - 30) / 60 + resumed_seconds / 60
+        args.max_minutes = max(0.1, min(args.max_minutes or left, left))
+        print(f"training for at most {args.max_minutes:.1f} min (--total-minutes {args.total_minutes})",
+              file=sys.stderr)
+    rng = random.Random(args.seed + step)
+    stream = batches(dataset, args.batch_size, args.max_len, rng)
+    bar = tqdm(total=args.steps, initial=step, desc="train-drafter", unit="step", file=sys.stderr, dynamic_ncols=True)
+    # `started` counts earlier sessions' training time too (the schedule and --max-minutes span a resumed run)
+    session_started, tokens_seen = time.perf_counter(), 0
+    started = session_started - resumed_seconds
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else torch.autocast("cpu", enabled=False)
+    while step < args.steps:
+        if args.max_minutes and (time.perf_counter() - started) > args.max_minutes * 60:
+            print(f"stopping at step {step}: --max-minutes {args.max_minutes} reached", file=sys.stderr)
+            break
+        elapsed = time.perf_counter() - started
+        # With a time limit the schedule follows the clock, so a run cut short still ends at a low learning rate.
+        progress = max(step / args.steps, elapsed / (args.max_minutes * 60) if args.max_minutes else 0.0)
+        ids, mask = next(stream)
+        ids, mask = ids.to(device), mask.to(device)
+        with torch.no_grad():
+            hidden = target.model(input_ids=ids).last_hidden_state[mask]  # [n_answer, hidden]
+            target_logits = target.lm_head(hidden).float()  # [n_answer, vocab]
+            target_probs = target_logits.softmax(-1)
+            target_top = target_logits.argmax(-1)  # [n_answer]
+            if vocab_index is not None:
+                target_probs = target_probs[:, vocab_index]  # [n_answer, draft_vocab]: mass outside is unreachable
+        postfix = {}
+        for n, student, optimizer in zip(sizes, students, optimizers):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, progress, args.lr, args.warmup)
+            with autocast:
+                draft_hidden = student.model(input_ids=ids).last_hidden_state[mask]
+                draft_logits = student.lm_head(draft_hidden).float()  # [n_answer, draft_vocab]
+            draft_logprobs = draft_logits.log_softmax(-1)
+            # KL(target || draft) up to the target's entropy, which has no gradient
+            loss = -(target_probs * draft_logprobs).sum(-1).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in student.parameters() if p.requires_grad], 1.0)
+            optimizer.step()
+            draft_top = draft_logits.argmax(-1)
+            if vocab_index is not None:
+                draft_top = vocab_index[draft_top]
+            agree = (draft_top == target_top).float().mean().item()
+            postfix[f"L{n}"] = f"{loss.item():.3f}/{agree:.0%}"
+        step += 1
+        tokens_seen += int(mask.sum())
+        train_seconds = time.perf_counter() - started
+        bar.update(1)
+        throughput = tokens_seen / (time.perf_counter() - session_started)
+        bar.set_postfix(loss_agree=" ".join(f"{k}:{v}" for k, v in postfix.items()), tok_s=f"{throughput:.0f}")
+        if step % args.save_every == 0:
+            save(final=False)
+    bar.close()
+    for student in students:
+        student.eval()
+    held = []
+    if held_out:
+        held = held_out_metrics(target, students, held_out, vocab_index, args.batch_size, args.max_len, device, autocast)
+    for n, metrics in zip(sizes, held):
+        print(f"L{n} held-out ({len(held_out)} sequences): loss {metrics['loss']:.3f}, "
+              f"agreement {metrics['agree']:.1%}", file=sys.stderr)
+    save(final=True, held_out=held)
+    summary = {
+        "artifacts": {n: str(artifact_dir(n)) for n in sizes}, "steps": step, "train_seconds": round(train_seconds, 1),
+        "generate_seconds": round(gen_seconds, 1), "sequences": len(dataset), "answer_tokens": answer_tokens,
+        "draft_vocab_coverage": round(coverage, 5), "target_hash": target_hash,
+    }
+    print(json.dumps(summary), file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="specdec")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_parser(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

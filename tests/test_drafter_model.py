@@ -1,0 +1,82 @@
+"""Drafter artifacts: the shipped drafter loads against the default target, a foreign one is refused, and a tiny
+CPU training run writes an artifact that loads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from specdec import drafter_model, models, train_drafter
+from specdec.engine import LlamaEngine, Row
+
+SHIPPED = Path(__file__).resolve().parent.parent / "drafters" / models.DEFAULT_TARGET
+
+
+def test_shipped_drafter_is_an_artifact_within_size_budget():
+    assert drafter_model.is_drafter_artifact(SHIPPED)
+    assert (SHIPPED / drafter_model.WEIGHTS_FILE).stat().st_size <= 30 * 1024 * 1024
+    assert drafter_model.read_config(SHIPPED)["target"] == models.DEFAULT_TARGET
+
+
+def test_plain_model_directory_is_not_a_drafter_artifact(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert not drafter_model.is_drafter_artifact(tmp_path)
+    assert not drafter_model.is_drafter_artifact(tmp_path / "missing")
+
+
+def test_shipped_drafter_loads_and_runs_on_the_engine():
+    model = drafter_model.load_drafter(SHIPPED, models.DEFAULT_TARGET)
+    draft_vocab = model.draft_vocab  # [draft_vocab_size] full-vocabulary ids
+    assert model.lm_head.weight.shape[0] == draft_vocab.shape[0]
+    assert model.model.embed_tokens.weight.shape[0] == model.config.vocab_size
+    tokens = [1, 504, 3458, 314, 253, 2]
+    with torch.no_grad():
+        reference = model(torch.tensor([tokens])).logits[0]  # [len(tokens), draft_vocab_size]
+    engine = LlamaEngine(model)
+    logits = engine.forward(engine.new_cache(1, 16), [Row(0, 0, tokens, all_logits=True)])[0]
+    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_drafter_for_another_target_is_refused(tmp_path):
+    foreign = tmp_path / "foreign"
+    shutil.copytree(SHIPPED, foreign)
+    config = json.loads((foreign / "config.json").read_text())
+    config["target_hash"] = "0" * 64  # what a drafter trained against different embeddings carries
+    (foreign / "config.json").write_text(json.dumps(config))
+    with pytest.raises(drafter_model.DrafterMismatch, match="trained for target"):
+        drafter_model.load_drafter(foreign, models.DEFAULT_TARGET)
+
+
+def test_draft_ids_and_probs_map_back_to_the_full_vocabulary():
+    draft_vocab = torch.tensor([3, 7, 11])
+    draft_probs = torch.tensor([[0.2, 0.5, 0.3]])  # [1, draft_vocab_size]
+    full = drafter_model.to_target_probs(draft_probs, draft_vocab, vocab_size=12)  # [1, 12]
+    assert full.shape == (1, 12)
+    assert full[0, [3, 7, 11]].tolist() == pytest.approx([0.2, 0.5, 0.3])
+    assert full.sum().item() == pytest.approx(1.0)
+    assert drafter_model.to_target_ids(torch.tensor([2, 0]), draft_vocab).tolist() == [11, 3]
+    assert drafter_model.to_target_ids(torch.tensor([5]), None).tolist() == [5]
+
+
+def test_tiny_cpu_training_run_writes_an_artifact_that_loads(tmp_path):
+    out = tmp_path / "drafter"
+    code = train_drafter.main(
+        [
+            "train-drafter", "--out", str(out), "--layers", "1", "--steps", "2", "--batch-size", "2",
+            "--data-prompts", "4", "--gen-tokens", "4", "--gen-batch-size", "4", "--draft-vocab", "256",
+            "--max-len", "48", "--warmup", "1", "--device", "cpu",
+        ]
+    )
+    assert code == 0
+    assert drafter_model.is_drafter_artifact(out)
+    config = drafter_model.read_config(out)
+    assert config["training"]["steps"] == 2 and config["training"]["final"]
+    model = drafter_model.load_drafter(out, models.DEFAULT_TARGET)
+    assert model.config.num_hidden_layers == 1
+    assert model.draft_vocab.shape == (256,)
+    # a checkpoint to resume from was written beside the artifact's training state
+    assert (out / "train-state" / "checkpoint.pt").is_file()
