@@ -23,7 +23,7 @@ from specdec.engine import LlamaEngine, Row
 from specdec.errors import Exhausted, InvalidInput, Unavailable
 from specdec.sampling import probs_from_logits, sample
 from specdec.validation import check_prompt_ids
-from specdec.verification import verify
+from specdec.verification import verify, verify_greedy
 from verifier_service.prefix_cache import PrefixCache
 from verifier_service.session import FINISH_LENGTH, FINISH_NONE, Session, SessionSettings
 
@@ -243,10 +243,41 @@ class Scheduler:
 
     def _verify(self, works: list[_Work]) -> list[StepResult]:
         rows = [Row(w.session.slot, w.session.kv_length, [w.session.tokens[-1], *w.draft_tokens], True) for w in works]
-        logits = self.engine.forward(self.cache, rows)  # per row [n + 1, vocab]
+        logits = self.engine.forward(self.cache, rows)  # per row [n + 1, vocab], on the engine's device
+        # Greedy rows with point-mass drafts need only the target's argmax: k + 1 integers per row instead of
+        # dense distributions (verify_greedy gives the same verdicts as verify; tested).
+        greedy = [i for i, w in enumerate(works) if w.session.settings.sampling.greedy and not w.draft_dists]
+        sampled = [i for i in range(len(works)) if i not in set(greedy)]
+        verdicts: dict[int, tuple[int, int]] = {}
+        for group, run in ((greedy, self._verify_greedy), (sampled, self._verify_sampled)):
+            if group:
+                verdicts.update(zip(group, run([works[i] for i in group], [logits[i] for i in group])))
+        out = []
+        for b, work in enumerate(works):
+            session, (accepted, next_token) = work.session, verdicts[b]
+            committed = session.commit([*work.draft_tokens[:accepted], next_token])
+            session.stats.record_block(len(work.draft_tokens), accepted)
+            if session.finish == FINISH_NONE and len(session.tokens) >= session.max_length:
+                session.finish = FINISH_LENGTH
+            out.append(StepResult(committed, accepted, session))
+        return out
+
+    def _verify_greedy(self, works: list[_Work], logits: list[torch.Tensor]) -> list[tuple[int, int]]:
+        argmax = torch.nn.utils.rnn.pad_sequence([row.argmax(-1) for row in logits], batch_first=True)
+        k = argmax.shape[1] - 1
+        draft_tokens = torch.zeros(len(works), k, dtype=torch.long)
+        for b, work in enumerate(works):
+            draft_tokens[b, : len(work.draft_tokens)] = torch.tensor(work.draft_tokens, dtype=torch.long)
+        draft_lens = torch.tensor([len(w.draft_tokens) for w in works])
+        dev = argmax.device
+        verdict = verify_greedy(argmax, draft_tokens.to(dev), draft_lens.to(dev))
+        return list(zip(verdict.num_accepted.tolist(), verdict.next_tokens.tolist()))  # one device sync
+
+    def _verify_sampled(self, works: list[_Work], logits: list[torch.Tensor]) -> list[tuple[int, int]]:
         batch, k, vocab = len(works), max(len(w.draft_tokens) for w in works), self.vocab_size
+        dev = logits[0].device
         # float64: the acceptance test compares probabilities, and the batch is small
-        target_probs = torch.zeros(batch, k + 1, vocab, dtype=torch.float64)
+        target_probs = torch.zeros(batch, k + 1, vocab, dtype=torch.float64, device=dev)
         draft_probs = torch.zeros(batch, k, vocab, dtype=torch.float64)
         draft_tokens = torch.zeros(batch, k, dtype=torch.long)
         draft_lens = torch.zeros(batch, dtype=torch.long)
@@ -260,16 +291,11 @@ class Scheduler:
                 _fill_draft_probs(draft_probs[b], work.draft_tokens, work.draft_dists)
             draft_lens[b] = n
             accept_u[b, :n], sample_u[b : b + 1] = work.session.uniforms(n)
-        verdict = verify(target_probs, draft_tokens, draft_probs, draft_lens, accept_u, sample_u)
-        out = []
-        for b, work in enumerate(works):
-            session, accepted = work.session, int(verdict.num_accepted[b])
-            committed = session.commit([*work.draft_tokens[:accepted], int(verdict.next_tokens[b])])
-            session.stats.record_block(len(work.draft_tokens), accepted)
-            if session.finish == FINISH_NONE and len(session.tokens) >= session.max_length:
-                session.finish = FINISH_LENGTH
-            out.append(StepResult(committed, accepted, session))
-        return out
+        verdict = verify(
+            target_probs, draft_tokens.to(dev), draft_probs.to(dev), draft_lens.to(dev), accept_u.to(dev),
+            sample_u.to(dev),
+        )
+        return list(zip(verdict.num_accepted.tolist(), verdict.next_tokens.tolist()))
 
 
 def _check_distribution(i: int, token: int, dist: DraftDistribution, vocab_size: int) -> None:
