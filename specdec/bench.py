@@ -13,7 +13,6 @@ by draft position, and drafter<->verifier bytes per committed token.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import platform

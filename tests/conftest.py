@@ -33,6 +33,21 @@ def hf_target():
 
 
 @pytest.fixture(scope="session")
+def engine(hf_target):
+    """The Llama engine over the real target (fp32, CPU)."""
+    from specdec.engine import LlamaEngine
+
+    return LlamaEngine(hf_target)
+
+
+@pytest.fixture(scope="session")
+def eos(hf_target):
+    from verifier_service.app import eos_ids_of
+
+    return eos_ids_of(hf_target)
+
+
+@pytest.fixture(scope="session")
 def tokenizer():
     from specdec import models
 

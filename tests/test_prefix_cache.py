@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
 import torch
 
-from specdec.engine import LlamaEngine, Row
+from specdec.engine import Row
 from specdec.prefix_hash import BLOCK_TOKENS, block_hashes, model_seed
 from specdec.sampling import SamplingConfig
-from verifier_service.app import eos_ids_of
 from verifier_service.prefix_cache import PrefixCache
 from verifier_service.scheduler import Scheduler
 from verifier_service.session import FINISH_NONE, SessionSettings
@@ -19,16 +17,6 @@ from verifier_service.session import FINISH_NONE, SessionSettings
 SEED = model_seed("test-model")
 SYSTEM = ("You are a careful assistant. Answer in one short paragraph, cite no sources, and never use lists. "
           "If a question is ambiguous, say which reading you answer.")
-
-
-@pytest.fixture(scope="module")
-def engine(hf_target):
-    return LlamaEngine(hf_target)
-
-
-@pytest.fixture(scope="module")
-def eos(hf_target):
-    return eos_ids_of(hf_target)
 
 
 def _prompt(tokenizer, question: str) -> list[int]:

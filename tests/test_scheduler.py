@@ -7,25 +7,13 @@ import asyncio
 import pytest
 import torch
 
-from specdec.engine import LlamaEngine
 from specdec.errors import Exhausted, InvalidInput
 from specdec.sampling import SamplingConfig
-from verifier_service.app import eos_ids_of
 from verifier_service.scheduler import DraftDistribution, Scheduler
 from verifier_service.session import FINISH_NONE, SessionSettings
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, a small robot"]
 GREEDY = SamplingConfig()
-
-
-@pytest.fixture(scope="module")
-def engine(hf_target):
-    return LlamaEngine(hf_target)
-
-
-@pytest.fixture(scope="module")
-def eos(hf_target):
-    return eos_ids_of(hf_target)
 
 
 @pytest.fixture(scope="module")
