@@ -38,7 +38,7 @@ WEIGHTS_FILE = "model.safetensors"
 _EMBED_KEY = "model.embed_tokens.weight"
 _LM_HEAD_KEY = "lm_head.weight"
 # config keys that describe a checkpoint, not the drafter's shape
-_NOT_ARCHITECTURE = (
+CHECKPOINT_ONLY_KEYS = (
     "architectures", "dtype", "torch_dtype", "transformers_version", "_name_or_path", "_model_name_or_path",
     "quantization_config",
 )
@@ -132,7 +132,7 @@ def save_drafter(
         if name.startswith("model.layers.") or name == "model.norm.weight"
     }
     llama = model.config.to_dict()
-    for key in _NOT_ARCHITECTURE:
+    for key in CHECKPOINT_ONLY_KEYS:
         llama.pop(key, None)
     config = {
         "format": ARTIFACT_FORMAT,

@@ -280,7 +280,7 @@ def init_layers(num_layers: int, target_layers: int) -> list[int]:
 def new_student(target, num_layers: int, embed, lm_head, draft_vocab):
     cfg = target.config.to_dict()
     cfg["num_hidden_layers"] = num_layers
-    for key in drafter_model._NOT_ARCHITECTURE:
+    for key in drafter_model.CHECKPOINT_ONLY_KEYS:
         cfg.pop(key, None)
     student = drafter_model.build_drafter(cfg, embed, lm_head, draft_vocab)
     sources = init_layers(num_layers, target.config.num_hidden_layers)
