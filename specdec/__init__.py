@@ -4,17 +4,6 @@ This package is the part every tier shares: the Python SDK (`Client`, `AsyncClie
 protobuf contract, model loading, the Llama engine and the lossless verification math.
 """
 
-from specdec.client import (
-    AsyncClient,
-    CancelledError,
-    Client,
-    DeadlineExceededError,
-    InvalidArgumentError,
-    ResourceExhaustedError,
-    SpecdecError,
-    UnavailableError,
-)
-
 __all__ = [
     "AsyncClient",
     "CancelledError",
@@ -25,3 +14,13 @@ __all__ = [
     "SpecdecError",
     "UnavailableError",
 ]
+
+
+def __getattr__(name: str):
+    # The SDK is imported on first use, so tools that only need the engine or the models (training, GPU
+    # scripts) do not need the generated gRPC code or a matching grpcio.
+    if name in __all__:
+        from specdec import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'specdec' has no attribute {name!r}")

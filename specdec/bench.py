@@ -240,7 +240,8 @@ def run(args) -> int:
                 if mode != "off":
                     spec = "ngram" if mode == "ngram" else args.drafter_model
                     print(f"starting {mode} drafter...", flush=True)
-                    drafter = ServerProcess("drafter", "--model", spec, "--device", args.drafter_device,
+                    drafter = ServerProcess("drafter", "--model", spec, "--target", args.target,
+                                            "--device", args.drafter_device,
                                             "--max-sessions", str(max(levels)), log=out / f"drafter-{mode}.log")
                     started.append(drafter)
                     drafters = ["--drafter", drafter.address]
