@@ -281,14 +281,17 @@ class _GraphRunner:
         batch, width = _bucket(len(rows)), _bucket(max(len(r.tokens) for r in rows))
         length = min(_bucket(kv_len, floor=128), cache.max_len)
         key = (id(cache), batch, width, length)
-        entry = self.graphs.get(key)
-        if entry is None:
-            entry = self.graphs[key] = self._capture(cache, batch, width, length)
-        graph, buffers, logits = entry
-        for buffer, value in zip(buffers, _pack(rows, batch, width, cache.scratch)):
-            buffer.copy_(value, non_blocking=True)
-        graph.replay()
-        return logits
+        # Capture and replay on the engine's own device: the current device of this thread may be another GPU
+        # (a drafter and a verifier in one process), and a graph captured on the wrong device is empty.
+        with torch.cuda.device(self.engine.device):
+            entry = self.graphs.get(key)
+            if entry is None:
+                entry = self.graphs[key] = self._capture(cache, batch, width, length)
+            graph, buffers, logits = entry
+            for buffer, value in zip(buffers, _pack(rows, batch, width, cache.scratch)):
+                buffer.copy_(value, non_blocking=True)
+            graph.replay()
+            return logits
 
     def _capture(self, cache: KVCache, batch: int, width: int, length: int):
         engine = self.engine
@@ -307,4 +310,10 @@ class _GraphRunner:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             logits = step()
+        # A replay must reproduce the eager pass on the same inputs; a graph that does not (say, captured empty)
+        # would return stale logits silently, so refuse it loudly instead.
+        graph.replay()
+        if not torch.equal(logits, step()):
+            raise RuntimeError(f"CUDA graph for batch {batch}, width {width}, kv length {length} does not match "
+                               "the eager pass; run with cuda_graphs=False and report this")
         return graph, buffers, logits
