@@ -313,7 +313,7 @@ class _GraphRunner:
         # A replay must reproduce the eager pass on the same inputs; a graph that does not (say, captured empty)
         # would return stale logits silently, so refuse it loudly instead.
         graph.replay()
-        if not torch.equal(logits, step()):
+        if not torch.allclose(logits.float(), step().float(), rtol=1e-2, atol=1e-2):
             raise RuntimeError(f"CUDA graph for batch {batch}, width {width}, kv length {length} does not match "
                                "the eager pass; run with cuda_graphs=False and report this")
         return graph, buffers, logits
