@@ -21,6 +21,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from specdec.cli import flag
 from specdec.models import DEFAULT_TARGET
 
@@ -148,10 +150,8 @@ def _sum_lists(lists: list[list[int]]) -> list[int]:
 
 def hf_baselines(target: str, drafter: str | None, prompts, n: int, max_new_tokens: int, k: int, device: str):
     """transformers' generate, prompt-lookup and (with a drafter model) assisted generation, one user, greedy."""
-    import torch
-
-    from specdec import models
     from router.service import chat_ids
+    from specdec import models
 
     tokenizer = models.load_tokenizer(target)
     model = models.load_hf_model(target, device=device)
@@ -176,16 +176,30 @@ def hf_baselines(target: str, drafter: str | None, prompts, n: int, max_new_toke
 
 
 def _hf_drafter(spec: str, target: str, device: str):
-    try:
-        from specdec.drafter_model import is_drafter_artifact, load_drafter
-
-        if is_drafter_artifact(spec):
-            return load_drafter(spec, target, device=device).eval()
-    except ImportError:
-        pass
+    """The drafter as a transformers model, for assisted generation (a reduced draft head cannot be used there)."""
     from specdec import models
+    from specdec.drafter_model import is_drafter_artifact, load_drafter
 
-    return models.load_hf_model(spec, device=device)
+    path, _ = models.resolve_drafter(spec)
+    if is_drafter_artifact(path):
+        model = load_drafter(path, target, device=device).eval()
+        if getattr(model, "draft_vocab", None) is not None:
+            # transformers' assistant must score the full vocabulary: ids outside the draft head get -inf,
+            # which leaves the drafter's greedy choices exactly as in specdec
+            model.lm_head = _FullVocabularyHead(model.lm_head, model.draft_vocab.to(device), model.config.vocab_size)
+        return model
+    return models.load_hf_model(path, device=device)
+
+
+class _FullVocabularyHead(torch.nn.Module):
+    def __init__(self, head, draft_vocab, vocab_size: int):
+        super().__init__()
+        self.head, self.draft_vocab, self.vocab_size = head, draft_vocab, vocab_size
+
+    def forward(self, hidden):  # [..., hidden] -> [..., vocab_size]
+        reduced = self.head(hidden)
+        full = reduced.new_full((*reduced.shape[:-1], self.vocab_size), float("-inf"))
+        return full.index_copy_(-1, self.draft_vocab, reduced)
 
 
 def plot(rows: list[Row], baselines: dict, path: Path) -> None:
@@ -266,11 +280,22 @@ def run(args) -> int:
         for proc in reversed(started):
             proc.stop()
     baselines = {}
+    _write_report(args, out, rows, baselines)  # the sweep is kept even if a baseline fails below
     if args.baselines:
         print("transformers baselines (one user, greedy, in this process):", flush=True)
         drafter = args.drafter_model if "model" in modes else None
         baselines = hf_baselines(args.target, drafter, prompts, args.baseline_prompts, args.max_new_tokens, args.k,
                                  args.verifier_device)
+    _write_report(args, out, rows, baselines)
+    try:
+        plot(rows, baselines, out / "plot.png")
+    except ImportError:
+        print("matplotlib is not installed: no plot (the JSON has every figure)")
+    print(f"wrote {out / 'results.json'} and {out / 'plot.png'}")
+    return 0
+
+
+def _write_report(args, out: Path, rows: list[Row], baselines: dict) -> None:
     report = {
         "command": args.command_line,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -281,12 +306,6 @@ def run(args) -> int:
         "baselines_tokens_per_s": baselines,
     }
     (out / "results.json").write_text(json.dumps(report, indent=2))
-    try:
-        plot(rows, baselines, out / "plot.png")
-    except ImportError:
-        print("matplotlib is not installed: no plot (the JSON has every figure)")
-    print(f"wrote {out / 'results.json'} and {out / 'plot.png'}")
-    return 0
 
 
 def add_parser(sub) -> None:
