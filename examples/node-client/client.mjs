@@ -9,6 +9,7 @@ import path from "node:path";
 const here = path.dirname(fileURLToPath(import.meta.url));
 const definition = protoLoader.loadSync("specdec/v1/generation.proto", {
   includeDirs: [path.join(here, "..", "..", "protos")],
+  keepCase: true, // field names exactly as in the .proto (max_new_tokens, not maxNewTokens)
   longs: Number,
   enums: String,
   defaults: true,
