@@ -49,10 +49,10 @@ class NgramDrafter:
         self.max_ngram = max_ngram
 
     def open(self, session_id: str) -> None:
-        pass
+        """Prompt lookup keeps no per-session state: every draft is computed from the committed context."""
 
     def close(self, session_id: str) -> None:
-        pass
+        """Nothing to free (see open)."""
 
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
         return [Draft(self.lookup(r.context, r.k)) for r in requests]

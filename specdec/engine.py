@@ -21,7 +21,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 class UnsupportedModel(ValueError):
-    pass
+    """An architecture outside the Llama family this engine implements; the message names what is supported."""
 
 
 @dataclass(frozen=True)

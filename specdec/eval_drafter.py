@@ -49,28 +49,21 @@ class _NgramDrafter:
     """Prompt lookup: deterministic, so it declares the point mass on each token it proposes."""
 
     def __init__(self, max_n: int = 3):
-        self.max_n = max_n
+        from drafter_service.drafters import NgramDrafter
+
+        self.lookup = NgramDrafter(max_n).lookup  # the drafter service's own lookup, so figures match serving
 
     def prefill(self, sessions):
-        pass
+        """No state to build."""
 
     def propose(self, sessions, k, config, generator) -> list[list[int]]:
-        return [self._lookup(s.tokens, k) for s in sessions]
-
-    def _lookup(self, context: list[int], k: int) -> list[int]:
-        for n in range(min(self.max_n, len(context) - 1), 0, -1):
-            suffix = context[-n:]
-            # most recent earlier occurrence of the suffix that has at least one token after it
-            for start in range(len(context) - n - 1, -1, -1):
-                if context[start : start + n] == suffix:
-                    return context[start + n : start + n + k]
-        return []
+        return [self.lookup(s.tokens, k) for s in sessions]
 
     def draft_probs(self, proposals, k, vocab):
         return None
 
     def committed(self, session, old_len, num_accepted, k):
-        pass
+        """No state to roll back."""
 
 
 class _ModelDrafter:
@@ -307,13 +300,7 @@ def run(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="specdec")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parser(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
+if __name__ == "__main__":  # python -m specdec.<module> <subcommand> ... is the same as `specdec <subcommand> ...`
+    from specdec.cli import main
 
-
-if __name__ == "__main__":
     sys.exit(main())

@@ -28,7 +28,6 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from specdec import drafter_model, models
 
@@ -547,13 +546,7 @@ def run(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="specdec")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parser(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
+if __name__ == "__main__":  # python -m specdec.<module> <subcommand> ... is the same as `specdec <subcommand> ...`
+    from specdec.cli import main
 
-
-if __name__ == "__main__":
     sys.exit(main())

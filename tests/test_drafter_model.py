@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from specdec import drafter_model, models, train_drafter
+from specdec import cli, drafter_model, models
 from specdec.engine import LlamaEngine, Row
 
 SHIPPED = Path(__file__).resolve().parent.parent / "drafters" / models.DEFAULT_TARGET
@@ -64,7 +64,7 @@ def test_draft_ids_and_probs_map_back_to_the_full_vocabulary():
 
 def test_tiny_cpu_training_run_writes_an_artifact_that_loads(tmp_path):
     out = tmp_path / "drafter"
-    code = train_drafter.main(
+    code = cli.main(
         [
             "train-drafter", "--out", str(out), "--layers", "1", "--steps", "2", "--batch-size", "2",
             "--data-prompts", "4", "--gen-tokens", "4", "--gen-batch-size", "4", "--draft-vocab", "256",
