@@ -33,7 +33,7 @@ def wait_serving(address: str, proc: subprocess.Popen | None = None, timeout: fl
                 if status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:
-                pass
+                status = None  # not listening yet: keep polling until the deadline
             time.sleep(0.2)
     raise TimeoutError(f"{address} did not become SERVING within {timeout:.0f} s")
 

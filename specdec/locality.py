@@ -118,7 +118,7 @@ class InProcessStore:
         return len(dead)
 
     async def aclose(self) -> None:
-        pass
+        """An in-process store holds no connection to close."""
 
 
 class Breaker:
