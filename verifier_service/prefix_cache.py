@@ -1,65 +1,22 @@
-"""The verifier's prefix cache: KV of full 16-token blocks, keyed by chained hash, reused across sessions.
+"""The verifier's prefix cache: the shared KV block cache (specdec.prefix_cache) plus the session lifecycle.
 
-A preallocated pool of blocks (keys/values [num_blocks, kv_heads, 16, head_dim] per layer) bounds the memory;
-an LRU index maps block hash -> pool block. On open, the session's longest cached prefix is copied into its KV
-slot and only the rest is prefilled; after prefill and when the session closes, its full blocks (prompt, then
-prompt + committed) are copied into the pool. Copies, not shared pages: a slot never aliases the pool, so
-eviction can never corrupt a running session, and rollback in the slot stays free.
-
-A block's KV depends on every token before it; the chained hash names exactly that prefix, so a hit is the KV
-the prefill would have computed. Every method runs on the torch thread (specdec.compute). Gained and lost block
-hashes go to `on_change` (the locality publisher); this module knows nothing about Redis or scheduling.
+On open, the session's longest cached prefix is copied into its KV slot and only the rest is prefilled; after
+prefill and when the session closes, its full blocks (prompt, then prompt + committed) are copied into the pool.
+The block pool, hashing and LRU live in specdec.prefix_cache; this module only decides when a verifier session's
+KV is worth saving. Every method runs on the torch thread (specdec.compute). Gained and lost block hashes go to
+`on_change` (the locality publisher); this module knows nothing about Redis or scheduling.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Callable
-
-import torch
-
-from specdec.engine import KVCache, LlamaShape
-from specdec.prefix_hash import BLOCK_TOKENS, block_hashes
+from specdec import prefix_cache
+from specdec.engine import KVCache
 
 
-class PrefixCache:
-    def __init__(self, shape: LlamaShape, num_blocks: int, device, dtype, seed: bytes,
-                 on_change: Callable[[list[str], list[str]], None] | None = None):
-        size = (num_blocks, shape.num_kv_heads, BLOCK_TOKENS, shape.head_dim)
-        self.keys = [torch.zeros(size, device=device, dtype=dtype) for _ in range(shape.num_layers)]
-        self.values = [torch.zeros(size, device=device, dtype=dtype) for _ in range(shape.num_layers)]
-        self.num_blocks = num_blocks
-        self.seed = seed
-        self.on_change = on_change
-        self._index: OrderedDict[str, int] = OrderedDict()  # hash -> pool block; least recently used first
-        self._free = list(range(num_blocks - 1, -1, -1))
+class PrefixCache(prefix_cache.PrefixCache):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self._prefilled: set[str] = set()  # sessions whose slot KV is valid up to their kv_length
-        self.hits = self.lookups = 0  # blocks found / blocks asked, for logs and benchmarks
-
-    def held(self) -> list[str]:
-        return list(self._index)
-
-    def restore(self, cache: KVCache, slot: int, tokens: list[int]) -> int:
-        """Copies the longest cached prefix of tokens into the slot; returns how many tokens need no prefill."""
-        hashes = block_hashes(tokens, self.seed)
-        found = 0
-        for h in hashes:
-            if h not in self._index:
-                break
-            found += 1
-        self.lookups += len(hashes)
-        self.hits += found
-        if not found:
-            return 0
-        blocks = torch.tensor([self._index[h] for h in hashes[:found]], device=self.keys[0].device)
-        n = found * BLOCK_TOKENS
-        for pool, slots in ((self.keys, cache.keys), (self.values, cache.values)):
-            for layer_pool, layer_slots in zip(pool, slots):
-                chunk = layer_pool.index_select(0, blocks)  # [found, kv_heads, 16, head_dim]
-                layer_slots[slot, :, :n] = chunk.transpose(0, 1).reshape(chunk.shape[1], n, chunk.shape[3])
-        self._touch(hashes[:found])
-        # At least one token is always recomputed: the prefill needs the last prompt token's logits.
-        return min(n, len(tokens) - 1)
 
     def after_prefill(self, cache: KVCache, session) -> None:
         """Saves the prompt's blocks at once, so concurrent sessions sharing a system prompt hit."""
@@ -74,37 +31,3 @@ class PrefixCache:
         if session.id in self._prefilled:
             self._prefilled.discard(session.id)
             self.save(cache, session.slot, session.tokens, session.kv_length)
-
-    def save(self, cache: KVCache, slot: int, tokens: list[int], kv_length: int) -> None:
-        """Copies the full blocks among the first kv_length tokens (those whose KV is valid) into the pool."""
-        hashes = block_hashes(tokens, self.seed, max_tokens=kv_length)[: self.num_blocks]
-        self._touch(hashes)  # the chain's own blocks are now most recent: eviction takes others first
-        new = [i for i, h in enumerate(hashes) if h not in self._index]
-        if not new:
-            return
-        lost = []
-        while len(self._free) < len(new):
-            victim, block = self._index.popitem(last=False)
-            self._free.append(block)
-            lost.append(victim)
-        targets = [self._free.pop() for _ in new]
-        for i, block in zip(new, targets):
-            self._index[hashes[i]] = block
-        self._touch(hashes)
-        src = torch.tensor(new, device=self.keys[0].device)
-        dst = torch.tensor(targets, device=self.keys[0].device)
-        width = len(hashes) * BLOCK_TOKENS
-        for pool, slots in ((self.keys, cache.keys), (self.values, cache.values)):
-            for layer_pool, layer_slots in zip(pool, slots):
-                kv_heads, _, head_dim = layer_slots.shape[1:]
-                blocks = layer_slots[slot, :, :width].reshape(kv_heads, len(hashes), BLOCK_TOKENS, head_dim)
-                layer_pool[dst] = blocks.index_select(1, src).transpose(0, 1)
-        if self.on_change:
-            self.on_change([hashes[i] for i in new], lost)
-
-    def _touch(self, hashes: list[str]) -> None:
-        # Children first, so a chain's parents are the more recent: LRU evicts a chain from its tail, and a
-        # surviving chain is never cut in the middle.
-        for h in reversed(hashes):
-            if h in self._index:
-                self._index.move_to_end(h)
