@@ -21,9 +21,11 @@ async def start_drafter(
     grace: float = 30.0,
     proactive: bool | None = None,
     target: str | None = None,
+    prefix_cache_blocks: int = 256,
 ) -> GrpcServer:
-    """proactive: draft ahead while blocks are verified (default: on when the drafter has a CUDA device)."""
-    batcher = DraftBatcher(compute.call(make_drafter, model, device, max_sessions, 2048, target))
+    """proactive: draft ahead while blocks are verified (default: on when the drafter has a CUDA device).
+    prefix_cache_blocks: the model drafter's prefix cache in 16-token KV blocks (0 = off)."""
+    batcher = DraftBatcher(compute.call(make_drafter, model, device, max_sessions, 2048, target, prefix_cache_blocks))
     batcher.start()
     if proactive is None:
         proactive = device.startswith("cuda")

@@ -8,6 +8,10 @@ Two kinds, chosen once by `make_drafter`:
   through the Llama engine with one KV slot per session. Greedy requests draft the argmax (point mass); sampled
   requests draw from the drafter's tempered distribution truncated to its top `TOP_N` tokens, and declare exactly
   that distribution (in full-vocabulary ids), which is all speculative sampling needs to stay lossless.
+  With a prefix cache (specdec.prefix_cache, keyed under the drafter model's own seed) a new session copies its
+  longest cached prefix into its slot and prefills only the rest; its prompt's blocks are saved after its first
+  draft and its committed context's blocks when it closes. A hit is the KV the prefill would have computed, so
+  drafts are the same with the cache on and off.
 
 `propose` takes every session with pending work at once (batched drafting). A drafter's per-session state is
 rolled back to what the context says is committed; nothing else is trusted. This module knows nothing about gRPC.
@@ -21,6 +25,7 @@ import torch
 
 from specdec.engine import LlamaEngine, Row
 from specdec.errors import Exhausted
+from specdec.prefix_cache import PrefixCache
 from specdec.sampling import SamplingConfig
 
 TOP_N = 64  # support of a sampled draft distribution sent to the verifier
@@ -78,12 +83,19 @@ class ModelDrafter:
         max_sessions: int = 64,
         max_sequence_length: int = 2048,
         draft_vocab: list[int] | None = None,  # full-vocabulary id of each drafter logit (reduced draft head)
+        prefix_cache: PrefixCache | None = None,  # over this engine's shape, seeded by the drafter's identity
     ):
         self.engine = engine
         self.draft_vocab = draft_vocab
         self.cache = engine.new_cache(max_sessions, min(max_sequence_length, engine.shape.max_position_embeddings))
+        self.prefix_cache = prefix_cache
         self._slots: dict[str, int] = {}
         self._cached: dict[str, list[int]] = {}  # tokens whose KV is in the session's slot
+        # the context of the session's latest draft (committed tokens; with proactive drafting, maybe guesses
+        # after them): all of it has its KV in the slot, so its full blocks are saved at close
+        self._context: dict[str, list[int]] = {}
+        self.prefilled_tokens = 0  # context tokens run through the model (drafted tokens not counted)
+        self.cached_tokens = 0  # context tokens whose KV was copied from the prefix cache instead
 
     def open(self, session_id: str) -> None:
         slot = self.cache.allocate()
@@ -93,23 +105,40 @@ class ModelDrafter:
         self._cached[session_id] = []
 
     def close(self, session_id: str) -> None:
+        """Saves the session's committed blocks into the prefix cache (torch work: call on the torch thread, after
+        any draft of the session still running there) and frees its slot."""
         slot = self._slots.pop(session_id, None)
         self._cached.pop(session_id, None)
-        if slot is not None:
+        context = self._context.pop(session_id, None)
+        if slot is None:
+            return
+        try:
+            if self.prefix_cache is not None and context:
+                self.prefix_cache.save(self.cache, slot, context, len(context))
+        finally:
             self.cache.release(slot)
 
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
-        live = [r for r in requests if r.k > 0 and len(r.context) + r.k < self.cache.max_len]
+        # a session closed meanwhile (its draft was cancelled) gets nothing: its slot may already be another's
+        live = [r for r in requests
+                if r.k > 0 and len(r.context) + r.k < self.cache.max_len and r.session_id in self._slots]
         drafts = {r.session_id: Draft([]) for r in requests}
         if not live:
             return [drafts[r.session_id] for r in requests]
-        rows = []
+        rows, fresh = [], []
         for r in live:
-            cached = self._cached[r.session_id]
-            keep = _common_prefix(cached, r.context)
+            slot, cached = self._slots[r.session_id], self._cached[r.session_id]
+            if not cached and self.prefix_cache is not None:  # an empty slot: start from the longest cached prefix
+                keep = self.prefix_cache.restore(self.cache, slot, r.context)
+                self.cached_tokens += keep
+                fresh.append(r)
+            else:
+                keep = _common_prefix(cached, r.context)
             keep = min(keep, len(r.context) - 1)  # the last token is always fed: its logits start the draft
-            rows.append(Row(self._slots[r.session_id], keep, r.context[keep:]))
+            self.prefilled_tokens += len(r.context) - keep
+            rows.append(Row(slot, keep, r.context[keep:]))
             self._cached[r.session_id] = list(r.context)
+            self._context[r.session_id] = list(r.context)
         for step in range(max(r.k for r in live)):
             logits = self.engine.forward(self.cache, rows)
             next_rows = []
@@ -125,6 +154,10 @@ class ModelDrafter:
             if not next_rows:
                 break
             live, rows = [r for r, _ in next_rows], [row for _, row in next_rows]
+        # Drafted tokens went to positions past each context, so the prompts' KV is intact: save it now, so that
+        # sessions opened meanwhile with the same system prompt hit without waiting for this one to close.
+        for r in fresh:
+            self.prefix_cache.save(self.cache, self._slots[r.session_id], r.context, len(r.context))
         return [drafts[r.session_id] for r in requests]
 
 
@@ -160,21 +193,31 @@ def make_drafter(
     max_sessions: int = 64,
     max_sequence_length: int = 2048,
     target: str | None = None,
+    prefix_cache_blocks: int = 256,
 ):
-    """`ngram`, a drafter artifact (`target` names the model whose embeddings it borrows), or a model SPEC."""
+    """`ngram`, a drafter artifact (`target` names the model whose embeddings it borrows), or a model SPEC.
+    prefix_cache_blocks: the model drafter's prefix cache size in 16-token KV blocks (0 = off)."""
     if spec == "ngram":
         return NgramDrafter()
     from specdec import models
     from specdec.drafter_model import is_drafter_artifact, load_drafter
+    from specdec.prefix_hash import model_seed
     from verifier_service.app import default_dtype
 
     draft_vocab = None
     spec, alias_target = models.resolve_drafter(spec)
+    identity = f"drafter:{spec}"
     if is_drafter_artifact(spec):
-        hf_model = load_drafter(spec, target or alias_target or models.DEFAULT_TARGET)
+        target = target or alias_target or models.DEFAULT_TARGET
+        hf_model = load_drafter(spec, target)
+        identity += f":{target}"  # the KV also depends on the target's embeddings the artifact borrows
         if getattr(hf_model, "draft_vocab", None) is not None:
             draft_vocab = hf_model.draft_vocab.tolist()
     else:
         hf_model = models.load_hf_model(spec)
     engine = LlamaEngine(hf_model, device=device, dtype=default_dtype(device))
-    return ModelDrafter(engine, max_sessions, max_sequence_length, draft_vocab)
+    prefix_cache = None
+    if prefix_cache_blocks > 0:
+        # The "drafter:" identity keeps these keys apart from any verifier's, even for the same model files.
+        prefix_cache = PrefixCache(engine.shape, prefix_cache_blocks, engine.device, engine.dtype, model_seed(identity))
+    return ModelDrafter(engine, max_sessions, max_sequence_length, draft_vocab, prefix_cache)

@@ -31,10 +31,24 @@ class DraftBatcher:
         self._pending: list[tuple[DraftRequest, asyncio.Future]] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._closing: set[asyncio.Task] = set()
         self.pending_work = 0  # sessions waiting for a draft: the drafter tier's load metric
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="draft-batcher")
+
+    def close(self, session_id: str) -> None:
+        """Frees a session's drafter state on the torch thread, in order behind any draft of it still running there
+        (a cancelled proactive draft) and with the time to save its KV into the prefix cache; never waits."""
+        task = asyncio.get_running_loop().create_task(self._close(session_id))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _close(self, session_id: str) -> None:
+        try:
+            await compute.run(self.drafter.close, session_id)
+        except Exception:
+            log.exception("closing drafter session %s failed", session_id)
 
     async def propose(self, request: DraftRequest) -> Draft:
         if request.k == 0:
@@ -165,7 +179,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
             await context.abort(exc.code, str(exc))
         finally:
             self.sessions_in_flight -= 1
-            drafter.close(spec.session_id)
+            self.batcher.close(spec.session_id)
             if opened:  # cancelled or failed mid-session: free the verifier's KV now
                 link.close_session(spec.session_id)
 

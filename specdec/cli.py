@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     flag(d, "--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     flag(d, "--max-draft-tokens", default=5, type=int, help="draft block length when the request leaves it unset")
     flag(d, "--max-sessions", default=64, type=int, help="sessions drafted at once (model drafter KV slots)")
+    flag(d, "--prefix-cache-blocks", default=256, type=int,
+         help="model drafter's prefix cache size in 16-token KV blocks (0 = off): shared prompts prefill once")
     flag(d, "--proactive", default=None, type=_yes_no,
          help="draft the next block while one is verified: yes|no (default: yes on a CUDA device)")
     d.set_defaults(func=cmd_serve_drafter)
@@ -244,7 +246,7 @@ def cmd_serve_drafter(args) -> int:
 
     return _run_one(lambda: start_drafter(
         args.host, args.port, args.model, args.device, args.max_draft_tokens, args.max_sessions, args.grace,
-        args.proactive, args.target,
+        args.proactive, args.target, prefix_cache_blocks=args.prefix_cache_blocks,
     ))
 
 
