@@ -90,7 +90,7 @@ class RouterServicer(generation_pb2_grpc.GenerationServicer):
                 except grpc.aio.AioRpcError as exc:
                     log.warning("verifier %s did not answer GetModelInfo: %s", pod.address, exc.code().name)
             else:
-                raise Unavailable("no verifier reachable; check the --verifier addresses and that verifiers are up")
+                raise Unavailable(f"no verifier reachable; check {self.verifiers.origin} and that verifiers are up")
         return self._info
 
     # -- the RPC -----------------------------------------------------------------------------------------------------
