@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+from router.discovery import KubeDiscovery
 from router.pool import Pool
 from router.scoring import Chooser, Locator, Weights
 from router.service import RouterServicer
@@ -40,19 +41,28 @@ async def start_router(
     weights: Weights = Weights(),
     locality_ttl: float = 30.0,
     redis_timeout: float = 0.05,
+    discovery: KubeDiscovery | None = None,
 ) -> GrpcServer:
-    if not verifiers:
+    """`discovery` None: the static `verifiers` and `drafters` lists. Given: the pools follow the Services' ready
+    endpoints (a pool may be empty for a while; requests then get UNAVAILABLE), `drafters` stays the drafter list
+    when no drafter Service is named."""
+    if not verifiers and discovery is None:
         raise ValueError("the router needs at least one --verifier address")
     tokenizer = models.load_tokenizer(model)
-    verifier_pool = Pool(verifiers)
+    verifier_pool = Pool(verifiers if discovery is None else [], name="verifier", origin="the --verifier addresses")
+    drafter_pool = Pool(drafters, name="drafter", origin="the --drafter addresses")
     locator = Locator(open_store_factory(redis_url, store, locality_ttl, redis_timeout), reap_interval=locality_ttl / 3)
-    servicer = RouterServicer(tokenizer, verifier_pool, Pool(drafters), max_draft_tokens, max_new_tokens_limit,
+    servicer = RouterServicer(tokenizer, verifier_pool, drafter_pool, max_draft_tokens, max_new_tokens_limit,
                               locator, Chooser(routing, weights))
     server = GrpcServer("router", host, port, grace)
     watcher = asyncio.get_running_loop().create_task(verifier_pool.watch(), name="verifier-health")
+    if discovery is not None:
+        discovery.start(verifier_pool, drafter_pool)
 
     async def on_stop():
         watcher.cancel()
+        if discovery is not None:
+            await discovery.aclose()
         await locator.aclose()
 
     def on_drain():

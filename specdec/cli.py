@@ -106,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     _serving_flags(r, DEFAULT_PORT)
     flag(r, "--drafter", action="append", help="drafter address host:port (repeat for several)")
     flag(r, "--verifier", action="append", help="verifier address host:port (repeat for several)")
+    flag(r, "--discovery", default="static", choices=("static", "kubernetes"),
+         help="where pod addresses come from: static = the --drafter/--verifier lists; kubernetes = the ready "
+         "endpoints of --verifier-service and --drafter-service (EndpointSlice watch; needs list+watch RBAC)")
+    flag(r, "--verifier-service", default=None,
+         help="with --discovery kubernetes: the verifiers' Service, whose ready endpoints (port named grpc) get routed")
+    flag(r, "--drafter-service", default=None,
+         help="with --discovery kubernetes: the drafters' Service (unset: the --drafter list, or verifiers alone)")
+    flag(r, "--kube-namespace", default=None,
+         help="namespace of those Services (default: this pod's own namespace, else `default`)")
     flag(r, "--model", default=DEFAULT_TARGET, help="target SPEC whose tokenizer and chat template to use")
     flag(r, "--max-draft-tokens", default=5, type=int, help="default draft block length k")
     flag(r, "--max-new-tokens-limit", default=4096, type=int, help="largest max_new_tokens a request may ask")
@@ -228,16 +237,26 @@ def _run_one(start) -> int:
 def cmd_serve_router(args) -> int:
     from router.app import start_router
 
-    if not args.verifier:
-        print("specdec serve router: give at least one --verifier ADDR (or SPECDEC_VERIFIER)", file=sys.stderr)
+    discovery = None
+    if args.discovery == "kubernetes":
+        from router.discovery import KubeDiscovery, pod_namespace
+
+        if not args.verifier_service:
+            print("specdec serve router: --discovery kubernetes needs --verifier-service NAME "
+                  "(or SPECDEC_VERIFIER_SERVICE)", file=sys.stderr)
+            return 2
+        discovery = KubeDiscovery(args.kube_namespace or pod_namespace(), args.verifier_service, args.drafter_service)
+    elif not args.verifier:
+        print("specdec serve router: give at least one --verifier ADDR (or SPECDEC_VERIFIER), "
+              "or use --discovery kubernetes", file=sys.stderr)
         return 2
     from router.scoring import Weights
 
     weights = Weights(args.route_cache_weight, args.route_load_weight, args.route_load_slack)
     return _run_one(lambda: start_router(
-        args.host, args.port, args.verifier, args.drafter or [], args.model, args.max_draft_tokens,
+        args.host, args.port, args.verifier or [], args.drafter or [], args.model, args.max_draft_tokens,
         args.max_new_tokens_limit, args.grace, redis_url=args.redis_url, routing=args.routing, weights=weights,
-        locality_ttl=args.locality_ttl, redis_timeout=args.redis_timeout,
+        locality_ttl=args.locality_ttl, redis_timeout=args.redis_timeout, discovery=discovery,
     ))
 
 

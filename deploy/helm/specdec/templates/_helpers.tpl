@@ -122,3 +122,27 @@ app.kubernetes.io/component: {{ .tier }}
 - {name: dshm, mountPath: /dev/shm}
 {{- end }}
 {{- end -}}
+
+{{/*
+checkov suppressions of a workload, each with its reason, as checkov.io/skipN annotations. Only the ones the
+values make true are emitted: (dict "image" .Values.router.image "extra" (list "CKV_K8S_38=why")).
+  CKV_K8S_43 (image by digest): digests are a value (image.digest); tags are the default so that an image built
+    with a plain `docker build -t` installs as is. Pinned when a digest is set.
+  CKV_K8S_15 (pull policy Always): only when a user chooses another pullPolicy, e.g. IfNotPresent for images
+    side-loaded into a local cluster (kind load), where Always would fail.
+*/}}
+{{- define "specdec.checkovSkips" -}}
+{{- $skips := list -}}
+{{- if not .image.digest -}}
+{{- $skips = append $skips "CKV_K8S_43=image digests are optional values (image.digest); tags are the default" -}}
+{{- end -}}
+{{- if ne .image.pullPolicy "Always" -}}
+{{- $skips = append $skips (printf "CKV_K8S_15=pullPolicy %s chosen in values (side-loaded images in local clusters)" .image.pullPolicy) -}}
+{{- end -}}
+{{- $skips = concat $skips (default (list) .extra) -}}
+{{- $lines := list -}}
+{{- range $n, $skip := $skips -}}
+{{- $lines = append $lines (printf "checkov.io/skip%d: %s" (add1 $n) ($skip | quote)) -}}
+{{- end -}}
+{{- join "\n" $lines -}}
+{{- end -}}
