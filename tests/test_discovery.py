@@ -224,7 +224,7 @@ async def discovering(fake: FakeKubeApi, drafter_service: str | None = None):
     return discovery, verifiers, drafters
 
 
-# -- discovery against the fake API server ------------------------------------------------------------------------------
+# -- discovery against the fake API server -----------------------------------------------------------------------------
 def test_ready_endpoints_join_and_unready_ones_leave(fake_api):
     fake_api.put(endpoint_slice("verifiers-a", "verifiers", [("10.0.0.1", True), ("10.0.0.2", False)], 50053))
     fake_api.put(endpoint_slice("other-x", "other", [("10.9.9.9", True)], 50053))  # another Service's slice
@@ -329,7 +329,7 @@ def test_ready_addresses_port_and_conditions():
         "10.0.0.1:7000", "10.0.0.2:50053", "[fd00::5]:50053"}
 
 
-# -- the dynamic pool -----------------------------------------------------------------------------------------------------
+# -- the dynamic pool --------------------------------------------------------------------------------------------------
 async def _health_server():
     server = grpc.aio.server()
     servicer = health.aio.HealthServicer()
