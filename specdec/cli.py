@@ -54,9 +54,11 @@ def _logging(verbose: bool) -> None:
     )
 
 
-def _serving_flags(p: argparse.ArgumentParser, port: int, host: str = "0.0.0.0") -> None:
+def _serving_flags(p: argparse.ArgumentParser, port: int, host: str = "0.0.0.0", metrics_port: int = 9464) -> None:
     flag(p, "--host", default=host, help="address to listen on")
     flag(p, "--port", default=port, type=int, help="port to listen on (0 picks a free one)")
+    flag(p, "--metrics-port", default=metrics_port, type=int,
+         help="Prometheus metrics on http://HOST:PORT/metrics (0 = off); traces: see docs/telemetry.md")
     flag(p, "--grace", default=30.0, type=float, help="seconds sessions in flight get to finish after SIGTERM")
 
 
@@ -92,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Without a role: router, drafter and verifier in one process on loopback, default models. "
         "With a role: one tier, to deploy each tier on its own.",
     )
-    _serving_flags(serve, DEFAULT_PORT, host="127.0.0.1")
+    _serving_flags(serve, DEFAULT_PORT, host="127.0.0.1", metrics_port=0)
     flag(serve, "--model", default=DEFAULT_TARGET, help="target model SPEC (HF dir, .gguf file or alias)")
     flag(serve, "--drafter-model", default=DEFAULT_DRAFTER,
          help="drafter SPEC: a trained drafter, `ngram`, or a small model with the target's tokenizer")
@@ -191,6 +193,8 @@ def cmd_serve_all(args) -> int:
 
     from specdec.locality import InProcessStore
 
+    _start_telemetry(args, "specdec")  # one provider for the three tiers of this process
+
     async def main():
         store = InProcessStore()  # all-in-one: the locality store is a dict shared by verifier and router
         verifier = await start_verifier(
@@ -222,8 +226,18 @@ def cmd_serve_all(args) -> int:
     return 0
 
 
-def _run_one(start) -> int:
+def _start_telemetry(args, service: str) -> None:
+    from specdec import telemetry
+
+    port = telemetry.setup(service, args.metrics_port, args.host)
+    if port:
+        print(f"metrics on :{port}/metrics", flush=True)
+
+
+def _run_one(start, args) -> int:
     from specdec.server import run_servers
+
+    _start_telemetry(args, f"specdec-{args.role}")
 
     async def main():
         server = await start()
@@ -257,7 +271,7 @@ def cmd_serve_router(args) -> int:
         args.host, args.port, args.verifier or [], args.drafter or [], args.model, args.max_draft_tokens,
         args.max_new_tokens_limit, args.grace, redis_url=args.redis_url, routing=args.routing, weights=weights,
         locality_ttl=args.locality_ttl, redis_timeout=args.redis_timeout, discovery=discovery,
-    ))
+    ), args)
 
 
 def cmd_serve_drafter(args) -> int:
@@ -266,7 +280,7 @@ def cmd_serve_drafter(args) -> int:
     return _run_one(lambda: start_drafter(
         args.host, args.port, args.model, args.device, args.max_draft_tokens, args.max_sessions, args.grace,
         args.proactive, args.target, prefix_cache_blocks=args.prefix_cache_blocks,
-    ))
+    ), args)
 
 
 def cmd_serve_verifier(args) -> int:
@@ -276,7 +290,7 @@ def cmd_serve_verifier(args) -> int:
         args.host, args.port, args.model, args.device, args.max_sessions, args.max_sequence_length, args.max_block,
         args.grace, args.prefix_cache_blocks, redis_url=args.redis_url, advertise=args.advertise,
         locality_ttl=args.locality_ttl, redis_timeout=args.redis_timeout,
-    ))
+    ), args)
 
 
 def cmd_generate(args) -> int:

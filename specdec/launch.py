@@ -46,6 +46,8 @@ class ServerProcess:
         self.role = role or "all-in-one"
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
+        if "--metrics-port" not in args:
+            args = ("--metrics-port", "0", *args)  # many servers share this machine; 9464 would clash
         cmd = [sys.executable, "-m", "specdec.cli", "serve", *([role] if role else []), "--host", "127.0.0.1",
                "--port", str(self.port), "--grace", str(grace), *args]
         self._log = open(log, "w") if log else None
