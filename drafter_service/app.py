@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from drafter_service.drafters import make_drafter
 from drafter_service.service import DraftBatcher, DrafterServicer
-from specdec import compute
+from specdec import compute, telemetry
 from specdec.proto import drafter_pb2, drafter_pb2_grpc
 from specdec.server import GrpcServer
 
@@ -30,6 +30,7 @@ async def start_drafter(
     if proactive is None:
         proactive = device.startswith("cuda")
     servicer = DrafterServicer(batcher, max_draft_tokens, proactive)
+    telemetry.instrument_drafter(servicer)  # gauges on /metrics, when this process serves it
     server = GrpcServer("drafter", host, port, grace)
 
     def on_drain():

@@ -15,7 +15,7 @@ import torch
 
 from drafter_service.drafters import Draft, DraftRequest
 from drafter_service.link import VerifierLink
-from specdec import compute
+from specdec import compute, telemetry
 from specdec.errors import InvalidInput, SpecdecError, Unavailable
 from specdec.proto import drafter_pb2, drafter_pb2_grpc, verifier_pb2
 from specdec.sampling import SamplingConfig
@@ -32,7 +32,9 @@ class DraftBatcher:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._closing: set[asyncio.Task] = set()
-        self.pending_work = 0  # sessions waiting for a draft: the drafter tier's load metric
+        # Draft tokens asked for and not yet returned (queued or being drafted): the drafter tier's load metric
+        # (specdec_drafter_pending_work, read by its HPA).
+        self.pending_work = 0
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="draft-batcher")
@@ -55,9 +57,12 @@ class DraftBatcher:
             return Draft([])
         future = asyncio.get_running_loop().create_future()
         self._pending.append((request, future))
-        self.pending_work = len(self._pending)
+        self.pending_work += request.k
         self._wakeup.set()
-        return await future
+        try:
+            return await future
+        finally:
+            self.pending_work -= request.k
 
     async def _run(self) -> None:
         while True:
@@ -65,7 +70,6 @@ class DraftBatcher:
             self._wakeup.clear()
             batch, self._pending = self._pending, []
             batch = [(r, f) for r, f in batch if not f.done()]
-            self.pending_work = 0
             if not batch:
                 continue
             try:
@@ -134,6 +138,12 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
             generator.manual_seed((spec.seed ^ 0x5DEECE66D) & 0xFFFF_FFFF_FFFF_FFFF)
         link = self._link(request.verifier_address)
         drafter = self.batcher.drafter
+        span = telemetry.start_span("specdec.v1.DrafterService/Draft", telemetry.metadata_carrier(context),
+                                    attributes={"specdec.session_id": spec.session_id,
+                                                "specdec.verifier": request.verifier_address})
+        if span is not None:  # the verifier's span of this session becomes a child of this one
+            spec.trace_context.update(telemetry.trace_headers(span))
+        error = None
         self.sessions_in_flight += 1
         opened = False
         try:
@@ -176,8 +186,10 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                 draft = await _usable_ahead(ahead, block, verdict, k) if ahead else None
             opened = False  # the verifier closes finished sessions itself
         except SpecdecError as exc:
+            error = exc
             await context.abort(exc.code, str(exc))
         finally:
+            telemetry.end_span(span, error)
             self.sessions_in_flight -= 1
             self.batcher.close(spec.session_id)
             if opened:  # cancelled or failed mid-session: free the verifier's KV now

@@ -9,7 +9,7 @@ from router.discovery import KubeDiscovery
 from router.pool import Pool
 from router.scoring import Chooser, Locator, Weights
 from router.service import RouterServicer
-from specdec import models
+from specdec import models, telemetry
 from specdec.proto import generation_pb2, generation_pb2_grpc
 from specdec.server import GrpcServer
 from specdec.validation import DEFAULT_MAX_NEW_TOKENS_LIMIT
@@ -54,6 +54,7 @@ async def start_router(
     locator = Locator(open_store_factory(redis_url, store, locality_ttl, redis_timeout), reap_interval=locality_ttl / 3)
     servicer = RouterServicer(tokenizer, verifier_pool, drafter_pool, max_draft_tokens, max_new_tokens_limit,
                               locator, Chooser(routing, weights))
+    servicer.metrics = telemetry.instrument_router(servicer)  # None unless this process serves /metrics
     server = GrpcServer("router", host, port, grace)
     watcher = asyncio.get_running_loop().create_task(verifier_pool.watch(), name="verifier-health")
     if discovery is not None:

@@ -110,6 +110,12 @@ class Locator:
             self.store = self._open_store(model_namespace(model_identity))
             self._reaper = asyncio.get_running_loop().create_task(self._reap(), name="locality-reaper")
 
+    @property
+    def shared_store_down(self) -> bool:
+        """A shared store is configured but did not answer lately: routing is on load and this router's own view
+        (the `load-only` routing mode of the metrics)."""
+        return self._open_store is not None and self.mode == MODE_FALLBACK
+
     def hashes(self, token_ids: list[int], max_tokens: int | None = None) -> list[str]:
         return block_hashes(token_ids, self.seed, max_tokens) if self.seed is not None else []
 
@@ -143,6 +149,7 @@ class Locator:
             try:
                 if await self.store.reap():
                     log.info("reaped pods whose locality heartbeat expired")
+                self._set_mode(MODE_LOCALITY)  # the store answers again, even if no lookup has run since
             except StoreUnavailable:
                 self._set_mode(MODE_FALLBACK)
 

@@ -9,8 +9,10 @@ committed tokens. The client sees every token exactly once.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import time
 import uuid
 
 import grpc
@@ -18,6 +20,7 @@ import grpc
 from router.pool import Pod, Pool
 from router.scoring import Chooser, Locator
 from router.text import TextStreamer
+from specdec import telemetry
 from specdec.errors import InvalidInput, SpecdecError, Unavailable
 from specdec.proto import (
     drafter_pb2,
@@ -58,6 +61,7 @@ class RouterServicer(generation_pb2_grpc.GenerationServicer):
         self.max_new_tokens_limit = max_new_tokens_limit
         self.draining = False
         self.in_flight = 0
+        self.metrics: telemetry.RouterMetrics | None = None  # set by the app when metrics are on
         self._info: verifier_pb2.GetModelInfoResponse | None = None
 
     # -- input -------------------------------------------------------------------------------------------------------
@@ -95,6 +99,27 @@ class RouterServicer(generation_pb2_grpc.GenerationServicer):
 
     # -- the RPC -----------------------------------------------------------------------------------------------------
     async def Generate(self, request, context):
+        """Times and traces the request (gen_ai.server.* metrics, the Generate span) around `_generate`."""
+        started, first, last, error = time.perf_counter(), None, None, None
+        span = telemetry.start_span("specdec.v1.Generation/Generate", telemetry.metadata_carrier(context))
+        try:
+            async with contextlib.aclosing(self._generate(request, context, span)) as responses:
+                async for response in responses:
+                    first = first or time.perf_counter()
+                    last = response
+                    yield response
+        except BaseException as exc:  # aborts, cancellations: recorded, then re-raised as they were
+            error = exc
+            raise
+        finally:
+            ended = time.perf_counter()
+            error_type = _error_type(error, context) if error is not None or not last or not last.finish_reason else None
+            if self.metrics is not None:
+                tokens = last.usage.completion_tokens if last is not None else 0
+                self.metrics.request_done(started, first, ended, tokens, error_type)
+            telemetry.end_span(span, error_type)
+
+    async def _generate(self, request, context, span=None):
         try:
             if self.draining:
                 raise Unavailable("this router is shutting down; retry")
@@ -114,7 +139,7 @@ class RouterServicer(generation_pb2_grpc.GenerationServicer):
         route: dict[str, str] = {}
         self.in_flight += 1
         try:
-            session = self._session(prompt, sampling, k, usage, timeout, request.session_id, route)
+            session = self._session(prompt, sampling, k, usage, timeout, request.session_id, route, span)
             async with contextlib.aclosing(session) as updates:
                 async for update in updates:
                     chunk = streamer.push(list(update.token_ids))
@@ -144,14 +169,16 @@ class RouterServicer(generation_pb2_grpc.GenerationServicer):
         if self.chooser.policy == "locality" and len(candidates) > 1:
             cached = await self.locator.lookup(self.locator.hashes(ids))
         pod = self.chooser.choose(candidates, cached, session_id)
+        if pod is not None and self.metrics is not None:
+            self.metrics.cached_blocks.add(cached.get(pod.address, 0))
         if pod is not None:
             route.update(verifier=pod.address, routing=self.chooser.policy if self.chooser.policy != "locality"
                          else self.locator.mode, **{"cached-blocks": str(cached.get(pod.address, 0))})
         return pod
 
     async def _session(self, prompt: list[int], sampling, k: int, usage: generation_pb2.Usage, timeout,
-                       session_id: str = "", route: dict | None = None):
-        """Committed updates until the session finishes, across pod failures."""
+                       session_id: str = "", route: dict | None = None, span=None):
+        """Committed updates until the session finishes, across pod failures; `span` (or None): the request's."""
         route = {} if route is None else route
         committed: list[int] = []
         failed_drafters: set[str] = set()
@@ -178,7 +205,13 @@ class RouterServicer(generation_pb2_grpc.GenerationServicer):
             pods = [p for p in (verifier, drafter) if p is not None]
             for pod in pods:
                 pod.in_flight += 1
-            call = self._call(spec, verifier, drafter, k, timeout)
+            attempt = telemetry.start_span(
+                "specdec.v1.DrafterService/Draft" if drafter else "specdec.v1.VerifierService/Decode", parent=span,
+                kind=telemetry.SpanKind.CLIENT,
+                attributes={"specdec.verifier": verifier.address, "specdec.drafter": drafter.address if drafter else ""},
+            ) if span is not None else None
+            failure = None
+            call = self._call(spec, verifier, drafter, k, timeout, telemetry.trace_headers(attempt))
             try:
                 async for response in call:
                     update = response.update
@@ -195,6 +228,7 @@ class RouterServicer(generation_pb2_grpc.GenerationServicer):
                 raise Unavailable("the session's stream ended before it finished")
             except (grpc.aio.AioRpcError, Unavailable) as exc:
                 code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else grpc.StatusCode.UNAVAILABLE
+                failure = code.name
                 if code not in _RETRYABLE:
                     raise _as_error(exc) from None
                 culprit, pool, failed = (
@@ -209,6 +243,7 @@ class RouterServicer(generation_pb2_grpc.GenerationServicer):
                 call.cancel()
                 for pod in pods:
                     pod.in_flight -= 1
+                telemetry.end_span(attempt, failure)
         raise Unavailable(f"the session failed on {_MAX_ATTEMPTS} pods in a row; retry later")
 
     def _finished_on(self, verifier: Pod, session_id: str, tokens: list[int]) -> None:
@@ -216,13 +251,15 @@ class RouterServicer(generation_pb2_grpc.GenerationServicer):
         self.chooser.remember(session_id, verifier.address)
         self.locator.learned(verifier.address, self.locator.hashes(tokens, len(tokens) - 1))
 
-    def _call(self, spec, verifier: Pod, drafter: Pod | None, k: int, timeout):
+    def _call(self, spec, verifier: Pod, drafter: Pod | None, k: int, timeout, trace_headers: dict | None = None):
+        """trace_headers: W3C traceparent (and tracestate) for the call's metadata."""
+        metadata = tuple(trace_headers.items()) if trace_headers else None
         if drafter is not None:
             stub = drafter_pb2_grpc.DrafterServiceStub(drafter.channel)
             request = drafter_pb2.DraftRequest(session=spec, verifier_address=verifier.address, max_draft_tokens=k)
-            return stub.Draft(request, timeout=timeout)
+            return stub.Draft(request, timeout=timeout, metadata=metadata)
         stub = verifier_pb2_grpc.VerifierServiceStub(verifier.channel)
-        return stub.Decode(verifier_pb2.DecodeRequest(session=spec), timeout=timeout)
+        return stub.Decode(verifier_pb2.DecodeRequest(session=spec), timeout=timeout, metadata=metadata)
 
 
 def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
@@ -254,6 +291,16 @@ def _accumulate(done: session_pb2.SessionStats, last: session_pb2.SessionStats) 
 def _sum_lists(a, b) -> list[int]:
     n = max(len(a), len(b))
     return [(a[i] if i < len(a) else 0) + (b[i] if i < len(b) else 0) for i in range(n)]
+
+
+def _error_type(error: BaseException | None, context) -> str:
+    """The status code name a failed request ended with (the error_type of the duration metric)."""
+    code = context.code() if hasattr(context, "code") else None
+    if isinstance(code, grpc.StatusCode) and code != grpc.StatusCode.OK:
+        return code.name
+    if error is None or isinstance(error, (GeneratorExit, asyncio.CancelledError)):
+        return grpc.StatusCode.CANCELLED.name  # the client went away before the last message
+    return type(error).__name__
 
 
 def _as_error(exc) -> SpecdecError:

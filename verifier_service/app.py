@@ -8,7 +8,7 @@ import socket
 
 import torch
 
-from specdec import compute, models
+from specdec import compute, models, telemetry
 from specdec.engine import LlamaEngine
 from specdec.locality import Publisher
 from specdec.prefix_hash import model_namespace, model_seed
@@ -78,6 +78,7 @@ async def start_verifier(
         publisher = Publisher(store, pod, ttl=locality_ttl)
     scheduler = compute.call(build_scheduler, model, device, max_sessions, max_sequence_length, max_draft_tokens,
                              prefix_cache_blocks, publisher.changed if publisher else None)
+    scheduler.metrics = telemetry.instrument_verifier(scheduler)  # None unless this process serves /metrics
     scheduler.start()
     if publisher is not None:
         await publisher.start()

@@ -45,6 +45,7 @@ class StepResult:
     tokens: list[int]  # committed and sent to the client (EOS excluded)
     accepted: int  # draft tokens accepted
     session: Session
+    batch_rows: int = 0  # sessions in the forward pass that made it (for traces)
 
 
 @dataclass
@@ -79,6 +80,7 @@ class Scheduler:
         self.draining = False
         self.ticks = 0
         self.last_batch_size = 0
+        self.metrics = None  # specdec.telemetry.VerifierMetrics when this process serves /metrics
         self._saving: set[asyncio.Task] = set()  # closed sessions whose blocks are being saved
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
@@ -210,6 +212,11 @@ class Scheduler:
             for work, result in zip(batch, results):
                 if not work.future.done():
                     work.future.set_result(result)
+            if self.metrics is not None:  # once per tick, never per token
+                self.metrics.record_tick(
+                    sum(w.draft_tokens is None for w in batch),
+                    [(len(w.draft_tokens), r.accepted) for w, r in zip(batch, results) if w.draft_tokens is not None],
+                )
 
     def _tick(self, batch: list[_Work]) -> list[StepResult]:
         """Runs on the worker thread: one pass for the prefills, one for the blocks."""
@@ -238,7 +245,7 @@ class Scheduler:
             probs = probs_from_logits(row_logits[-1].double(), session.settings.sampling)
             _, uniform = session.uniforms(0)
             token = int(sample(probs, uniform[0]))
-            out.append(StepResult(session.commit([token]), 0, session))
+            out.append(StepResult(session.commit([token]), 0, session, len(works)))
         return out
 
     def _verify(self, works: list[_Work]) -> list[StepResult]:
@@ -259,7 +266,7 @@ class Scheduler:
             session.stats.record_block(len(work.draft_tokens), accepted)
             if session.finish == FINISH_NONE and len(session.tokens) >= session.max_length:
                 session.finish = FINISH_LENGTH
-            out.append(StepResult(committed, accepted, session))
+            out.append(StepResult(committed, accepted, session, len(works)))
         return out
 
     def _verify_greedy(self, works: list[_Work], logits: list[torch.Tensor]) -> list[tuple[int, int]]:

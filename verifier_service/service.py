@@ -12,6 +12,7 @@ import logging
 
 import grpc
 
+from specdec import telemetry
 from specdec.convert import settings_from_spec, update_of
 from specdec.errors import SpecdecError
 from specdec.proto import verifier_pb2, verifier_pb2_grpc
@@ -40,6 +41,9 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
 
     async def Decode(self, request, context):
         session_id = request.session.session_id
+        span = telemetry.start_span("specdec.v1.VerifierService/Decode", telemetry.metadata_carrier(context),
+                                    attributes={"specdec.session_id": session_id})
+        error = None
         try:
             settings = settings_from_spec(request.session, self.max_new_tokens_limit)
             result = await self.scheduler.open(settings)
@@ -48,14 +52,20 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
                 result = await self.scheduler.step(session_id, len(result.session.tokens), [])
                 yield verifier_pb2.DecodeResponse(update=update_of(result.session, result.tokens))
         except SpecdecError as exc:
+            error = exc
             await context.abort(exc.code, str(exc))
         finally:
             self.scheduler.close(session_id)
+            telemetry.end_span(span, error)
 
     async def Verify(self, request_iterator, context):
         responses: asyncio.Queue = asyncio.Queue()
         tasks: set[asyncio.Task] = set()
         opened: set[str] = set()
+        spans: dict = {}  # session id -> its span on this stream (only while tracing)
+
+        def end_span(session_id: str, error=None) -> None:
+            telemetry.end_span(spans.pop(session_id, None), error)
 
         async def handle(request):
             kind = request.WhichOneof("kind")
@@ -65,20 +75,37 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
             try:
                 if kind == "close":
                     self.scheduler.close(session_id)
+                    end_span(session_id)
                     return
                 if kind == "open":
                     opened.add(session_id)
+                    span = telemetry.start_span("specdec.v1.VerifierService/Verify", request.open.trace_context,
+                                                attributes={"specdec.session_id": session_id})
+                    if span is not None:
+                        spans[session_id] = span
                     result = await self.scheduler.open(settings_from_spec(request.open, self.max_new_tokens_limit))
                     accepted = 0
                 else:
                     block = request.block
                     dists = [DraftDistribution(list(d.token_ids), list(d.probs)) for d in block.distributions]
-                    result = await self.scheduler.step(
-                        session_id, block.committed_length, list(block.token_ids), dists or None
-                    )
+                    parent = spans.get(session_id)
+                    step_span = None if parent is None else telemetry.start_span(
+                        "verify block", parent=parent, kind=telemetry.SpanKind.INTERNAL,
+                        attributes={"specdec.draft_tokens": len(block.token_ids)})
+                    try:
+                        result = await self.scheduler.step(
+                            session_id, block.committed_length, list(block.token_ids), dists or None
+                        )
+                    except BaseException as exc:
+                        telemetry.end_span(step_span, exc)
+                        raise
                     accepted = result.accepted
+                    if step_span is not None:
+                        telemetry.end_span(step_span, attributes={"specdec.accepted_tokens": accepted,
+                                                                  "specdec.batch_rows": result.batch_rows})
                 if result.session.finish != FINISH_NONE:
                     self.scheduler.close(session_id)
+                    end_span(session_id)
                 responses.put_nowait(
                     verifier_pb2.VerifyResponse(
                         session_id=session_id, update=update_of(result.session, result.tokens), accepted=accepted
@@ -86,6 +113,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
                 )
             except SpecdecError as exc:
                 self.scheduler.close(session_id)
+                end_span(session_id, exc)
                 error = verifier_pb2.VerifyError(code=exc.code.value[0], message=str(exc))
                 responses.put_nowait(verifier_pb2.VerifyResponse(session_id=session_id, error=error))
 
@@ -119,3 +147,5 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
                 task.cancel()
             for session_id in opened:  # a dropped drafter frees its sessions' KV at once
                 self.scheduler.close(session_id)
+            for session_id in list(spans):
+                end_span(session_id, "the Verify stream ended before the session finished")
