@@ -263,6 +263,11 @@ def run(args) -> int:
                                        log=out / f"router-{mode}.log")
                 started.append(router)
                 routers[mode] = router.address
+        for mode in modes:  # first passes capture CUDA graphs (and compile): keep them out of the figures
+            if args.warmup:
+                print(f"warming up {mode}...", flush=True)
+                asyncio.run(run_level(routers[mode], prompts, min(args.warmup, 4), args.warmup, 16,
+                                      0 if mode == "off" else args.k))
         for concurrency in levels:
             for mode in modes:
                 requests = max(args.requests or len(prompts), concurrency)
@@ -327,6 +332,7 @@ def add_parser(sub) -> None:
     flag(p, "--drafter-device", default="cpu", help="torch device of the drafter, e.g. cuda:0")
     flag(p, "--max-sequence-length", default=2048, type=int, help="verifier context per session")
     flag(p, "--address", default=None, help="use this running router instead of starting processes")
+    flag(p, "--warmup", default=2, type=int, help="unmeasured requests per mode before the sweep")
     flag(p, "--baselines", action="store_true", help="also time transformers' generate and assisted generation")
     flag(p, "--baseline-prompts", default=8, type=int, help="prompts for the transformers baselines")
     flag(p, "--out", default=None, help="output directory (default out/bench-TIMESTAMP)")
