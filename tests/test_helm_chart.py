@@ -449,3 +449,20 @@ def test_grafana_dashboard_plots_every_contract_series_and_ships_as_a_labelled_c
     assert pods["prometheus.io/scrape"] == "true" and pods["prometheus.io/port"] == "9464"
     monitor = one(docs, "PodMonitor", FULLNAME)
     assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_chart_command_lines_are_ones_specdec_accepts(rendered, case):
+    """Every container's args parse with the real CLI, so a renamed flag breaks this test, not a rollout."""
+    from specdec.cli import build_parser
+
+    parser = build_parser()
+    for name, spec in pod_specs(objects(rendered[case])).items():
+        for container in spec["containers"] + spec.get("initContainers", []):
+            if container["name"] in ("redis", "generate"):
+                continue
+            args = parser.parse_args(container["args"])
+            assert args.func.__name__ in ("cmd_serve_router", "cmd_serve_drafter", "cmd_serve_verifier",
+                                          "cmd_prepare"), name
+            if args.func.__name__ == "cmd_serve_router":
+                assert args.discovery == "kubernetes" and args.drafter_service == f"{FULLNAME}-drafter"
