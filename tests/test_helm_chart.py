@@ -433,6 +433,7 @@ CONTRACT_SERIES = (
     "specdec_router_sessions_in_flight", "specdec_verifier_queue_depth", "specdec_verifier_batch_occupancy_ratio",
     "specdec_verifier_batch_size", "specdec_speculation_drafts_total", "specdec_speculation_draft_tokens_total",
     "specdec_speculation_accepted_tokens_total", "specdec_speculation_accepted_by_position_total",
+    "specdec_speculation_drafted_by_position_total",
     "specdec_drafter_pending_work", "specdec_drafter_sessions",
 )
 
