@@ -113,7 +113,8 @@ class RouterServicer(generation_pb2_grpc.GenerationServicer):
             raise
         finally:
             ended = time.perf_counter()
-            error_type = _error_type(error, context) if error is not None or not last or not last.finish_reason else None
+            finished = error is None and last is not None and last.finish_reason
+            error_type = None if finished else _error_type(error, context)
             if self.metrics is not None:
                 tokens = last.usage.completion_tokens if last is not None else 0
                 self.metrics.request_done(started, first, ended, tokens, error_type)
@@ -208,7 +209,8 @@ class RouterServicer(generation_pb2_grpc.GenerationServicer):
             attempt = telemetry.start_span(
                 "specdec.v1.DrafterService/Draft" if drafter else "specdec.v1.VerifierService/Decode", parent=span,
                 kind=telemetry.SpanKind.CLIENT,
-                attributes={"specdec.verifier": verifier.address, "specdec.drafter": drafter.address if drafter else ""},
+                attributes={"specdec.verifier": verifier.address,
+                            "specdec.drafter": drafter.address if drafter else ""},
             ) if span is not None else None
             failure = None
             call = self._call(spec, verifier, drafter, k, timeout, telemetry.trace_headers(attempt))

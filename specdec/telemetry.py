@@ -230,7 +230,8 @@ def end_span(span, error: BaseException | str | None = None, attributes: dict | 
     if attributes:
         span.set_attributes(attributes)
     if error is not None:
-        span.set_status(Status(StatusCode.ERROR, error if isinstance(error, str) else f"{type(error).__name__}: {error}"))
+        reason = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        span.set_status(Status(StatusCode.ERROR, reason))
     span.end()
 
 

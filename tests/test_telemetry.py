@@ -62,8 +62,9 @@ def scrape(port: int) -> list:
 
 
 def value(samples: list, name: str, **labels) -> float:
-    """The sum of the samples called `name` whose labels include `labels`; KeyError if there is none."""
-    found = [s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
+    """The sum of the samples called `name` whose labels include `labels` ("": the label is absent or empty, as the
+    exporter writes a label that other series of the family have); KeyError if there is none."""
+    found = [s.value for s in samples if s.name == name and all(s.labels.get(k, "") == v for k, v in labels.items())]
     if not found:
         raise KeyError(f"{name}{labels or ''} is not exposed")
     return sum(found)
@@ -120,21 +121,26 @@ def test_each_tier_serves_its_documented_series_after_a_few_generations(tiers):
     ]
     usages = [responses[-1].usage for responses, _ in runs]
     assert all(responses[-1].finish_reason for responses, _ in runs)
+    with pytest.raises(grpc.RpcError):  # a failed request counts in the duration only, labelled with its status
+        generate(router, PROMPT, 0)
 
     # router: one TTFT, duration and TPOT sample per request; the cached blocks of the verifiers it chose
     r0, r = before_router, scrape(ports["router"])
     for name in ("gen_ai_server_time_to_first_token_seconds", "gen_ai_server_request_duration_seconds",
                  "gen_ai_server_time_per_output_token_seconds"):
-        assert value(r, name + "_count") - _or0(r0, name + "_count") == len(runs), name
-        assert value(r, name + "_bucket", le="+Inf") == value(r, name + "_count")
+        assert value(r, name + "_count", error_type="") - _or0(r0, name + "_count", error_type="") == len(runs)
+        assert value(r, name + "_bucket", le="+Inf", error_type="") == value(r, name + "_count", error_type="")
+    failed = "gen_ai_server_request_duration_seconds_count"
+    assert value(r, failed, error_type="INVALID_ARGUMENT") - _or0(r0, failed, error_type="INVALID_ARGUMENT") == 1
+    assert _or0(r, "gen_ai_server_time_to_first_token_seconds_count", error_type="INVALID_ARGUMENT") == 0
     ttft = value(r, "gen_ai_server_time_to_first_token_seconds_sum")
-    assert 0 < ttft < value(r, "gen_ai_server_request_duration_seconds_sum")
+    assert 0 < ttft < value(r, "gen_ai_server_request_duration_seconds_sum", error_type="")
     assert by_label(r, "specdec_router_routing_mode", "mode") == {
         "locality": 1.0, "load-only": 0.0, "round-robin": 0.0, "random": 0.0}
     cached = sum(int(trailing["x-specdec-cached-blocks"]) for _, trailing in runs)
     assert int(runs[1][1]["x-specdec-cached-blocks"]) > 0  # the repeat went where its prompt's blocks were
-    assert value(r, "specdec_router_cached_prefix_blocks_total") - _or0(r0, "specdec_router_cached_prefix_blocks_total") \
-        == cached
+    counted = value(r, "specdec_router_cached_prefix_blocks_total")
+    assert counted - _or0(r0, "specdec_router_cached_prefix_blocks_total") == cached
     assert value(r, "specdec_router_sessions_in_flight") == 0
 
     # verifier: the speculation counters add up to what the requests' Usage says
