@@ -118,3 +118,36 @@ def test_lru_eviction_stays_in_budget_and_evicts_a_chain_from_its_tail(engine):
     assert prefix.restore(cache, 0, a + [1]) == BLOCK_TOKENS
     assert prefix.restore(cache, 0, b + [1]) == 3 * BLOCK_TOKENS
     assert prefix.restore(cache, 0, b) == 3 * BLOCK_TOKENS - 1  # the last prompt token is always recomputed
+
+
+def test_a_prefix_hit_is_not_padded_to_a_cold_prefill_and_gets_its_first_token_first(engine, eos, tokenizer,
+                                                                                      monkeypatch):
+    """Prefills in one tick: a hit's short tail must neither pay for a cold prompt's width nor wait for it."""
+    passes: list[list[int]] = []  # per forward pass, the new tokens of each row
+    forward = engine.forward
+    monkeypatch.setattr(engine, "forward", lambda cache, rows: passes.append([len(r.tokens) for r in rows])
+                        or forward(cache, rows))
+    hit_prompt = _prompt(tokenizer, "What is a prime number?")
+    cold_prompt = tokenizer.encode(f"Another preamble entirely. {SYSTEM} {SYSTEM}\nQuestion: Why?\nAnswer:")
+
+    async def main():
+        s = Scheduler(engine, eos, max_sessions=3, max_sequence_length=256,
+                      prefix_cache=PrefixCache(engine.shape, 64, engine.device, engine.dtype, SEED))
+        s.start()
+        await _generate(s, "warm", _prompt(tokenizer, "Why is the sky blue?"), max_new=2)  # caches the system prompt
+        passes.clear()
+        finished = []
+        opens = {name: asyncio.ensure_future(s.open(SessionSettings(name, prompt, 4, SamplingConfig())))
+                 for name, prompt in (("cold", cold_prompt), ("hit", hit_prompt))}
+        for name, future in opens.items():
+            future.add_done_callback(lambda _, name=name: finished.append(name))
+        results = {name: await future for name, future in opens.items()}
+        await s.stop()
+        return finished, results
+
+    finished, results = asyncio.run(main())
+    tail = len(hit_prompt) - results["hit"].session.stats.cached_prompt_tokens
+    assert results["hit"].session.stats.cached_prompt_tokens > 0 and results["cold"].session.stats.cached_prompt_tokens == 0
+    assert len(cold_prompt) > 2 * tail
+    assert passes == [[tail], [len(cold_prompt)]]  # shortest first, each in its own pass: no padding
+    assert finished == ["hit", "cold"]

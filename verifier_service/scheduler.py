@@ -201,8 +201,13 @@ class Scheduler:
                 continue
             self.ticks += 1
             self.last_batch_size = len(batch)
+            loop = asyncio.get_running_loop()
+
+            def deliver(work: _Work, result: StepResult) -> None:  # from the torch thread, before the tick ends
+                loop.call_soon_threadsafe(_resolve, work.future, result)
+
             try:
-                results = await compute.run(self._tick, batch)
+                results = await compute.run(self._tick, batch, deliver)
             except Exception as exc:  # a failed pass fails its sessions, never the scheduler
                 log.exception("forward pass failed for %d sessions", len(batch))
                 for work in batch:
@@ -210,42 +215,49 @@ class Scheduler:
                         work.future.set_exception(exc)
                 continue
             for work, result in zip(batch, results):
-                if not work.future.done():
-                    work.future.set_result(result)
+                _resolve(work.future, result)
             if self.metrics is not None:  # once per tick, never per token
                 self.metrics.record_tick(
                     sum(w.draft_tokens is None for w in batch),
                     [(len(w.draft_tokens), r.accepted) for w, r in zip(batch, results) if w.draft_tokens is not None],
                 )
 
-    def _tick(self, batch: list[_Work]) -> list[StepResult]:
-        """Runs on the worker thread: one pass for the prefills, one for the blocks."""
+    def _tick(self, batch: list[_Work], deliver=None) -> list[StepResult]:
+        """Runs on the worker thread: the prefills (see _prefill), then one pass for the blocks. deliver(work,
+        result), when given, hands a prefill its result as soon as its pass is done."""
         results: dict[int, StepResult] = {}
         prefills = [(i, w) for i, w in enumerate(batch) if w.draft_tokens is None]
         blocks = [(i, w) for i, w in enumerate(batch) if w.draft_tokens is not None]
         if prefills:
-            for (i, w), res in zip(prefills, self._prefill([w for _, w in prefills])):
+            for (i, w), res in zip(prefills, self._prefill([w for _, w in prefills], deliver)):
                 results[i] = res
         if blocks:
             for (i, w), res in zip(blocks, self._verify([w for _, w in blocks])):
                 results[i] = res
         return [results[i] for i in range(len(batch))]
 
-    def _prefill(self, works: list[_Work]) -> list[StepResult]:
+    def _prefill(self, works: list[_Work], deliver=None) -> list[StepResult]:
+        """Rows of one pass are padded to its longest row, so a prefix-cache hit's short tail run with a cold prompt
+        would cost a whole prefill and wait for it (measured on CPU: 1.17 s instead of 0.14 s). So prefills run
+        shortest first, in passes of rows within 2x of each other's length, and each result is delivered as soon
+        as its own pass is done."""
         cache = self.prefix_cache
         starts = [cache.restore(self.cache, w.session.slot, w.session.tokens) if cache else 0 for w in works]
         rows = [Row(w.session.slot, start, list(w.session.tokens[start:])) for w, start in zip(works, starts)]
-        logits = self.engine.forward(self.cache, rows)
-        out = []
-        for work, row_logits, start in zip(works, logits, starts):
-            session = work.session
-            session.stats.cached_prompt_tokens = start
-            if cache:
-                cache.after_prefill(self.cache, session)
-            probs = probs_from_logits(row_logits[-1].double(), session.settings.sampling)
-            _, uniform = session.uniforms(0)
-            token = int(sample(probs, uniform[0]))
-            out.append(StepResult(session.commit([token]), 0, session, len(works)))
+        out: list[StepResult | None] = [None] * len(works)
+        for group in _length_groups([len(row.tokens) for row in rows]):
+            logits = self.engine.forward(self.cache, [rows[i] for i in group])
+            for i, row_logits in zip(group, logits):
+                session = works[i].session
+                session.stats.cached_prompt_tokens = starts[i]
+                if cache:
+                    cache.after_prefill(self.cache, session)
+                probs = probs_from_logits(row_logits[-1].double(), session.settings.sampling)
+                _, uniform = session.uniforms(0)
+                token = int(sample(probs, uniform[0]))
+                out[i] = StepResult(session.commit([token]), 0, session, len(group))
+                if deliver is not None:
+                    deliver(works[i], out[i])
         return out
 
     def _verify(self, works: list[_Work]) -> list[StepResult]:
@@ -303,6 +315,22 @@ class Scheduler:
             sample_u.to(dev),
         )
         return list(zip(verdict.num_accepted.tolist(), verdict.next_tokens.tolist()))
+
+
+def _resolve(future: asyncio.Future, result: StepResult) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _length_groups(lengths: list[int]) -> list[list[int]]:
+    """Indices in ascending order of length, cut into groups whose longest is at most twice their shortest."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if groups and lengths[i] <= 2 * lengths[groups[-1][0]]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 def _check_distribution(i: int, token: int, dist: DraftDistribution, vocab_size: int) -> None:
