@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import threading
+from collections import Counter
 from collections.abc import Mapping, Sequence
 
 from opentelemetry import trace
@@ -331,11 +332,16 @@ class VerifierMetrics:
             self._positions.append({"position": str(len(self._positions) + 1)})
         return self._positions[i]
 
-    def record_tick(self, prefill_rows: int, blocks: Sequence[tuple[int, int]]) -> None:
-        """One scheduler tick: its prefill pass of `prefill_rows` rows and its verify pass over `blocks`, each
-        (draft tokens verified, draft tokens accepted); a plain decode step is (0, 0)."""
-        if prefill_rows:
-            self.batch_size.record(prefill_rows)
+    def record_tick(self, prefill_rows: Sequence[int], blocks: Sequence[tuple[int, int]]) -> None:
+        """One scheduler tick: its prefill passes and its verify pass.
+
+        prefill_rows: for each session prefilled, the rows of the pass that prefilled it (a pass of n rows appears
+        n times). blocks: per session in the verify pass, (draft tokens verified, accepted); (0, 0) is a plain
+        decode step.
+        """
+        for rows, sessions in Counter(prefill_rows).items():
+            for _ in range(sessions // rows):
+                self.batch_size.record(rows)
         if not blocks:
             return
         self.batch_size.record(len(blocks))

@@ -21,7 +21,6 @@ from specdec import Client
 from specdec.launch import ServerProcess, free_port
 from specdec.proto import generation_pb2, generation_pb2_grpc
 
-pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]
 MAX_SESSIONS = 8
 # Long enough for several full 16-token blocks, so a repeat of it finds them cached on the verifier.
@@ -110,6 +109,7 @@ def read_spans(path: Path) -> list[dict]:
 
 
 # -- metrics ----------------------------------------------------------------------------------------------------------
+@pytest.mark.e2e
 def test_each_tier_serves_its_documented_series_after_a_few_generations(tiers):
     router, ports = tiers["router"].address, tiers["ports"]
     before_verifier = scrape(ports["verifier"])  # the trace test may have run first: count from here
@@ -185,6 +185,7 @@ def _or0(samples: list, name: str, **labels) -> float:
         return 0.0
 
 
+@pytest.mark.e2e
 def test_gauges_follow_a_session_in_flight(tiers):
     """While one long generation runs, each tier's gauge shows it; afterwards they are back to zero."""
     ports = tiers["ports"]
@@ -212,6 +213,7 @@ def test_gauges_follow_a_session_in_flight(tiers):
     eventually(lambda: value(scrape(ports["drafter"]), "specdec_drafter_sessions") == 0)
 
 
+@pytest.mark.e2e
 def test_routing_mode_says_load_only_while_redis_is_down(tiers):
     verifier = tiers["verifier"].address
     port = free_port()
@@ -229,12 +231,14 @@ def test_routing_mode_says_load_only_while_redis_is_down(tiers):
         router.stop()
 
 
+@pytest.mark.e2e
 def test_the_metrics_port_is_printed_at_start(tiers):
     log = ROOT / ".cache" / f"test-telemetry-verifier-{tiers['ports']['verifier']}.log"
     assert f"metrics on :{tiers['ports']['verifier']}/metrics" in log.read_text()
 
 
 # -- traces -----------------------------------------------------------------------------------------------------------
+@pytest.mark.e2e
 def test_one_request_is_one_trace_across_router_drafter_and_verifier(tiers):
     """The client's W3C traceparent continues through the router, the Draft call and the shared Verify stream."""
     trace_id, client_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
@@ -271,6 +275,7 @@ def test_one_request_is_one_trace_across_router_drafter_and_verifier(tiers):
     assert verify["end_ns"] <= generate_span["end_ns"]  # the verifier finished the session before the router
 
 
+@pytest.mark.e2e
 def test_a_request_without_speculation_is_traced_from_router_to_verifier(tiers):
     before = {s["trace_id"] for s in read_spans(tiers["traces"] / "router.jsonl")}
     generate(tiers["router"].address, "Name a colour:", 4, max_draft_tokens=0)
@@ -292,3 +297,34 @@ def test_a_request_without_speculation_is_traced_from_router_to_verifier(tiers):
                   if s["trace_id"] == root["trace_id"] and s["kind"] == "CLIENT"]
     assert attempt["name"] == "specdec.v1.VerifierService/Decode"
     assert decode["parent_span_id"] == attempt["span_id"]
+
+
+# -- the verifier's per-tick accounting, without processes -----------------------------------------------------------
+def test_a_tick_records_one_batch_size_per_forward_pass_and_acceptance_by_position():
+    from types import SimpleNamespace
+
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from specdec.telemetry import VerifierMetrics
+
+    reader = InMemoryMetricReader()
+    scheduler = SimpleNamespace(queue_depth=3, sessions={"a": 1, "b": 2}, cache=SimpleNamespace(num_slots=8))
+    metrics = VerifierMetrics(MeterProvider(metric_readers=[reader]).get_meter("test"), scheduler)
+    # prefill passes of 2 rows and of 1 row; a verify pass of 3 rows: 3 of 4 accepted, a plain step, 2 of 2
+    metrics.record_tick([2, 1, 2], [(4, 3), (0, 0), (2, 2)])
+    points = {m.name: m.data.data_points for rm in reader.get_metrics_data().resource_metrics
+              for sm in rm.scope_metrics for m in sm.metrics}
+
+    def by_position(name):
+        return {p.attributes["position"]: p.value for p in points[name]}
+
+    (sizes,) = points["specdec.verifier.batch_size"]
+    assert (sizes.count, sizes.sum) == (3, 2 + 1 + 3)
+    assert [p.value for p in points["specdec.speculation.drafts"]] == [2]
+    assert [p.value for p in points["specdec.speculation.draft_tokens"]] == [6]
+    assert [p.value for p in points["specdec.speculation.accepted_tokens"]] == [5]
+    assert by_position("specdec.speculation.drafted_by_position") == {"1": 2, "2": 2, "3": 1, "4": 1}
+    assert by_position("specdec.speculation.accepted_by_position") == {"1": 2, "2": 2, "3": 1}
+    assert [p.value for p in points["specdec.verifier.queue_depth"]] == [3]
+    assert [p.value for p in points["specdec.verifier.batch_occupancy_ratio"]] == [2 / 8]

@@ -218,7 +218,7 @@ class Scheduler:
                 _resolve(work.future, result)
             if self.metrics is not None:  # once per tick, never per token
                 self.metrics.record_tick(
-                    sum(w.draft_tokens is None for w in batch),
+                    [r.batch_rows for w, r in zip(batch, results) if w.draft_tokens is None],
                     [(len(w.draft_tokens), r.accepted) for w, r in zip(batch, results) if w.draft_tokens is not None],
                 )
 
