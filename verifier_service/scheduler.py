@@ -45,7 +45,7 @@ class StepResult:
     tokens: list[int]  # committed and sent to the client (EOS excluded)
     accepted: int  # draft tokens accepted
     session: Session
-    batch_rows: int = 0  # sessions in the forward pass that made it (for traces)
+    batch_rows: int = 0  # sessions in the forward pass that made it (traces, the batch-size metric)
 
 
 @dataclass
