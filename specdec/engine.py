@@ -285,9 +285,9 @@ class _GraphRunner:
         # bucket on the one dynamic compilation (a padded row or token costs next to nothing here).
         self.floor = 2 if compile else 1
         if compile:
-            import torch._dynamo
+            from torch import _dynamo
 
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
             self.step = torch.compile(self._eager_step, dynamic=True)
 
     def _eager_step(self, cache: KVCache, tokens, positions, write_slots, write_pos, slots, length: int):
@@ -332,8 +332,9 @@ class _GraphRunner:
         # A replay must reproduce the eager pass on the same inputs; a graph that does not (say, captured empty)
         # would return stale logits silently, so refuse it loudly instead.
         graph.replay()
-        eager = self._eager_step(cache, *buffers, length)
-        if not torch.allclose(logits.float(), eager.float(), rtol=2e-2, atol=5e-2):
+        # (Against the same function run outside the graph: a compiled pass fuses, so it rounds differently from
+        # the eager one, and both verify and decode use the one pass, so the output stays the engine's own.)
+        if not torch.allclose(logits.float(), self.step(cache, *buffers, length).float(), rtol=1e-2, atol=1e-2):
             raise RuntimeError(f"CUDA graph for batch {batch}, width {width}, kv length {length} does not match "
                                "the eager pass; run with cuda_graphs=False and report this")
         return graph, buffers, logits
