@@ -42,6 +42,7 @@ async def start_router(
     locality_ttl: float = 30.0,
     redis_timeout: float = 0.05,
     discovery: KubeDiscovery | None = None,
+    speculation_max_sessions: int = 16,
 ) -> GrpcServer:
     """`discovery` None: the static `verifiers` and `drafters` lists. Given: the pools follow the Services' ready
     endpoints (a pool may be empty for a while; requests then get UNAVAILABLE), `drafters` stays the drafter list
@@ -53,7 +54,7 @@ async def start_router(
     drafter_pool = Pool(drafters, name="drafter", origin="the --drafter addresses")
     locator = Locator(open_store_factory(redis_url, store, locality_ttl, redis_timeout), reap_interval=locality_ttl / 3)
     servicer = RouterServicer(tokenizer, verifier_pool, drafter_pool, max_draft_tokens, max_new_tokens_limit,
-                              locator, Chooser(routing, weights))
+                              locator, Chooser(routing, weights), speculation_max_sessions)
     servicer.metrics = telemetry.instrument_router(servicer)  # None unless this process serves /metrics
     server = GrpcServer("router", host, port, grace)
     watcher = asyncio.get_running_loop().create_task(verifier_pool.watch(), name="verifier-health")

@@ -51,13 +51,17 @@ class RouterServicer(generation_pb2_grpc.GenerationServicer):
         max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT,
         locator: Locator | None = None,
         chooser: Chooser | None = None,
+        speculation_max_sessions: int = 0,
     ):
+        """speculation_max_sessions: a verifier with this many sessions in flight gets new sessions without a
+        drafter (0 = no limit): under load its batches are full anyway, and drafts would cost throughput."""
         self.tokenizer = tokenizer
         self.locator = locator or Locator()
         self.chooser = chooser or Chooser()
         self.verifiers = verifiers
         self.drafters = drafters
         self.default_draft_tokens = default_draft_tokens
+        self.speculation_max_sessions = speculation_max_sessions
         self.max_new_tokens_limit = max_new_tokens_limit
         self.draining = False
         self.in_flight = 0
@@ -191,7 +195,7 @@ class RouterServicer(generation_pb2_grpc.GenerationServicer):
             route["attempts"] = str(int(route.get("attempts", "0")) + 1)
             if verifier is None:
                 raise Unavailable("no verifier reachable; retry later")
-            drafter = self.drafters.pick(failed_drafters) if k > 0 else None
+            drafter = self.drafters.pick(failed_drafters) if self._speculate(k, sampling, verifier) else None
             spec = session_pb2.SessionSpec(
                 session_id=uuid.uuid4().hex,
                 prompt_ids=prompt + committed,
@@ -247,6 +251,14 @@ class RouterServicer(generation_pb2_grpc.GenerationServicer):
                     pod.in_flight -= 1
                 telemetry.end_span(attempt, failure)
         raise Unavailable(f"the session failed on {_MAX_ATTEMPTS} pods in a row; retry later")
+
+    def _speculate(self, k: int, sampling, verifier: Pod) -> bool:
+        """Whether to attach a drafter. A saturated verifier decodes new sessions alone, except seeded sampled
+        ones: their output must not depend on load (same seed, same output), and greedy output never does."""
+        if k <= 0:
+            return False
+        saturated = 0 < self.speculation_max_sessions <= verifier.in_flight
+        return not saturated or (sampling.temperature > 0 and sampling.HasField("seed"))
 
     def _finished_on(self, verifier: Pod, session_id: str, tokens: list[int]) -> None:
         """The verifier now holds this conversation's blocks (the last token's KV is never computed)."""

@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     flag(r, "--route-load-weight", default=4.0, type=float, help="score penalty per session in flight on a verifier")
     flag(r, "--route-load-slack", default=2, type=int,
          help="sessions above the least-loaded verifier before a verifier is skipped as overloaded")
+    flag(r, "--speculation-max-sessions", default=16, type=int,
+         help="a verifier with this many sessions in flight decodes new sessions without a drafter, since its "
+         "batches are full and drafts would cost throughput (0 = always speculate; seeded sampling always does)")
     r.set_defaults(func=cmd_serve_router)
 
     d = roles.add_parser("drafter", help="a drafter pod")
@@ -271,6 +274,7 @@ def cmd_serve_router(args) -> int:
         args.host, args.port, args.verifier or [], args.drafter or [], args.model, args.max_draft_tokens,
         args.max_new_tokens_limit, args.grace, redis_url=args.redis_url, routing=args.routing, weights=weights,
         locality_ttl=args.locality_ttl, redis_timeout=args.redis_timeout, discovery=discovery,
+        speculation_max_sessions=args.speculation_max_sessions,
     ), args)
 
 

@@ -1,0 +1,42 @@
+"""The router's choice to attach a drafter: speculation yields to a saturated verifier, except where the output
+would depend on it (seeded sampling)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from router.pool import Pool
+from router.service import RouterServicer
+from specdec.proto import generation_pb2
+
+
+def servicer(limit: int) -> RouterServicer:
+    return RouterServicer(None, Pool([]), Pool([]), speculation_max_sessions=limit)
+
+
+def sampling(temperature: float = 0.0, seed: int | None = None) -> generation_pb2.SamplingParams:
+    params = generation_pb2.SamplingParams(max_new_tokens=8, temperature=temperature)
+    if seed is not None:
+        params.seed = seed
+    return params
+
+
+@pytest.mark.parametrize("in_flight, expected", [(0, True), (3, True), (4, False), (40, False)])
+def test_saturated_verifier_decodes_new_greedy_sessions_alone(in_flight, expected):
+    verifier = SimpleNamespace(in_flight=in_flight)
+    assert servicer(4)._speculate(5, sampling(), verifier) is expected
+    assert servicer(4)._speculate(5, sampling(0.7), verifier) is expected  # unseeded sampling: any draw is fine
+
+
+def test_seeded_sampling_keeps_speculating_under_load():
+    # same seed, same output: whether a draft was attached must not depend on the verifier's load
+    verifier = SimpleNamespace(in_flight=100)
+    assert servicer(4)._speculate(5, sampling(0.7, seed=3), verifier)
+
+
+def test_no_limit_and_no_drafts():
+    verifier = SimpleNamespace(in_flight=1000)
+    assert servicer(0)._speculate(5, sampling(), verifier)
+    assert not servicer(0)._speculate(0, sampling(), SimpleNamespace(in_flight=0))
