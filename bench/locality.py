@@ -1,7 +1,8 @@
 """KV-cache locality benchmark: four verifier processes behind one router, routed locality-aware, round-robin and
 random, on a workload of multi-turn conversations and of requests sharing long system prompts.
 
-    .venv/bin/python bench/locality.py [--verifiers 4] [--conversations 8] [--turns 4] [--shared 3x8] [--out DIR]
+    .venv/bin/python bench/locality.py [--verifiers 4] [--conversations 8] [--turns 4] [--shared 3x8]
+        [--workload own|common] [--out DIR]
 
 Starts a redis-server and the verifiers once (each with its prefix cache, publishing to Redis), then for each
 policy a router (`--routing POLICY`) and the same workload, salted per policy so no policy reuses another's
@@ -101,7 +102,12 @@ async def run_policy(router: str, policy: str, tokenizer, args) -> tuple[list[Re
 
         async def conversation(i: int):
             topic = TOPICS[i % len(TOPICS)]
-            messages = [{"role": "system", "content": f"{salt} You are a patient tutor. {PAD}"}]
+            if args.workload == "own":  # each conversation its own context: a student's notes
+                notes = "".join(f"Note {d} of student {i}: {topic} came up again today. " for d in range(12))
+                system = f"{salt} You are the tutor of student {i}. {notes}"
+            else:  # every conversation behind one common system prompt
+                system = f"{salt} You are a patient tutor. {PAD}"
+            messages = [{"role": "system", "content": system}]
             for turn in range(args.turns):
                 messages.append({"role": "user", "content": f"Tell me fact number {turn + 1} about {topic}."})
                 r = await one(stub, policy, "conversation", chat_ids(tokenizer, messages), args.max_new_tokens, pb)
@@ -111,6 +117,8 @@ async def run_policy(router: str, policy: str, tokenizer, args) -> tuple[list[Re
 
         async def shared(i: int, j: int):
             system = SYSTEM_PROMPTS[i % len(SYSTEM_PROMPTS)].format(pad=PAD)
+            if args.workload == "own":  # one system prompt per desk, however many desks
+                system = f"Desk {i}. {system}"
             messages = [{"role": "system", "content": f"{salt} {system}"},
                         {"role": "user", "content": f"Question {j} from customer {rng.randrange(10**6)}."}]
             results.append(await one(stub, policy, "shared", chat_ids(tokenizer, messages), args.max_new_tokens, pb))
@@ -175,6 +183,10 @@ def main() -> int:
     p.add_argument("--conversations", type=int, default=8)
     p.add_argument("--turns", type=int, default=4)
     p.add_argument("--shared", default="3x8", help="system prompts x requests each")
+    p.add_argument("--workload", choices=("own", "common"), default="own",
+                   help="own: each conversation has its own context and each shared system prompt is distinct; "
+                   "common: all conversations share one system prompt and shared prompts repeat every 3 (the "
+                   "first runs' workload, where most of every prompt is cached on every pod whatever the routing)")
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight at most")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--policies", default="locality,round-robin,random")
