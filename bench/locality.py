@@ -209,7 +209,7 @@ def main() -> int:
     try:
         verifiers = [ServerProcess("verifier", "--redis-url", redis_url, "--max-sessions", "8",
                                    "--prefix-cache-blocks", str(args.prefix_cache_blocks),
-                                   env={"OMP_NUM_THREADS": str(args.threads)},
+                                   "--threads", str(args.threads),
                                    log=out / f"verifier-{i}.log") for i in range(args.verifiers)]
         servers += verifiers
         addresses = [v.address for v in verifiers]

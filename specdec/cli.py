@@ -60,6 +60,9 @@ def _serving_flags(p: argparse.ArgumentParser, port: int, host: str = "0.0.0.0",
     flag(p, "--metrics-port", default=metrics_port, type=int,
          help="Prometheus metrics on http://HOST:PORT/metrics (0 = off); traces: see docs/telemetry.md")
     flag(p, "--grace", default=30.0, type=float, help="seconds sessions in flight get to finish after SIGTERM")
+    flag(p, "--threads", default=0, type=int,
+         help="torch CPU threads of this process (0 = the CPU limit: a container's quota, else the usable cores); "
+         "several servers on one machine should share the cores between them")
 
 
 def _compile_flag(p: argparse.ArgumentParser) -> None:
@@ -348,6 +351,10 @@ def cmd_prepare(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.command_line = "specdec " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.command == "serve":
+        from specdec import compute
+
+        compute.set_threads(args.threads or None)
     if getattr(args, "compile", False):
         os.environ["SPECDEC_COMPILE"] = "yes"  # read by every LlamaEngine this process builds
     _logging(args.verbose)

@@ -63,3 +63,13 @@ def test_ngram_drafter_proposes_what_followed_the_latest_match():
     context = [5, 6, 7, 8, 9, 1, 2, 5, 6, 7, 3, 4, 5, 6, 7]
     assert drafter.lookup(context, 3) == [3, 4, 5]  # the latest earlier "5 6 7" was followed by 3 4 5
     assert drafter.lookup([1, 2, 3], 4) == []
+
+
+def test_threads_follow_the_container_cpu_quota():
+    from specdec.compute import cpu_limit
+
+    cores = cpu_limit("max 100000")  # no quota: the usable cores
+    assert cores >= 1
+    assert cpu_limit("100000 100000") == 1
+    assert cpu_limit("150000 100000") == min(2, cores)  # 1.5 CPUs: two threads, never more than the cores
+    assert cpu_limit(f"{100000 * (cores + 8)} 100000") == cores
