@@ -247,7 +247,11 @@ def run(args) -> int:
             print("starting verifier...", flush=True)
             verifier = ServerProcess("verifier", "--model", args.target, "--device", args.verifier_device,
                                      "--max-sessions", str(max(levels)), "--max-sequence-length",
-                                     str(args.max_sequence_length), log=out / "verifier.log")
+                                     str(args.max_sequence_length),
+                                     # Every mode sends the same prompts to this one verifier: with its prefix
+                                     # cache on, the modes after the first would prefill from cache.
+                                     "--prefix-cache-blocks", str(args.prefix_cache_blocks),
+                                     log=out / "verifier.log")
             started.append(verifier)
             for mode in modes:
                 drafters = []
@@ -256,7 +260,10 @@ def run(args) -> int:
                     print(f"starting {mode} drafter...", flush=True)
                     drafter = ServerProcess("drafter", "--model", spec, "--target", args.target,
                                             "--device", args.drafter_device,
-                                            "--max-sessions", str(max(levels)), log=out / f"drafter-{mode}.log")
+                                            "--max-sessions", str(max(levels)),
+                                            *(["--prefix-cache-blocks", str(args.prefix_cache_blocks)]
+                                              if spec != "ngram" else []),
+                                            log=out / f"drafter-{mode}.log")
                     started.append(drafter)
                     drafters = ["--drafter", drafter.address]
                 router = ServerProcess("router", "--verifier", verifier.address, *drafters, "--model", args.target,
@@ -332,6 +339,8 @@ def add_parser(sub) -> None:
     flag(p, "--drafter-device", default="cpu", help="torch device of the drafter, e.g. cuda:0")
     flag(p, "--max-sequence-length", default=2048, type=int, help="verifier context per session")
     flag(p, "--address", default=None, help="use this running router instead of starting processes")
+    flag(p, "--prefix-cache-blocks", default=0, type=int,
+         help="the started verifier's prefix cache (0 = off, so no mode reuses another's prefills)")
     flag(p, "--warmup", default=2, type=int, help="unmeasured requests per mode before the sweep")
     flag(p, "--baselines", action="store_true", help="also time transformers' generate and assisted generation")
     flag(p, "--baseline-prompts", default=8, type=int, help="prompts for the transformers baselines")
