@@ -88,7 +88,8 @@ def _locality_flags(p: argparse.ArgumentParser) -> None:
          help="seconds a Redis call may take before the circuit breaker counts a failure")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; `command` (the subcommand about to run) lets it skip loading the other heavy ones."""
     parser = argparse.ArgumentParser(
         prog="specdec",
         description="Disaggregated speculative decoding: drafters propose, verifiers check in batches, "
@@ -187,13 +188,25 @@ def build_parser() -> argparse.ArgumentParser:
     flag(prep, "--model", default=DEFAULT_TARGET, help="model SPEC to prepare")
     prep.set_defaults(func=cmd_prepare)
 
-    for module in ("specdec.bench", "specdec.train_drafter", "specdec.eval_drafter"):
-        try:
-            mod = __import__(module, fromlist=["add_parser"])
-        except ImportError:
-            continue
-        mod.add_parser(sub)
+    for name, (module, summary) in _HEAVY_COMMANDS.items():
+        if command in (None, name):
+            __import__(module, fromlist=["add_parser"]).add_parser(sub)
+        else:  # listed in `specdec --help` without importing torch for every other command
+            sub.add_parser(name, help=summary)
     return parser
+
+
+# Commands whose modules import torch at load: built only when asked for (or when no command is given).
+_HEAVY_COMMANDS = {
+    "bench": ("specdec.bench", "benchmark sweep: concurrency x modes, JSON + PNG"),
+    "train-drafter": ("specdec.train_drafter", "train a drafter for a target by self-distillation"),
+    "eval-drafter": ("specdec.eval_drafter", "measure a drafter's tau and acceptance against a target"),
+}
+
+
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand named on a command line (its first word that is not an option)."""
+    return next((word for word in argv if not word.startswith("-")), None)
 
 
 # -- commands ---------------------------------------------------------------------------------------------------------
@@ -349,7 +362,8 @@ def cmd_prepare(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = argv if argv is not None else sys.argv[1:]
+    args = build_parser(_command_of(words)).parse_args(argv)
     args.command_line = "specdec " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.command == "serve":
         from specdec import compute

@@ -73,3 +73,16 @@ def test_threads_follow_the_container_cpu_quota():
     assert cpu_limit("100000 100000") == 1
     assert cpu_limit("150000 100000") == min(2, cores)  # 1.5 CPUs: two threads, never more than the cores
     assert cpu_limit(f"{100000 * (cores + 8)} 100000") == cores
+
+
+def test_light_commands_start_without_loading_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from specdec.cli import build_parser; "
+            "build_parser('generate').parse_args(['generate', 'hi']); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    assert "bench" in build_parser().format_help()  # the heavy commands are still listed and built on demand
+    args = build_parser("bench").parse_args(["bench", "--modes", "off"])
+    assert args.modes == "off"
