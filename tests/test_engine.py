@@ -8,10 +8,12 @@ checks exact token equality with transformers' generate.
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 import transformers
 
-from specdec.engine import LlamaEngine, Row, UnsupportedModel
+from specdec.engine import LlamaEngine, Row, UnsupportedModel, _pack
 
 CONFIGS = {
     "llama": (transformers.LlamaConfig, {}),
@@ -127,3 +129,28 @@ def test_bucketed_padded_pass_equals_the_exact_pass():
         for slot, row in enumerate(rows):
             n = row.start + len(row.tokens)
             assert torch.allclose(padded_cache.keys[layer][slot, :, :n], exact_cache.keys[layer][slot, :, :n], atol=1e-6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_pack_lays_out_rows_and_padding(data):
+    """Real tokens go to their slot at their positions; padding writes to the scratch slot; a padding query sits at
+    its row's last position (a real key, so its softmax is finite)."""
+    width = data.draw(st.integers(1, 8))
+    rows = data.draw(st.lists(st.builds(
+        Row, st.integers(0, 40), st.integers(0, 300), st.lists(st.integers(0, 49151), min_size=1, max_size=width)),
+        max_size=12))
+    batch = len(rows) + data.draw(st.integers(0, 4))
+    scratch = 41
+    tokens, positions, write_slots, write_pos, slots = _pack(rows, batch, width, scratch)
+    write_slots, write_pos = write_slots.view(batch, width), write_pos.view(batch, width)
+    for b in range(batch):
+        row = rows[b] if b < len(rows) else None
+        assert slots[b] == (row.slot if row else scratch)
+        for t in range(width):
+            real = row is not None and t < len(row.tokens)
+            assert tokens[b, t] == (row.tokens[t] if real else 0)
+            assert write_slots[b, t] == (row.slot if real else scratch)
+            if row is not None:
+                assert positions[b, t] == row.start + min(t, len(row.tokens) - 1)
+            assert write_pos[b, t] == (positions[b, t] if real else 0)
