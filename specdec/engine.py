@@ -163,9 +163,15 @@ class LlamaEngine:
 
     _graphs = None
 
-    @torch.inference_mode()
     def forward(self, cache: KVCache, rows: list[Row]) -> list[torch.Tensor]:
         """Runs every row in one pass; returns per row logits [n, vocab] (n = len(tokens) or 1), float32."""
+        logits, sizes = self.forward_flat(cache, rows)
+        return list(logits.split(sizes))
+
+    @torch.inference_mode()
+    def forward_flat(self, cache: KVCache, rows: list[Row]) -> tuple[torch.Tensor, list[int]]:
+        """`forward` without the split: logits [sum of n, vocab] float32, rows one after the other, and each
+        row's n. For callers that reduce every row alike (an argmax) in one kernel instead of one per row."""
         batch, width = len(rows), max(len(r.tokens) for r in rows)
         kv_len = max(r.start + len(r.tokens) for r in rows)
         picks = [
@@ -181,12 +187,7 @@ class LlamaEngine:
             x = self._layers(cache, *(t.to(self.device) for t in inputs), kv_len, single)
             # Logits only where a caller reads them: the LM head is a large share of a small model's cost.
             logits = self._head(x[pick_b.to(self.device), pick_t.to(self.device)]).float()  # [n_picks, vocab]
-        out, offset = [], 0
-        for r in rows:
-            n = len(r.tokens) if r.all_logits else 1
-            out.append(logits[offset : offset + n])
-            offset += n
-        return out
+        return logits, [len(r.tokens) if r.all_logits else 1 for r in rows]
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(_rms_norm(x, self.final_norm, self.shape.rms_norm_eps), self.lm_head)

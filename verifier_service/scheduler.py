@@ -262,15 +262,19 @@ class Scheduler:
 
     def _verify(self, works: list[_Work]) -> list[StepResult]:
         rows = [Row(w.session.slot, w.session.kv_length, [w.session.tokens[-1], *w.draft_tokens], True) for w in works]
-        logits = self.engine.forward(self.cache, rows)  # per row [n + 1, vocab], on the engine's device
+        flat, sizes = self.engine.forward_flat(self.cache, rows)  # [sum of (n + 1), vocab], on the engine's device
         # Greedy rows with point-mass drafts need only the target's argmax: k + 1 integers per row instead of
         # dense distributions (verify_greedy gives the same verdicts as verify; tested).
-        greedy = [i for i, w in enumerate(works) if w.session.settings.sampling.greedy and not w.draft_dists]
-        sampled = [i for i in range(len(works)) if i not in set(greedy)]
+        is_greedy = [w.session.settings.sampling.greedy and not w.draft_dists for w in works]
+        greedy = [i for i, g in enumerate(is_greedy) if g]
+        sampled = [i for i, g in enumerate(is_greedy) if not g]
         verdicts: dict[int, tuple[int, int]] = {}
-        for group, run in ((greedy, self._verify_greedy), (sampled, self._verify_sampled)):
-            if group:
-                verdicts.update(zip(group, run([works[i] for i in group], [logits[i] for i in group])))
+        if greedy:
+            verdicts.update(zip(greedy, self._verify_greedy([works[i] for i in greedy], flat, sizes, greedy)))
+        if sampled:
+            logits = flat.split(sizes)
+            verdicts.update(zip(sampled, self._verify_sampled([works[i] for i in sampled],
+                                                              [logits[i] for i in sampled])))
         out = []
         for b, work in enumerate(works):
             session, (accepted, next_token) = work.session, verdicts[b]
@@ -281,15 +285,26 @@ class Scheduler:
             out.append(StepResult(committed, accepted, session, len(works)))
         return out
 
-    def _verify_greedy(self, works: list[_Work], logits: list[torch.Tensor]) -> list[tuple[int, int]]:
-        argmax = torch.nn.utils.rnn.pad_sequence([row.argmax(-1) for row in logits], batch_first=True)
-        k = argmax.shape[1] - 1
-        draft_tokens = torch.zeros(len(works), k, dtype=torch.long)
-        for b, work in enumerate(works):
-            draft_tokens[b, : len(work.draft_tokens)] = torch.tensor(work.draft_tokens, dtype=torch.long)
+    def _verify_greedy(
+        self,
+        works: list[_Work],
+        flat: torch.Tensor,  # [sum of (n + 1) over all rows of the pass, vocab]
+        sizes: list[int],  # n + 1 of every row of the pass
+        picked: list[int],  # the rows of the pass that `works` are
+    ) -> list[tuple[int, int]]:
+        """A constant number of tensor ops per tick, whatever the batch: one argmax over the whole pass, one gather
+        into [rows, k + 1] (padding repeats a row's last position), one host copy of the drafts, one sync."""
+        dev = flat.device
+        argmax = flat.argmax(-1)  # [sum of (n + 1)]
+        offsets = [0]
+        for size in sizes[:-1]:
+            offsets.append(offsets[-1] + size)
+        k = max(len(w.draft_tokens) for w in works)
+        index = torch.tensor([[offsets[i] + min(j, sizes[i] - 1) for j in range(k + 1)] for i in picked])
+        draft_tokens = torch.tensor([w.draft_tokens + [0] * (k - len(w.draft_tokens)) for w in works],
+                                    dtype=torch.long).view(len(works), k)
         draft_lens = torch.tensor([len(w.draft_tokens) for w in works])
-        dev = argmax.device
-        verdict = verify_greedy(argmax, draft_tokens.to(dev), draft_lens.to(dev))
+        verdict = verify_greedy(argmax[index.to(dev)], draft_tokens.to(dev), draft_lens.to(dev))
         return list(zip(verdict.num_accepted.tolist(), verdict.next_tokens.tolist()))  # one device sync
 
     def _verify_sampled(self, works: list[_Work], logits: list[torch.Tensor]) -> list[tuple[int, int]]:
