@@ -140,10 +140,16 @@ class ModelDrafter:
             self._cached[r.session_id] = list(r.context)
             self._context[r.session_id] = list(r.context)
         for step in range(max(r.k for r in live)):
-            logits = self.engine.forward(self.cache, rows)
+            logits, _ = self.engine.forward_flat(self.cache, rows)  # [rows, draft vocab]: one per row
+            # greedy rows: one argmax kernel and one host copy for the whole batch, not one per row
+            argmax = logits.argmax(-1).tolist() if any(r.sampling.greedy for r in live) else []
             next_rows = []
-            for r, row, row_logits in zip(live, rows, logits):
-                token, dist = _pick(row_logits[-1], r, self.draft_vocab)
+            for b, (r, row) in enumerate(zip(live, rows)):
+                if r.sampling.greedy:
+                    index = argmax[b]
+                    token, dist = (self.draft_vocab[index] if self.draft_vocab else index), ([], [])
+                else:
+                    token, dist = _sample(logits[b], r, self.draft_vocab)
                 draft = drafts[r.session_id]
                 draft.tokens.append(token)
                 draft.distributions.append(dist)
@@ -169,13 +175,11 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _pick(
+def _sample(
     logits: torch.Tensor, request: DraftRequest, draft_vocab: list[int] | None
 ) -> tuple[int, tuple[list[int], list[float]]]:
-    """One draft token from logits [draft vocab], with the distribution it was drawn from (full-vocabulary ids)."""
-    if request.sampling.greedy:
-        index = int(logits.argmax())
-        return (draft_vocab[index] if draft_vocab else index), ([], [])
+    """One sampled draft token from logits [draft vocab], with the distribution it was drawn from (full-vocabulary
+    ids). Greedy rows take the batch's argmax instead (ModelDrafter.propose)."""
     top = (logits.double() / request.sampling.temperature).topk(TOP_N)
     # float32 on the wire: sample from exactly the rounded, renormalized values the verifier will see
     probs = top.values.softmax(-1).float()
