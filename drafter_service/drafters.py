@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from specdec.engine import LlamaEngine, Row
+from specdec.hf_engine import TransformersEngine, make_engine
 from specdec.errors import Exhausted
 from specdec.prefix_cache import PrefixCache
 from specdec.sampling import SamplingConfig
@@ -79,7 +80,7 @@ class ModelDrafter:
 
     def __init__(
         self,
-        engine: LlamaEngine,
+        engine: LlamaEngine | TransformersEngine,
         max_sessions: int = 64,
         max_sequence_length: int = 2048,
         draft_vocab: list[int] | None = None,  # full-vocabulary id of each drafter logit (reduced draft head)
@@ -219,9 +220,9 @@ def make_drafter(
             draft_vocab = hf_model.draft_vocab.tolist()
     else:
         hf_model = models.load_hf_model(spec)
-    engine = LlamaEngine(hf_model, device=device, dtype=default_dtype(device))
+    engine = make_engine(hf_model, device=device, dtype=default_dtype(device))
     prefix_cache = None
-    if prefix_cache_blocks > 0:
+    if prefix_cache_blocks > 0 and getattr(engine, "supports_prefix_cache", True):
         # The "drafter:" identity keeps these keys apart from any verifier's, even for the same model files.
         prefix_cache = PrefixCache(engine.shape, prefix_cache_blocks, engine.device, engine.dtype, model_seed(identity))
     return ModelDrafter(engine, max_sessions, max_sequence_length, draft_vocab, prefix_cache)

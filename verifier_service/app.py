@@ -9,7 +9,7 @@ import socket
 import torch
 
 from specdec import compute, models, telemetry
-from specdec.engine import LlamaEngine
+from specdec.hf_engine import make_engine
 from specdec.locality import Publisher
 from specdec.prefix_hash import model_namespace, model_seed
 from specdec.proto import verifier_pb2, verifier_pb2_grpc
@@ -37,9 +37,9 @@ def eos_ids_of(hf_model) -> frozenset[int]:
 def build_scheduler(model: str, device: str, max_sessions: int, max_sequence_length: int, max_draft_tokens: int,
                     prefix_cache_blocks: int = 0, on_change=None):
     hf_model = models.load_hf_model(model)
-    engine = LlamaEngine(hf_model, device=device, dtype=default_dtype(device))
+    engine = make_engine(hf_model, device=device, dtype=default_dtype(device))
     prefix_cache = None
-    if prefix_cache_blocks > 0:
+    if prefix_cache_blocks > 0 and getattr(engine, "supports_prefix_cache", True):
         prefix_cache = PrefixCache(engine.shape, prefix_cache_blocks, engine.device, engine.dtype, model_seed(model),
                                    on_change)
     scheduler = Scheduler(engine, eos_ids_of(hf_model), max_sessions, max_sequence_length, max_draft_tokens,
