@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import torch
 
 from specdec.engine import LlamaEngine, Row
-from specdec.hf_engine import TransformersEngine, make_engine
 from specdec.errors import Exhausted
+from specdec.hf_engine import TransformersEngine, make_engine
 from specdec.prefix_cache import PrefixCache
 from specdec.sampling import SamplingConfig
 
@@ -222,7 +222,7 @@ def make_drafter(
         hf_model = models.load_hf_model(spec)
     engine = make_engine(hf_model, device=device, dtype=default_dtype(device))
     prefix_cache = None
-    if prefix_cache_blocks > 0 and getattr(engine, "supports_prefix_cache", True):
+    if prefix_cache_blocks > 0 and engine.supports_prefix_cache:
         # The "drafter:" identity keeps these keys apart from any verifier's, even for the same model files.
         prefix_cache = PrefixCache(engine.shape, prefix_cache_blocks, engine.device, engine.dtype, model_seed(identity))
     return ModelDrafter(engine, max_sessions, max_sequence_length, draft_vocab, prefix_cache)

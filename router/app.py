@@ -64,8 +64,10 @@ async def start_router(
     async def on_stop():
         watcher.cancel()
         if discovery is not None:
-            await discovery.aclose()
+            await discovery.aclose()  # first: no pool changes while the pools close
         await locator.aclose()
+        await verifier_pool.aclose()
+        await drafter_pool.aclose()
 
     def on_drain():
         servicer.draining = True

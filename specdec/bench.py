@@ -320,10 +320,10 @@ def _write_report(args, out: Path, rows: list[Row], baselines: dict) -> None:
     (out / "results.json").write_text(json.dumps(report, indent=2))
 
 
-def add_parser(sub) -> None:
+def add_parser(sub, summary: str) -> None:
     p = sub.add_parser(
         "bench",
-        help="benchmark sweep: concurrency x modes, JSON + PNG",
+        help=summary,
         description="Starts verifier, drafters and routers as separate processes (or uses --address), runs the "
         "prompt set at each concurrency level in each mode, and reports speed, latency and acceptance.",
     )
@@ -340,7 +340,8 @@ def add_parser(sub) -> None:
     flag(p, "--max-sequence-length", default=2048, type=int, help="verifier context per session")
     flag(p, "--address", default=None, help="use this running router instead of starting processes")
     flag(p, "--prefix-cache-blocks", default=0, type=int,
-         help="the started verifier's prefix cache (0 = off, so no mode reuses another's prefills)")
+         help="prefix cache of the started verifier and model drafter (0 = off, so no mode reuses another's "
+         "prefills)")
     flag(p, "--warmup", default=2, type=int, help="unmeasured requests per mode before the sweep")
     flag(p, "--baselines", action="store_true", help="also time transformers' generate and assisted generation")
     flag(p, "--baseline-prompts", default=8, type=int, help="prompts for the transformers baselines")

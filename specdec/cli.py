@@ -190,13 +190,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     for name, (module, summary) in _HEAVY_COMMANDS.items():
         if command in (None, name):
-            __import__(module, fromlist=["add_parser"]).add_parser(sub)
+            __import__(module, fromlist=["add_parser"]).add_parser(sub, summary)
         else:  # listed in `specdec --help` without importing torch for every other command
             sub.add_parser(name, help=summary)
     return parser
 
 
-# Commands whose modules import torch at load: built only when asked for (or when no command is given).
+# Commands whose modules import torch at load: built only when asked for (or when no command is given); the
+# summary here is the one `specdec --help` shows either way.
 _HEAVY_COMMANDS = {
     "bench": ("specdec.bench", "benchmark sweep: concurrency x modes, JSON + PNG"),
     "train-drafter": ("specdec.train_drafter", "train a drafter for a target by self-distillation"),

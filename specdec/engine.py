@@ -129,6 +129,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class LlamaEngine:
     """The forward pass of a Llama-family model over a KVCache."""
 
+    supports_prefix_cache = True  # its KVCache layout is what specdec.prefix_cache copies blocks from
+
     def __init__(self, hf_model, device="cpu", dtype=torch.float32, cuda_graphs: bool | None = None,
                  compile: bool | None = None):
         """cuda_graphs: replay decode/verify passes as CUDA graphs (default: on when the device is CUDA).

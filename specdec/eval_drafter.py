@@ -232,10 +232,10 @@ def read_prompts(path: str, tokenizer) -> list[list[int]]:
     return prompts
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers, summary: str) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "eval-drafter",
-        help="measure a drafter's tau and acceptance against a target",
+        help=summary,
         description=__doc__.split("\n\n")[0],
     )
     p.add_argument("--target", default=models.DEFAULT_TARGET, help="target model SPEC (default: %(default)s)")

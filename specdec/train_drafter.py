@@ -340,10 +340,10 @@ def held_out_metrics(target, students, held_out, vocab_index, batch_size, max_le
     return [{k: round(v / max(1, positions), 4) for k, v in acc.items()} for acc in sums]
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers, summary: str) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "train-drafter",
-        help="train a drafter for a target by self-distillation",
+        help=summary,
         description=__doc__.split("\n\n")[0],
     )
     p.add_argument("--target", default=models.DEFAULT_TARGET, help="target model SPEC (default: %(default)s)")

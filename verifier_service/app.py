@@ -39,7 +39,7 @@ def build_scheduler(model: str, device: str, max_sessions: int, max_sequence_len
     hf_model = models.load_hf_model(model)
     engine = make_engine(hf_model, device=device, dtype=default_dtype(device))
     prefix_cache = None
-    if prefix_cache_blocks > 0 and getattr(engine, "supports_prefix_cache", True):
+    if prefix_cache_blocks > 0 and engine.supports_prefix_cache:
         prefix_cache = PrefixCache(engine.shape, prefix_cache_blocks, engine.device, engine.dtype, model_seed(model),
                                    on_change)
     scheduler = Scheduler(engine, eos_ids_of(hf_model), max_sessions, max_sequence_length, max_draft_tokens,

@@ -12,6 +12,7 @@ This module owns admission (KV slots), block validation and commit rules; it kno
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import torch
 from specdec import compute
 from specdec.engine import LlamaEngine, Row
 from specdec.errors import Exhausted, InvalidInput, Unavailable
+from specdec.hf_engine import TransformersEngine
 from specdec.sampling import probs_from_logits, sample
 from specdec.validation import check_prompt_ids
 from specdec.verification import verify, verify_greedy
@@ -59,7 +61,7 @@ class _Work:
 class Scheduler:
     def __init__(
         self,
-        engine: LlamaEngine,
+        engine: LlamaEngine | TransformersEngine,
         eos_ids: frozenset[int],
         max_sessions: int = 8,
         max_sequence_length: int = 2048,
@@ -296,9 +298,7 @@ class Scheduler:
         into [rows, k + 1] (padding repeats a row's last position), one host copy of the drafts, one sync."""
         dev = flat.device
         argmax = flat.argmax(-1)  # [sum of (n + 1)]
-        offsets = [0]
-        for size in sizes[:-1]:
-            offsets.append(offsets[-1] + size)
+        offsets = [0, *itertools.accumulate(sizes[:-1])]  # where each row of the pass starts in `flat`
         k = max(len(w.draft_tokens) for w in works)
         index = torch.tensor([[offsets[i] + min(j, sizes[i] - 1) for j in range(k + 1)] for i in picked])
         draft_tokens = torch.tensor([w.draft_tokens + [0] * (k - len(w.draft_tokens)) for w in works],
