@@ -196,8 +196,8 @@ def main() -> int:
     p.add_argument("--out", default=None, help="directory for the JSON (default bench/results/locality-TIME)")
     args = p.parse_args()
     # Each verifier is a process with its own OpenMP team. Teams that together outnumber the cores spin against
-    # each other at every parallel region: measured here, 4 processes x 2 threads on 2 cores took ~4 s per decode
-    # step against ~0.25 s with 1 thread each, which buries the prefill work that routing saves.
+    # each other at every parallel region: with --threads 2 on this 2-core machine, TTFT p50 was 7.6x and
+    # throughput 6.4x worse than with 1 (docs/locality.md), which buries the prefill work that routing saves.
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.verifiers)
 
     os.environ.setdefault("SPECDEC_CACHE_DIR", str(ROOT / ".cache"))

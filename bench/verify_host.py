@@ -1,6 +1,7 @@
 """Host time of one verifier verify tick, with the model's compute made negligible: a 1-layer, 64-wide Llama with
 a 1,024-token vocabulary, on CPU. What is left is the scheduler's and the engine's per-row Python and tensor
-bookkeeping, the same code that runs between GPU passes. Prints milliseconds per tick at each batch size.
+bookkeeping, the same code that runs between GPU passes. Prints milliseconds per tick at each batch size, and
+how much of it packing the pass's inputs (specdec.engine._pack) takes.
 
     .venv/bin/python bench/verify_host.py --batches 1,64,256 --k 5
 """
@@ -19,7 +20,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from specdec.engine import LlamaEngine  # noqa: E402
+from specdec.engine import LlamaEngine, Row, _pack  # noqa: E402
 from specdec.sampling import SamplingConfig  # noqa: E402
 from verifier_service.scheduler import Scheduler, _Work  # noqa: E402
 from verifier_service.session import Session, SessionSettings  # noqa: E402
@@ -57,8 +58,20 @@ def main() -> int:
         return statistics.median(times)
 
     for batch in (int(b) for b in args.batches.split(",")):
-        print(f"batch {batch:4d}, {args.k} draft tokens per row: {asyncio.run(run(batch)):.2f} ms per verify tick")
+        print(f"batch {batch:4d}, {args.k} draft tokens per row: {asyncio.run(run(batch)):.2f} ms per verify tick, "
+              f"{time_pack(batch, args.k + 1):.3f} ms of it packing the pass's inputs")
     return 0
+
+
+def time_pack(batch: int, width: int, runs: int = 50) -> float:
+    """Median milliseconds of specdec.engine._pack for `batch` rows of `width` tokens."""
+    rows = [Row(b, 300 + b, list(range(100, 100 + width))) for b in range(batch)]
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        _pack(rows, batch, width, batch)
+        times.append((time.perf_counter() - started) * 1e3)
+    return statistics.median(times)
 
 
 if __name__ == "__main__":
