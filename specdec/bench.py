@@ -227,6 +227,25 @@ def plot(rows: list[Row], baselines: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def start_verifier_process(target: str, device: str, max_sessions: int, max_sequence_length: int,
+                           prefix_cache_blocks: int, log: Path):
+    """`specdec serve verifier` in its own process (compilation follows SPECDEC_COMPILE, which it inherits)."""
+    from specdec.launch import ServerProcess
+
+    return ServerProcess("verifier", "--model", target, "--device", device, "--max-sessions", str(max_sessions),
+                         "--max-sequence-length", str(max_sequence_length),
+                         # 0 = off: a run sends the same prompts to this one verifier again and again (every mode,
+                         # every warm-up), and with the cache on the later ones would prefill from cache.
+                         "--prefix-cache-blocks", str(prefix_cache_blocks), log=log)
+
+
+def start_router_process(verifier_address: str, drafter_flags: list[str], target: str, log: Path):
+    """`specdec serve router` in its own process; drafter_flags: ["--drafter", ADDR, ...], or none (no speculation)."""
+    from specdec.launch import ServerProcess
+
+    return ServerProcess("router", "--verifier", verifier_address, *drafter_flags, "--model", target, log=log)
+
+
 def run(args) -> int:
     from specdec.launch import ServerProcess
 
@@ -245,13 +264,8 @@ def run(args) -> int:
             routers = {m: args.address for m in modes}
         else:
             print("starting verifier...", flush=True)
-            verifier = ServerProcess("verifier", "--model", args.target, "--device", args.verifier_device,
-                                     "--max-sessions", str(max(levels)), "--max-sequence-length",
-                                     str(args.max_sequence_length),
-                                     # Every mode sends the same prompts to this one verifier: with its prefix
-                                     # cache on, the modes after the first would prefill from cache.
-                                     "--prefix-cache-blocks", str(args.prefix_cache_blocks),
-                                     log=out / "verifier.log")
+            verifier = start_verifier_process(args.target, args.verifier_device, max(levels),
+                                              args.max_sequence_length, args.prefix_cache_blocks, out / "verifier.log")
             started.append(verifier)
             for mode in modes:
                 drafters = []
@@ -266,8 +280,7 @@ def run(args) -> int:
                                             log=out / f"drafter-{mode}.log")
                     started.append(drafter)
                     drafters = ["--drafter", drafter.address]
-                router = ServerProcess("router", "--verifier", verifier.address, *drafters, "--model", args.target,
-                                       log=out / f"router-{mode}.log")
+                router = start_router_process(verifier.address, drafters, args.target, out / f"router-{mode}.log")
                 started.append(router)
                 routers[mode] = router.address
         for mode in modes:  # first passes capture CUDA graphs (and compile): keep them out of the figures
