@@ -3,7 +3,8 @@
 A drafter trained by `specdec train-drafter` is a small Llama-style model that borrows its target's frozen token
 embeddings and LM head, so its artifact holds only what it owns. An artifact is a directory with:
 
-- `config.json`: `format` (ARTIFACT_FORMAT), `target` (the target's SPEC name, for people), `target_hash` (see
+- `config.json`: `format` (ARTIFACT_FORMAT), `kind` ("layers", the default when absent, or "feature": a
+  specdec.feature_drafter that reads the target's hidden states), `target` (the target's SPEC name, for people), `target_hash` (see
   `target_hash`), `llama` (the drafter's own Llama config: hidden size, heads, its `num_hidden_layers`, ...),
   `draft_vocab` (null, or the sorted full-vocabulary ids of the reduced draft head) and `training` (how it was
   made: command, data, steps; informational).
@@ -120,22 +121,24 @@ def save_drafter(
     draft_vocab: list[int] | None,
     training: dict,
     dtype: torch.dtype = torch.float16,
+    kind: str = "layers",
+    state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Writes the drafter's own weights (layers and final norm) and its config; the shared matrices stay out."""
+    """Writes the drafter's own weights (layers and final norm, or `state` when given) and its config; the shared
+    matrices stay out. kind: "layers" (a LlamaForCausalLM drafter) or "feature" (specdec.feature_drafter)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    own = {
-        name: tensor.detach().to("cpu", dtype).contiguous()
-        for name, tensor in model.state_dict().items()
-        if name.startswith("model.layers.") or name == "model.norm.weight"
-    }
+    if state is None:
+        state = {k: v for k, v in model.state_dict().items() if k.startswith("model.layers.") or k == "model.norm.weight"}
+    own = {name: tensor.detach().to("cpu", dtype).contiguous() for name, tensor in state.items()}
     llama = model.config.to_dict()
     for key in CHECKPOINT_ONLY_KEYS:
         llama.pop(key, None)
     config = {
         "format": ARTIFACT_FORMAT,
+        "kind": kind,
         "target": target,
         "target_hash": target_hash_hex,
         "llama": llama,
@@ -167,13 +170,9 @@ def build_drafter(llama_config: dict, embed: torch.Tensor, lm_head: torch.Tensor
     return model
 
 
-def load_drafter(artifact_dir, target_spec: str, device="cpu", dtype=torch.float32):
-    """The drafter of `artifact_dir` as a LlamaForCausalLM on `device`, with `target_spec`'s frozen embeddings.
-
-    Raises DrafterMismatch when `target_spec`'s embeddings or LM head are not the ones the drafter was trained
-    against. The returned model has `draft_vocab`: None (full vocabulary) or a long tensor [draft_vocab_size] of
-    full-vocabulary ids, one per logit.
-    """
+def checked_artifact(artifact_dir, target_spec: str):
+    """(config, target embeddings, target LM head, the artifact's own tensors) after checking that `target_spec` is
+    the target the drafter was trained against (DrafterMismatch otherwise)."""
     from safetensors.torch import load_file
 
     config = read_config(artifact_dir)
@@ -185,12 +184,32 @@ def load_drafter(artifact_dir, target_spec: str, device="cpu", dtype=torch.float
             f"{config['target_hash'][:12]}), but {target_spec!r} has hash {found[:12]}: train one for this target "
             "with `specdec train-drafter`"
         )
-    model = build_drafter(config["llama"], embed, lm_head, config["draft_vocab"])
-    own = load_file(str(Path(artifact_dir) / WEIGHTS_FILE))
+    return config, embed, lm_head, load_file(str(Path(artifact_dir) / WEIGHTS_FILE))
+
+
+def load_own_weights(model, own: dict[str, torch.Tensor], artifact_dir) -> None:
+    """Loads an artifact's layers and norm into a model from `build_drafter`; DrafterMismatch if they do not fit."""
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in own.items()}, strict=False)
     missing = [k for k in missing if k not in (_EMBED_KEY, _LM_HEAD_KEY)]
     if missing or unexpected:
-        raise DrafterMismatch(f"drafter weights do not fit its config: missing {missing}, unexpected {unexpected}")
+        raise DrafterMismatch(
+            f"drafter {str(artifact_dir)!r}: weights do not fit its config: missing {missing}, unexpected {unexpected}"
+        )
+
+
+def load_drafter(artifact_dir, target_spec: str, device="cpu", dtype=torch.float32):
+    """The drafter of `artifact_dir` as a LlamaForCausalLM on `device`, with `target_spec`'s frozen embeddings.
+
+    Raises DrafterMismatch when `target_spec`'s embeddings or LM head are not the ones the drafter was trained
+    against. The returned model has `draft_vocab`: None (full vocabulary) or a long tensor [draft_vocab_size] of
+    full-vocabulary ids, one per logit. Feature drafters (`kind: "feature"`) load with
+    specdec.feature_drafter.load_feature_drafter instead.
+    """
+    config, embed, lm_head, own = checked_artifact(artifact_dir, target_spec)
+    if config.get("kind", "layers") != "layers":
+        raise DrafterMismatch(f"drafter {str(artifact_dir)!r} is of kind {config['kind']!r}, not a layer drafter")
+    model = build_drafter(config["llama"], embed, lm_head, config["draft_vocab"])
+    load_own_weights(model, own, artifact_dir)
     return model.to(device=device, dtype=dtype).eval()
 
 

@@ -171,25 +171,31 @@ class LlamaEngine:
         return list(logits.split(sizes))
 
     @torch.inference_mode()
-    def forward_flat(self, cache: KVCache, rows: list[Row]) -> tuple[torch.Tensor, list[int]]:
+    def forward_flat(self, cache: KVCache, rows: list[Row], hidden: bool = False):
         """`forward` without the split: logits [sum of n, vocab] float32, rows one after the other, and each
-        row's n. For callers that reduce every row alike (an argmax) in one kernel instead of one per row."""
+        row's n. For callers that reduce every row alike (an argmax) in one kernel instead of one per row.
+        hidden: also return the last layer's output before the final norm at the same positions [sum of n,
+        hidden_size] (in the engine's dtype): what a feature-level drafter (specdec.feature_drafter) reads."""
         batch, width = len(rows), max(len(r.tokens) for r in rows)
         kv_len = max(r.start + len(r.tokens) for r in rows)
         picks = [
             (b, t) for b, r in enumerate(rows) for t in (range(len(r.tokens)) if r.all_logits else [len(r.tokens) - 1])
         ]
-        pick_b = torch.tensor([p[0] for p in picks])
-        pick_t = torch.tensor([p[1] for p in picks])
+        pick_b = torch.tensor([p[0] for p in picks]).to(self.device)
+        pick_t = torch.tensor([p[1] for p in picks]).to(self.device)
         if self._graphs is not None and self._graphs.accepts(batch, width):
-            logits = self._graphs.run(cache, rows, kv_len)[pick_b.to(self.device), pick_t.to(self.device)].float()
+            x, all_logits = self._graphs.run(cache, rows, kv_len)
+            logits = all_logits[pick_b, pick_t].float()
         else:
             inputs = _pack(rows, batch, width, cache.scratch)
             single = rows[0].slot if batch == 1 else None
             x = self._layers(cache, *(t.to(self.device) for t in inputs), kv_len, single)
             # Logits only where a caller reads them: the LM head is a large share of a small model's cost.
-            logits = self._head(x[pick_b.to(self.device), pick_t.to(self.device)]).float()  # [n_picks, vocab]
-        return logits, [len(r.tokens) if r.all_logits else 1 for r in rows]
+            logits = self._head(x[pick_b, pick_t]).float()  # [n_picks, vocab]
+        sizes = [len(r.tokens) if r.all_logits else 1 for r in rows]
+        if hidden:
+            return logits, sizes, x[pick_b, pick_t]
+        return logits, sizes
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(_rms_norm(x, self.final_norm, self.shape.rms_norm_eps), self.lm_head)
@@ -206,9 +212,15 @@ class LlamaEngine:
         single_slot: int | None = None,  # batch of one: read its slot as a view instead of a gather
     ) -> torch.Tensor:
         """The transformer layers; no host synchronization inside, so the pass can be graph-captured."""
+        return self._blocks(cache, self.embed[tokens], positions, write_slots, write_pos, slots, kv_len, single_slot)
+
+    def _blocks(self, cache: KVCache, x: torch.Tensor, positions, write_slots, write_pos, slots, kv_len: int,
+                single_slot: int | None = None) -> torch.Tensor:
+        """The layers over input states x [batch, width, hidden] (token embeddings, or a feature drafter's
+        fused inputs); the other arguments as in `_layers`. Returns the last layer's output, before the norm."""
         s = self.shape
-        batch, width = tokens.shape
-        dev = tokens.device
+        batch, width = x.shape[:2]
+        dev = x.device
         # mask [batch, 1, width, kv_len]: a query at position p sees keys 0..p of its own slot
         mask = (torch.arange(kv_len, device=dev)[None, None, :] <= positions[:, :, None])[:, None]
         freqs = positions[..., None].float() * self.inv_freq  # [batch, width, head_dim / 2]
@@ -216,7 +228,6 @@ class LlamaEngine:
         cos = (emb.cos() * self.attention_scaling).to(self.dtype)[:, None]  # [batch, 1, width, head_dim]
         sin = (emb.sin() * self.attention_scaling).to(self.dtype)[:, None]
 
-        x = self.embed[tokens]  # [batch, width, hidden]
         q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         for i, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.input_norm, s.rms_norm_eps)
@@ -301,7 +312,8 @@ class _GraphRunner:
             self.step = torch.compile(self._eager_step, dynamic=True)
 
     def _eager_step(self, cache: KVCache, tokens, positions, write_slots, write_pos, slots, length: int):
-        return self.engine._head(self.engine._layers(cache, tokens, positions, write_slots, write_pos, slots, length))
+        x = self.engine._layers(cache, tokens, positions, write_slots, write_pos, slots, length)
+        return x, self.engine._head(x)
 
     def accepts(self, batch: int, width: int) -> bool:
         return batch <= self.max_batch and width <= self.max_width
@@ -316,11 +328,11 @@ class _GraphRunner:
             entry = self.graphs.get(key)
             if entry is None:
                 entry = self.graphs[key] = self._capture(cache, batch, width, length)
-            graph, buffers, logits = entry
+            graph, buffers, outputs = entry
             for buffer, value in zip(buffers, _pack(rows, batch, width, cache.scratch)):
                 buffer.copy_(value, non_blocking=True)
             graph.replay()
-            return logits
+            return outputs
 
     def _capture(self, cache: KVCache, batch: int, width: int, length: int):
         engine = self.engine
@@ -338,13 +350,14 @@ class _GraphRunner:
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = step()
+            outputs = step()
+        logits = outputs[1]
         # A replay must reproduce the eager pass on the same inputs; a graph that does not (say, captured empty)
         # would return stale logits silently, so refuse it loudly instead.
         graph.replay()
         # (Against the same function run outside the graph: a compiled pass fuses, so it rounds differently from
         # the eager one, and both verify and decode use the one pass, so the output stays the engine's own.)
-        if not torch.allclose(logits.float(), self.step(cache, *buffers, length).float(), rtol=1e-2, atol=1e-2):
+        if not torch.allclose(logits.float(), self.step(cache, *buffers, length)[1].float(), rtol=1e-2, atol=1e-2):
             raise RuntimeError(f"CUDA graph for batch {batch}, width {width}, kv length {length} does not match "
                                "the eager pass; run with cuda_graphs=False and report this")
-        return graph, buffers, logits
+        return graph, buffers, outputs

@@ -105,9 +105,66 @@ class _ModelDrafter:
         session.draft_len = old_len + min(num_accepted, k - 1)
 
 
+class _FeatureDrafter:
+    """A feature-level drafter (specdec.feature_drafter): reads the target's hidden states of committed tokens."""
+
+    def __init__(self, model, num_slots, max_len, device, dtype):
+        from specdec.feature_drafter import FeatureRunner
+
+        self.runner = FeatureRunner(model, device, dtype, num_slots, max_len)
+        self.draft_vocab = model.draft_vocab
+        self.features: dict[int, torch.Tensor] = {}  # slot -> [committed tokens - 1, hidden]: all but the last's
+        self.valid: dict[int, int] = {}  # slot -> rows in the drafter's cache made from the target's features
+        self._probs = None
+
+    def observe(self, session, features: torch.Tensor) -> None:
+        old = self.features.get(session.slot)
+        self.features[session.slot] = features if old is None else torch.cat((old, features))
+
+    def prefill(self, sessions):
+        """Forgets the slots' earlier sessions; the first draft's step runs the prompt's rows (their features come
+        through observe after this)."""
+        for s in sessions:
+            self.features.pop(s.slot, None)
+            self.valid.pop(s.slot, None)
+
+    def propose(self, sessions, k, config, generator) -> list[list[int]]:
+        rows, feats, known = [], [], []
+        for s in sessions:
+            f = self.features[s.slot]
+            n = f.shape[0]  # = len(s.tokens) - 1; row p is token p + 1 with feature p
+            start = min(self.valid.get(s.slot, 0), n - 1)  # at least one row: its output starts the draft
+            rows.append(Row(s.slot, start, s.tokens[start + 1 : n + 1]))
+            feats.append(f[start:n])
+            self.valid[s.slot] = n  # later rows will hold drafted tokens: not trusted next time
+            known.append(n)
+        proposals, step_probs = [[] for _ in sessions], []
+        for i in range(k):
+            logits, predicted = self.runner.step(rows, feats)
+            probs = probs_from_logits(logits, config)
+            ids = sample(probs, torch.rand(len(sessions), generator=generator).to(probs.device))
+            full_ids = drafter_model.to_target_ids(ids, self.draft_vocab).tolist()
+            step_probs.append(probs)
+            for b in range(len(sessions)):
+                proposals[b].append(full_ids[b])
+            rows = [Row(s.slot, known[b] + i, [full_ids[b]]) for b, s in enumerate(sessions)]
+            feats = list(predicted[:, None])
+        self._probs = torch.stack(step_probs, dim=1)  # [batch, k, draft_vocab]
+        return proposals
+
+    draft_probs = _ModelDrafter.draft_probs
+
+    def committed(self, session, old_len, num_accepted, k):
+        """Rolled back by `valid`; the verifier's features arrive through observe."""
+
+
 def _load_drafter(spec: str, target: str, num_slots: int, max_len: int, device, dtype, target_vocab: int):
     if spec == NGRAM:
         return _NgramDrafter(), None
+    from specdec.feature_drafter import is_feature_drafter, load_feature_drafter
+
+    if is_feature_drafter(spec):
+        return _FeatureDrafter(load_feature_drafter(spec, target), num_slots, max_len, device, dtype), None
     if drafter_model.is_drafter_artifact(spec):
         hf = drafter_model.load_drafter(spec, target)
     else:
@@ -122,10 +179,14 @@ def measure(target_engine, drafter, prompts, k, config, max_new_tokens, eos_ids,
     generator = torch.Generator().manual_seed(seed)
     cache = target_engine.new_cache(len(prompts), max(len(p) for p in prompts) + max_new_tokens + k + 2)
     sessions = [_Session(slot=i, tokens=list(p), prompt_len=len(p)) for i, p in enumerate(prompts)]
-    target_engine.forward(cache, [Row(s.slot, 0, s.tokens[:-1]) for s in sessions])
-    for s in sessions:
-        s.target_len = len(s.tokens) - 1
     drafter.prefill(sessions)
+    observe = getattr(drafter, "observe", None)  # a feature drafter reads the target's hidden states
+    rows = [Row(s.slot, 0, s.tokens[:-1], all_logits=observe is not None) for s in sessions]
+    _, sizes, hidden = target_engine.forward_flat(cache, rows, hidden=True)
+    for s, h in zip(sessions, hidden.split(sizes)):
+        s.target_len = len(s.tokens) - 1
+        if observe:
+            observe(s, h)
     vocab = target_engine.shape.vocab_size
     while True:
         active = [s for s in sessions if not s.done]
@@ -139,7 +200,8 @@ def measure(target_engine, drafter, prompts, k, config, max_new_tokens, eos_ids,
         rows = [
             Row(s.slot, s.target_len, s.tokens[s.target_len :] + p, all_logits=True) for s, p in zip(active, proposals)
         ]
-        outs = target_engine.forward(cache, rows)
+        flat, sizes, hidden = target_engine.forward_flat(cache, rows, hidden=True)
+        outs, hidden = flat.split(sizes), hidden.split(sizes)
         target_probs = torch.zeros(len(active), k + 1, vocab)  # [batch, k + 1, vocab]
         for b, (out, p) in enumerate(zip(outs, proposals)):
             target_probs[b, : len(p) + 1] = probs_from_logits(out[-(len(p) + 1) :].float().cpu(), config)
@@ -156,6 +218,8 @@ def measure(target_engine, drafter, prompts, k, config, max_new_tokens, eos_ids,
             s.steps.append((len(proposals[b]), n))
             s.target_len = old_len + n
             drafter.committed(s, old_len, n, k)
+            if observe:  # the rows of the last committed token and the accepted drafts
+                observe(s, hidden[b][: n + 1])
             new = proposals[b][:n] + [int(verdict.next_tokens[b])]
             for token in new:
                 s.tokens.append(token)

@@ -28,6 +28,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from specdec import drafter_model, models
 
@@ -276,7 +277,34 @@ def init_layers(num_layers: int, target_layers: int) -> list[int]:
     return [round(i * (target_layers - 1) / (num_layers - 1)) for i in range(num_layers)]
 
 
-def new_student(target, num_layers: int, embed, lm_head, draft_vocab):
+FEATURE = "feature"  # a --layers entry: the feature-level drafter of specdec.feature_drafter
+
+
+def parse_students(spec: str) -> list:
+    """`--layers 2,4,feature` -> [2, 4, "feature"]."""
+    out = []
+    for item in str(spec).split(","):
+        item = item.strip()
+        if item:
+            out.append(FEATURE if item == FEATURE else int(item))
+    return out
+
+
+def student_name(kind) -> str:
+    return FEATURE if kind == FEATURE else f"L{kind}"
+
+
+def new_student(target, num_layers, embed, lm_head, draft_vocab):
+    """A drafter to train (its layers started from the target's) and the target layers it started from."""
+    if num_layers == FEATURE:
+        from specdec.feature_drafter import FeatureDrafterModel
+
+        cfg = target.config.to_dict()
+        for key in drafter_model.CHECKPOINT_ONLY_KEYS:
+            cfg.pop(key, None)
+        student = FeatureDrafterModel(cfg, embed, lm_head, draft_vocab)
+        student.init_from_target(target)
+        return student, [target.config.num_hidden_layers - 1]
     cfg = target.config.to_dict()
     cfg["num_hidden_layers"] = num_layers
     for key in drafter_model.CHECKPOINT_ONLY_KEYS:
@@ -303,7 +331,8 @@ def batches(dataset: list[dict], batch_size: int, max_len: int, rng: random.Rand
             mask = torch.zeros(len(seqs), width, dtype=torch.bool)
             for b, (r, s) in enumerate(zip(rows, seqs)):
                 ids[b, : len(s)] = torch.tensor(s)
-                mask[b, len(r["prompt"]) - 1 : len(s) - 1] = True
+                # from column 1 at least: a feature drafter's row j is position j + 1 (specdec.feature_drafter)
+                mask[b, max(1, len(r["prompt"]) - 1) : len(s) - 1] = True
             yield ids, mask
 
 
@@ -314,30 +343,80 @@ def lr_at(step: int, progress: float, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def target_batch(target, ids, mask, vocab_index) -> dict:
+    """The target's side of a batch: probabilities (over the draft vocabulary) and top token at every masked
+    position, and its last hidden states before the final norm [batch, T, hidden] for feature drafters."""
+    captured = {}
+    hook = target.model.norm.register_forward_hook(lambda _m, inputs, _out: captured.__setitem__("x", inputs[0]))
+    try:
+        hidden = target.model(input_ids=ids).last_hidden_state[mask]  # [n_answer, hidden], after the norm
+    finally:
+        hook.remove()
+    logits = target.lm_head(hidden).float()  # [n_answer, vocab]
+    probs = logits.softmax(-1)
+    if vocab_index is not None:
+        probs = probs[:, vocab_index]  # [n_answer, draft_vocab]: mass outside is unreachable
+    return {"probs": probs, "top": logits.argmax(-1), "features": captured["x"]}
+
+
+def student_loss(student, ids, mask, tgt: dict, vocab_index, passes: int) -> tuple[torch.Tensor, list[float]]:
+    """KL(target || draft) up to the target's entropy (no gradient) at the masked positions, and top-1 agreement
+    with the target. A feature drafter is scored on each unrolled pass (drafting steps 1..passes, weights 0.8^d),
+    plus a regression of its predicted features on the target's; agreement is reported per pass."""
+    from specdec.feature_drafter import FeatureDrafterModel
+
+    def agreement(logits, top):
+        draft_top = logits.argmax(-1)
+        if vocab_index is not None:
+            draft_top = vocab_index[draft_top]
+        return (draft_top == top).float().mean().item() if top.numel() else 0.0
+
+    if not isinstance(student, FeatureDrafterModel):
+        logits = student.lm_head(student.model(input_ids=ids).last_hidden_state[mask]).float()  # [n, draft_vocab]
+        loss = -(tgt["probs"] * logits.log_softmax(-1)).sum(-1).mean()
+        return loss, [agreement(logits, tgt["top"])]
+    # Row j is token j + 1 and predicts what position j + 1 predicts: rows_mask = mask[:, 1:] (mask[:, 0] is
+    # False: batches() masks answers only, and a prompt has at least one token)
+    from specdec.feature_drafter import unit_rms
+
+    rows_mask = mask[:, 1:]
+    features = tgt["features"]
+    next_features = unit_rms(features[:, 1:].float())
+    j = torch.arange(rows_mask.shape[1], device=ids.device)[None]
+    total, agree = 0.0, []
+    for d, z in enumerate(student.unrolled(ids, features, passes)):
+        valid = rows_mask & (j >= d)  # drafting step d + 1 needs d earlier rows
+        picked = valid[rows_mask]
+        if not picked.any():
+            continue
+        logits = student.logits(z[valid]).float()
+        kl = -(tgt["probs"][picked] * logits.log_softmax(-1)).sum(-1).mean()
+        # in unit-RMS space, as the next drafting step reads it: the huge dimensions do not take over the loss
+        regression = F.smooth_l1_loss(unit_rms(z[valid].float()), next_features[valid])
+        total = total + 0.8**d * (kl + regression)
+        agree.append(agreement(logits, tgt["top"][picked]))
+    return total, agree
+
+
 @torch.no_grad()
-def held_out_metrics(target, students, held_out, vocab_index, batch_size, max_len, device, autocast) -> list[dict]:
-    """Per student: mean KL loss and top-1 agreement with the target on sequences it never trained on."""
-    sums = [{"loss": 0.0, "agree": 0.0} for _ in students]
-    positions = 0
+def held_out_metrics(target, students, held_out, vocab_index, batch_size, max_len, device, autocast, passes) -> list[dict]:
+    """Per student: mean loss and top-1 agreement with the target (per drafting step for a feature drafter) on
+    sequences it never trained on."""
+    sums = [{"loss": 0.0, "agree": None} for _ in students]
+    count = 0
     stream = batches(held_out, min(batch_size, len(held_out)), max_len, random.Random(0))
     for _ in range(max(1, len(held_out) // max(1, batch_size))):
         ids, mask = next(stream)
         ids, mask = ids.to(device), mask.to(device)
-        target_logits = target.lm_head(target.model(input_ids=ids).last_hidden_state[mask]).float()
-        target_probs = target_logits.softmax(-1)
-        target_top = target_logits.argmax(-1)
-        if vocab_index is not None:
-            target_probs = target_probs[:, vocab_index]
-        n = int(mask.sum())
-        positions += n
+        tgt = target_batch(target, ids, mask, vocab_index)
+        count += 1
         for acc, student in zip(sums, students):
             with autocast:
-                draft_logits = student.lm_head(student.model(input_ids=ids).last_hidden_state[mask]).float()
-            acc["loss"] += float(-(target_probs * draft_logits.log_softmax(-1)).sum(-1).sum())
-            top = draft_logits.argmax(-1)
-            top = top if vocab_index is None else vocab_index[top]
-            acc["agree"] += float((top == target_top).sum())
-    return [{k: round(v / max(1, positions), 4) for k, v in acc.items()} for acc in sums]
+                loss, agree = student_loss(student, ids, mask, tgt, vocab_index, passes)
+            acc["loss"] += float(loss)
+            acc["agree"] = agree if acc["agree"] is None else [a + b for a, b in zip(acc["agree"], agree)]
+    return [{"loss": round(acc["loss"] / count, 4), "agree": [round(a / count, 4) for a in acc["agree"] or []]}
+            for acc in sums]
 
 
 def add_parser(subparsers, summary: str) -> argparse.ArgumentParser:
@@ -350,7 +429,13 @@ def add_parser(subparsers, summary: str) -> argparse.ArgumentParser:
     p.add_argument("--target-name", help="name recorded in the artifact (default: the --target SPEC)")
     p.add_argument("--out", required=True, help="artifact directory (one per size under it when several --layers)")
     p.add_argument("--work-dir", help="generated data and checkpoints (default: OUT/train-state)")
-    p.add_argument("--layers", default="2", help="drafter layers; a comma list trains several sizes side by side")
+    p.add_argument(
+        "--layers", default="2",
+        help="drafter layers, or `feature` for a feature-level (EAGLE-style) drafter that reads the target's hidden "
+             "states; a comma list (2,4,feature) trains several side by side on the same batches",
+    )
+    p.add_argument("--passes", type=int, default=3,
+                   help="feature drafter: drafting steps unrolled in training, each fed the previous one's prediction")
     p.add_argument("--steps", type=int, default=2000, help="optimizer steps (upper bound with --max-minutes)")
     p.add_argument("--max-minutes", type=float, default=0, help="stop training after this long (0 = no limit)")
     p.add_argument(
@@ -380,7 +465,7 @@ def run(args) -> int:
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
-    sizes = [int(x) for x in str(args.layers).split(",") if x.strip()]
+    sizes = parse_students(args.layers)
     out = Path(args.out)
     work = Path(args.work_dir) if args.work_dir else out / "train-state"
     work.mkdir(parents=True, exist_ok=True)
@@ -442,13 +527,14 @@ def run(args) -> int:
         print(f"resuming at step {step}", file=sys.stderr)
 
     def artifact_dir(n: int) -> Path:
-        return out if len(sizes) == 1 else out / f"L{n}"
+        return out if len(sizes) == 1 else out / student_name(n)
 
     train_seconds = 0.0
 
     def save(final: bool, held_out: list[dict] | None = None) -> None:
-        def own(m):
-            return {k: v for k, v in m.state_dict().items() if k.startswith("model.layers.") or k == "model.norm.weight"}
+        def own(m):  # what trains: not the target's frozen embeddings and head
+            frozen = {n for n, p in m.named_parameters() if not p.requires_grad}
+            return {k: v for k, v in m.state_dict().items() if k not in frozen}
 
         torch.save(
             {
@@ -466,9 +552,13 @@ def run(args) -> int:
                 "train_seconds": round(train_seconds, 1), "final": final,
                 "held_out": (held_out or [None] * len(sizes))[sizes.index(n)],
             }
+            feature = n == FEATURE
+            if feature:
+                training["passes"] = args.passes
             drafter_model.save_drafter(
                 artifact_dir(n), student, target=args.target_name or args.target, target_hash_hex=target_hash,
-                draft_vocab=draft_vocab, training=training,
+                draft_vocab=draft_vocab, training=training, kind="feature" if feature else "layers",
+                state=student.own_state() if feature else None,
             )
 
     if args.total_minutes:
@@ -494,31 +584,18 @@ def run(args) -> int:
         ids, mask = next(stream)
         ids, mask = ids.to(device), mask.to(device)
         with torch.no_grad():
-            hidden = target.model(input_ids=ids).last_hidden_state[mask]  # [n_answer, hidden]
-            target_logits = target.lm_head(hidden).float()  # [n_answer, vocab]
-            target_probs = target_logits.softmax(-1)
-            target_top = target_logits.argmax(-1)  # [n_answer]
-            if vocab_index is not None:
-                target_probs = target_probs[:, vocab_index]  # [n_answer, draft_vocab]: mass outside is unreachable
+            tgt = target_batch(target, ids, mask, vocab_index)
         postfix = {}
         for n, student, optimizer in zip(sizes, students, optimizers):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, progress, args.lr, args.warmup)
             with autocast:
-                draft_hidden = student.model(input_ids=ids).last_hidden_state[mask]
-                draft_logits = student.lm_head(draft_hidden).float()  # [n_answer, draft_vocab]
-            draft_logprobs = draft_logits.log_softmax(-1)
-            # KL(target || draft) up to the target's entropy, which has no gradient
-            loss = -(target_probs * draft_logprobs).sum(-1).mean()
+                loss, agree = student_loss(student, ids, mask, tgt, vocab_index, args.passes)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for p in student.parameters() if p.requires_grad], 1.0)
             optimizer.step()
-            draft_top = draft_logits.argmax(-1)
-            if vocab_index is not None:
-                draft_top = vocab_index[draft_top]
-            agree = (draft_top == target_top).float().mean().item()
-            postfix[f"L{n}"] = f"{loss.item():.3f}/{agree:.0%}"
+            postfix[student_name(n)] = f"{loss.item():.3f}/" + ",".join(f"{a:.0%}" for a in agree)
         step += 1
         tokens_seen += int(mask.sum())
         train_seconds = time.perf_counter() - started
@@ -532,10 +609,11 @@ def run(args) -> int:
         student.eval()
     held = []
     if held_out:
-        held = held_out_metrics(target, students, held_out, vocab_index, args.batch_size, args.max_len, device, autocast)
+        held = held_out_metrics(target, students, held_out, vocab_index, args.batch_size, args.max_len, device, autocast,
+                                args.passes)
     for n, metrics in zip(sizes, held):
-        print(f"L{n} held-out ({len(held_out)} sequences): loss {metrics['loss']:.3f}, "
-              f"agreement {metrics['agree']:.1%}", file=sys.stderr)
+        print(f"{student_name(n)} held-out ({len(held_out)} sequences): loss {metrics['loss']:.3f}, agreement "
+              + " / ".join(f"{a:.1%}" for a in metrics["agree"]), file=sys.stderr)
     save(final=True, held_out=held)
     summary = {
         "artifacts": {n: str(artifact_dir(n)) for n in sizes}, "steps": step, "train_seconds": round(train_seconds, 1),

@@ -1,0 +1,169 @@
+"""Feature-level drafters (EAGLE style): one Llama layer that reads the target's own last hidden states.
+
+A token-level drafter sees only tokens, so it must redo what the target already computed. A feature drafter is
+handed the target's last-layer output f_p at every committed position p (before the final norm: what the LM head
+reads, after the norm) and learns to predict the next one. Its row for token x_{p+1} takes
+z = fc([rms(embed(x_{p+1})), rms(f_p)]) through one decoder layer to h_{p+1} ~ f_{p+1} (rms: scaled to unit root
+mean square, so the token's embedding is not drowned by the few huge dimensions of a Llama's last hidden state); the target's final norm and LM head
+(rows of the reduced draft vocabulary) turn h into a distribution for x_{p+2}. Drafting further feeds h back in
+place of the feature the target has not computed yet. Rows sit at KV index and RoPE position p (one less than the
+token's), so index 0 holds x_1's row: a slot never reads a position its session did not write.
+
+Training (`specdec train-drafter --arch feature`) runs `FeatureDrafterModel.unrolled`: pass 1 reads the target's
+features, pass d > 1 reads pass d - 1's predictions, each with the attention pattern that drafting step d sees
+(the keys of true-feature rows before it and its own earlier predicted rows), so the drafter learns from its own
+inputs as drafting produces them ("training-time test", as in HASS and EAGLE-3).
+
+The artifact is a drafter artifact (specdec.drafter_model) with `kind: "feature"`: the layer, the norm and `fc`;
+the embeddings and LM head are the target's, checked by hash. `FeatureRunner` runs one on the engine's layer code
+with a KV slot per session. Verification stays lossless whatever the features: the drafter only proposes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specdec import drafter_model
+from specdec.engine import LlamaEngine, Row, _pack
+
+KIND = "feature"
+_FC_KEYS = ("fc.weight", "fc.bias")
+
+
+class FeatureDrafterModel(nn.Module):
+    """The trainable drafter: `fc` and a one-layer LlamaForCausalLM (`lm`) holding the target's frozen embeddings and
+    (reduced) LM head; `lm`'s final norm starts as the target's."""
+
+    def __init__(self, llama_config: dict, embed: torch.Tensor, lm_head: torch.Tensor, draft_vocab: list[int] | None):
+        super().__init__()
+        self.lm = drafter_model.build_drafter({**llama_config, "num_hidden_layers": 1}, embed, lm_head, draft_vocab)
+        hidden = self.lm.config.hidden_size
+        self.fc = nn.Linear(2 * hidden, hidden, bias=True)
+        self.draft_vocab = self.lm.draft_vocab
+
+    @property
+    def config(self):
+        return self.lm.config
+
+    def init_from_target(self, target) -> None:
+        """Layer from the target's last layer, norm from its final norm, fc passing the feature through: the
+        starting point predicts with the target's own top layer instead of noise."""
+        layer = self.lm.model.layers[0]
+        layer.load_state_dict({k: v.float() for k, v in target.model.layers[-1].state_dict().items()})
+        self.lm.model.norm.load_state_dict({k: v.float() for k, v in target.model.norm.state_dict().items()})
+        hidden = self.fc.in_features // 2
+        with torch.no_grad():
+            self.fc.weight.zero_()
+            self.fc.weight[:, hidden:] = torch.eye(hidden)
+            self.fc.weight[:, :hidden] = torch.eye(hidden)
+            self.fc.bias.zero_()
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Predicted features [..., hidden] -> draft logits [..., draft vocab]."""
+        return self.lm.lm_head(self.lm.model.norm(h))
+
+    def unrolled(self, ids: torch.Tensor, features: torch.Tensor, passes: int) -> list[torch.Tensor]:
+        """Training forward over whole sequences. ids [batch, T], features [batch, T, hidden] (the target's, before
+        its final norm). Row j (0 <= j < T - 1) is token ids[:, j + 1] at position j. Returns one tensor
+        [batch, T - 1, hidden] per pass: pass d's row j predicts features[:, j + 1] as drafting step d + 1 would,
+        meaningful for j >= d."""
+        layer = self.lm.model.layers[0]
+        attn, cfg = layer.self_attn, self.lm.config
+        batch, rows = ids.shape[0], ids.shape[1] - 1
+        heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        embedded = unit_rms(self.lm.model.embed_tokens(ids[:, 1:]))
+        positions = torch.arange(rows, device=ids.device)
+        cos, sin = self.lm.model.rotary_emb(embedded, positions[None].expand(batch, -1))
+        cos, sin = cos[:, None], sin[:, None]  # [batch, 1, rows, head_dim]
+
+        def rope(t):
+            half = t.shape[-1] // 2
+            return t * cos + torch.cat((-t[..., half:], t[..., :half]), dim=-1) * sin
+
+        keys, values, outs = [], [], []
+        inputs = features[:, :-1]
+        for d in range(passes):
+            z = self.fc(torch.cat((embedded, unit_rms(inputs).to(embedded.dtype)), dim=-1))
+            h = layer.input_layernorm(z)
+            q = attn.q_proj(h).view(batch, rows, heads, head_dim).transpose(1, 2)
+            k = attn.k_proj(h).view(batch, rows, kv_heads, head_dim).transpose(1, 2)
+            v = attn.v_proj(h).view(batch, rows, kv_heads, head_dim).transpose(1, 2)
+            keys.append(rope(k))
+            values.append(v)
+            mask = _unrolled_mask(rows, d, ids.device)
+            a = F.scaled_dot_product_attention(rope(q), torch.cat(keys, 2), torch.cat(values, 2), attn_mask=mask,
+                                               enable_gqa=True)
+            z = z + attn.o_proj(a.transpose(1, 2).reshape(batch, rows, heads * head_dim))
+            z = z + layer.mlp(layer.post_attention_layernorm(z))
+            outs.append(z)
+            # the next pass's row j reads this pass's prediction of row j's feature, made by row j - 1
+            inputs = torch.cat((features[:, :1], z[:, :-1]), dim=1)
+        return outs
+
+    def own_state(self) -> dict[str, torch.Tensor]:
+        """What the artifact stores: the layer, the norm (under the LlamaForCausalLM's names) and fc."""
+        state = {k: v for k, v in self.lm.state_dict().items() if k.startswith("model.layers.") or k == "model.norm.weight"}
+        state.update({f"fc.{k}": v for k, v in self.fc.state_dict().items()})
+        return state
+
+
+def unit_rms(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x scaled to unit root mean square over its last dimension (no weight), computed in float32."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _unrolled_mask(rows: int, d: int, device) -> torch.Tensor:
+    """[rows, (d + 1) * rows] bool: the keys drafting step d + 1 sees from row j. Pass 0's keys up to j - d (rows
+    computed from the target's features), and pass e's key at row j - d + e (its own earlier predictions)."""
+    j = torch.arange(rows, device=device)[:, None]
+    c = torch.arange(rows, device=device)[None, :]
+    blocks = [c <= j - d] + [c == j - d + e for e in range(1, d + 1)]
+    return torch.cat(blocks, dim=1)
+
+
+def is_feature_drafter(artifact_dir) -> bool:
+    return drafter_model.is_drafter_artifact(artifact_dir) and drafter_model.read_config(artifact_dir).get("kind") == KIND
+
+
+def load_feature_drafter(artifact_dir, target_spec: str) -> FeatureDrafterModel:
+    """The artifact's drafter with `target_spec`'s embeddings and LM head; DrafterMismatch for another target."""
+    config, embed, lm_head, own = drafter_model.checked_artifact(artifact_dir, target_spec)
+    model = FeatureDrafterModel(config["llama"], embed, lm_head, config["draft_vocab"])
+    fc = {k.removeprefix("fc."): own.pop(k).float() for k in _FC_KEYS}
+    model.fc.load_state_dict(fc)
+    drafter_model.load_own_weights(model.lm, own, artifact_dir)
+    return model.eval()
+
+
+class FeatureRunner:
+    """Runs a FeatureDrafterModel over a slotted KV cache: one ragged pass per drafting step for many sessions."""
+
+    def __init__(self, model: FeatureDrafterModel, device, dtype, num_slots: int, max_len: int):
+        self.engine = LlamaEngine(model.lm, device, dtype, cuda_graphs=False)
+        self.fc_weight = model.fc.weight.detach().to(self.engine.device, dtype)
+        self.fc_bias = model.fc.bias.detach().to(self.engine.device, dtype)
+        self.draft_vocab = model.draft_vocab
+        self.cache = self.engine.new_cache(num_slots, max_len)
+        self.hidden_size = model.config.hidden_size
+
+    @torch.inference_mode()
+    def step(self, rows: list[Row], features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """rows[b].tokens at KV positions rows[b].start.., each with the feature in features[b] [n_b, hidden]
+        (any device). Returns, for each row's last token, draft logits [batch, draft vocab] float32 and the
+        predicted feature [batch, hidden]: the input feature of the token drafted after it."""
+        engine, dev = self.engine, self.engine.device
+        batch, width = len(rows), max(len(r.tokens) for r in rows)
+        tokens, positions, write_slots, write_pos, slots = (t.to(dev) for t in _pack(rows, batch, width, self.cache.scratch))
+        feats = torch.zeros(batch, width, self.hidden_size, device=dev, dtype=engine.dtype)
+        for b, f in enumerate(features):
+            feats[b, : f.shape[0]] = f.to(dev, engine.dtype)
+        x = F.linear(torch.cat((unit_rms(engine.embed[tokens]), unit_rms(feats)), dim=-1), self.fc_weight, self.fc_bias)
+        kv_len = max(r.start + len(r.tokens) for r in rows)
+        single = rows[0].slot if batch == 1 else None
+        h = engine._blocks(self.cache, x, positions, write_slots, write_pos, slots, kv_len, single)
+        last = h[torch.arange(batch, device=dev), torch.tensor([len(r.tokens) - 1 for r in rows], device=dev)]
+        return engine._head(last).float(), last

@@ -1,0 +1,90 @@
+"""The feature-level drafter (specdec.feature_drafter): what it trains on is what it runs.
+
+Training unrolls drafting steps in one pass over a sequence (`FeatureDrafterModel.unrolled`); serving runs them one
+at a time over a KV cache (`FeatureRunner`). If the two disagreed, the drafter would be trained for inputs it
+never sees. Checked on a small random model, CPU, fp32: drafting steps 1..3 from any point of a sequence give the
+unrolled passes' rows (max abs diff 1e-4); plus the artifact round trip and its target check.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specdec import drafter_model
+from specdec.engine import Row
+from specdec.feature_drafter import FeatureDrafterModel, FeatureRunner, is_feature_drafter, load_feature_drafter
+
+LLAMA = dict(
+    model_type="llama", hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+    rms_norm_eps=1e-5, max_position_embeddings=256, rope_theta=10000.0, num_hidden_layers=1,
+)
+VOCAB = 96
+
+
+def _model(draft_vocab=None, seed=0) -> FeatureDrafterModel:
+    torch.manual_seed(seed)
+    embed, head = torch.randn(VOCAB, 64) * 0.5, torch.randn(VOCAB, 64) * 0.5
+    model = FeatureDrafterModel(LLAMA, embed, head, draft_vocab)
+    with torch.no_grad():  # no zero-initialized parameter may hide a wiring mistake
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+@pytest.mark.parametrize("start", [1, 5, 17])
+def test_drafting_steps_equal_the_unrolled_training_passes(start):
+    model = _model()
+    T, passes = 24, 3
+    ids = torch.randint(0, VOCAB, (1, T))
+    features = torch.randn(1, T, 64)
+    with torch.no_grad():
+        unrolled = model.unrolled(ids, features, passes)  # pass d, row j: [1, T - 1, 64]
+    runner = FeatureRunner(model, "cpu", torch.float32, num_slots=2, max_len=64)
+    slot = 1
+    # committed: tokens 0..start, features 0..start-1 -> rows 0..start-1 (row p is token p + 1 with feature p)
+    logits, h = runner.step([Row(slot, 0, ids[0, 1 : start + 1].tolist())], [features[0, :start]])
+    torch.testing.assert_close(h[0], unrolled[0][0, start - 1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits[0], model.logits(unrolled[0][0, start - 1]), atol=1e-4, rtol=1e-4)
+    for d in range(1, passes):  # drafting step d + 1 feeds the sequence's next token with the predicted feature
+        position = start + d - 1
+        logits, h = runner.step([Row(slot, position, [int(ids[0, position + 1])])], [h])
+        torch.testing.assert_close(h[0], unrolled[d][0, position], atol=1e-4, rtol=1e-4)
+
+
+def test_batched_rows_equal_rows_alone():
+    model = _model()
+    runner = FeatureRunner(model, "cpu", torch.float32, num_slots=3, max_len=64)
+    seqs = [torch.randint(0, VOCAB, (n,)).tolist() for n in (4, 11, 7)]
+    feats = [torch.randn(len(s), 64) for s in seqs]
+    together, _ = runner.step([Row(i, 0, s) for i, s in enumerate(seqs)], feats)
+    for i, (s, f) in enumerate(zip(seqs, feats)):
+        alone, _ = runner.step([Row(i, 0, s)], [f])
+        torch.testing.assert_close(together[i], alone[0], atol=1e-4, rtol=1e-4)
+
+
+def test_artifact_round_trip_and_target_check(tmp_path, monkeypatch):
+    draft_vocab = sorted(torch.randperm(VOCAB)[:40].tolist())
+    model = _model(draft_vocab)
+    embed, head = model.lm.model.embed_tokens.weight, model.lm.lm_head.weight
+    full_head = torch.zeros(VOCAB, 64)
+    full_head[draft_vocab] = head.detach()
+    drafter_model.save_drafter(tmp_path / "d", model, target="tiny", target_hash_hex=drafter_model.target_hash(
+        embed, full_head), draft_vocab=draft_vocab, training={}, dtype=torch.float32, kind="feature",
+        state=model.own_state())
+    assert is_feature_drafter(tmp_path / "d")
+    monkeypatch.setattr(drafter_model, "target_head_weights", lambda spec: (embed.detach(), full_head))
+    loaded = load_feature_drafter(tmp_path / "d", "tiny")
+    ids, features = torch.randint(0, VOCAB, (1, 9)), torch.randn(1, 9, 64)
+    with torch.no_grad():
+        for a, b in zip(model.unrolled(ids, features, 2), loaded.unrolled(ids, features, 2)):
+            torch.testing.assert_close(a, b)
+    assert loaded.draft_vocab.tolist() == draft_vocab
+    with pytest.raises(drafter_model.DrafterMismatch):  # a layer-drafter loader refuses it by kind
+        drafter_model.load_drafter(tmp_path / "d", "tiny")
+    other = full_head.clone()
+    other[draft_vocab[0], 0] += 1.0
+    monkeypatch.setattr(drafter_model, "target_head_weights", lambda spec: (embed.detach(), other))
+    with pytest.raises(drafter_model.DrafterMismatch, match="train one for this target"):
+        load_feature_drafter(tmp_path / "d", "tiny")
