@@ -1,6 +1,6 @@
 """Drafters: given a session's committed tokens, propose up to k next tokens and the distributions they came from.
 
-Two kinds, chosen once by `make_drafter`:
+Three kinds, chosen once by `make_drafter`:
 - `ngram` (prompt lookup): finds the latest earlier occurrence of the context's last n tokens (n = 3..1) and
   proposes what followed it. Deterministic, so each draft distribution is a point mass.
 - `model`: a small causal LM with the target's tokenizer, or a drafter artifact trained by
@@ -12,6 +12,9 @@ Two kinds, chosen once by `make_drafter`:
   longest cached prefix into its slot and prefills only the rest; its prompt's blocks are saved after its first
   draft and its committed context's blocks when it closes. A hit is the KV the prefill would have computed, so
   drafts are the same with the cache on and off.
+
+- `feature`: a feature-level drafter artifact (specdec.feature_drafter, EAGLE style): one layer fed the target's
+  hidden states, which the verifier sends with each verdict; greedy and sampled drafts as for `model`.
 
 `propose` takes every session with pending work at once (batched drafting). A drafter's per-session state is
 rolled back to what the context says is committed; nothing else is trusted. This module knows nothing about gRPC.
@@ -39,6 +42,9 @@ class DraftRequest:
     k: int
     sampling: SamplingConfig
     generator: torch.Generator | None = None
+    # feature drafters: the target's last hidden states [n, hidden] of context tokens 0..n-1 (n <= len(context) - 1:
+    # the newest committed token has none yet, and a proactive draft's guessed tokens have none)
+    features: torch.Tensor | None = None
 
 
 @dataclass
@@ -168,6 +174,82 @@ class ModelDrafter:
         return [drafts[r.session_id] for r in requests]
 
 
+class FeatureDrafter:
+    """A feature-level drafter (specdec.feature_drafter): drafts from the target's hidden states, which the verifier
+    sends with each verdict (SessionSpec.return_features). Rows made from the target's features are kept across
+    drafts; rows made from the drafter's own predictions never are. Context tokens past the features (a proactive
+    draft's guesses) are fed in order with predicted features before drafting starts."""
+
+    kind = "feature"
+    wants_features = True
+
+    def __init__(self, model, device="cpu", dtype=torch.float32, max_sessions: int = 64,
+                 max_sequence_length: int = 2048):
+        from specdec.feature_drafter import FeatureRunner
+
+        max_len = min(max_sequence_length, model.config.max_position_embeddings)
+        self.runner = FeatureRunner(model, device, dtype, max_sessions, max_len)
+        self.draft_vocab = None if model.draft_vocab is None else model.draft_vocab.tolist()
+        self.hidden_size = model.config.hidden_size
+        self._slots: dict[str, int] = {}
+        self._rows: dict[str, list[int]] = {}  # tokens of the slot's rows made from the target's features
+
+    def open(self, session_id: str) -> None:
+        slot = self.runner.cache.allocate()
+        if slot is None:
+            raise Exhausted(f"all {self.runner.cache.num_slots} drafter KV slots are in use")
+        self._slots[session_id] = slot
+        self._rows[session_id] = []
+
+    def close(self, session_id: str) -> None:
+        slot = self._slots.pop(session_id, None)
+        self._rows.pop(session_id, None)
+        if slot is not None:
+            self.runner.cache.release(slot)
+
+    def propose(self, requests: list[DraftRequest]) -> list[Draft]:
+        drafts = {r.session_id: Draft([]) for r in requests}
+        live = [r for r in requests if r.k > 0 and r.session_id in self._slots and r.features is not None
+                and r.features.shape[0] > 0 and len(r.context) + r.k < self.runner.cache.max_len]
+        if not live:
+            return [drafts[r.session_id] for r in requests]
+        rows, feats, forced, positions = [], [], [], []
+        for r in live:
+            # row p holds token p + 1 made with feature p; the first n rows can be made from the target's
+            n = min(r.features.shape[0], len(r.context) - 1)
+            keep = min(_common_prefix(self._rows[r.session_id], r.context[1 : n + 1]), n - 1)
+            slot = self._slots[r.session_id]
+            rows.append(Row(slot, keep, r.context[keep + 1 : n + 1]))
+            feats.append(r.features[keep:n])
+            self._rows[r.session_id] = r.context[1 : n + 1]
+            forced.append(r.context[n + 1 :])
+            positions.append(n)
+        while live:
+            logits, predicted = self.runner.step(rows, feats)
+            argmax = logits.argmax(-1).tolist() if any(r.sampling.greedy for r in live) else []
+            next_live, next_rows, next_feats = [], [], []
+            for b, (r, row) in enumerate(zip(live, rows)):
+                draft = drafts[r.session_id]
+                if forced[b]:  # a guessed context token: fed, not drafted
+                    token = forced[b].pop(0)
+                else:
+                    if r.sampling.greedy:
+                        token, dist = (self.draft_vocab[argmax[b]] if self.draft_vocab else argmax[b]), ([], [])
+                    else:
+                        token, dist = _sample(logits[b], r, self.draft_vocab)
+                    draft.tokens.append(token)
+                    draft.distributions.append(dist)
+                if len(draft.tokens) < r.k:
+                    next_live.append((r, b))
+                    next_rows.append(Row(row.slot, positions[b], [token]))
+                    next_feats.append(predicted[b : b + 1])
+                    positions[b] += 1
+            forced = [forced[b] for _, b in next_live]
+            positions = [positions[b] for _, b in next_live]
+            live, rows, feats = [r for r, _ in next_live], next_rows, next_feats
+        return [drafts[r.session_id] for r in requests]
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     for i in range(n):
@@ -212,6 +294,11 @@ def make_drafter(
     draft_vocab = None
     spec, alias_target = models.resolve_drafter(spec)
     identity = f"drafter:{spec}"
+    from specdec.feature_drafter import is_feature_drafter, load_feature_drafter
+
+    if is_feature_drafter(spec):
+        model = load_feature_drafter(spec, target or alias_target or models.DEFAULT_TARGET)
+        return FeatureDrafter(model, device, default_dtype(device), max_sessions, max_sequence_length)
     if is_drafter_artifact(spec):
         target = target or alias_target or models.DEFAULT_TARGET
         hf_model = load_drafter(spec, target)

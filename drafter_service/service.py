@@ -106,6 +106,32 @@ async def _usable_ahead(ahead: asyncio.Future, block, verdict, k: int) -> Draft 
     return Draft(guess.tokens[1 : 1 + k], guess.distributions[1 : 1 + k])
 
 
+class _Features:
+    """A session's copy of the target's hidden states (VerifyResponse.features), one row per committed token but
+    the newest, for a feature-level drafter; grown in place (capacity doubles), handed out as a view."""
+
+    def __init__(self, drafter):
+        self.hidden_size = drafter.hidden_size
+        self._buffer = torch.empty(0, self.hidden_size, dtype=torch.float16)
+        self.count = 0
+
+    def add(self, verdict) -> None:
+        if not verdict.features:
+            return
+        new = torch.frombuffer(bytearray(verdict.features), dtype=torch.float16).view(-1, self.hidden_size)
+        if self.count + new.shape[0] > self._buffer.shape[0]:
+            grown = torch.empty(max(2 * self._buffer.shape[0], self.count + new.shape[0]), self.hidden_size,
+                                dtype=torch.float16)
+            grown[: self.count] = self._buffer[: self.count]
+            self._buffer = grown
+        self._buffer[self.count : self.count + new.shape[0]] = new
+        self.count += new.shape[0]
+
+    @property
+    def rows(self) -> torch.Tensor:
+        return self._buffer[: self.count]
+
+
 class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
     def __init__(self, batcher: DraftBatcher, default_draft_tokens: int = 5, proactive: bool = False):
         """proactive: while a block is being verified, draft the next one as if the block and the drafter's own
@@ -146,18 +172,23 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
         error = None
         self.sessions_in_flight += 1
         opened = False
+        features = _Features(drafter) if getattr(drafter, "wants_features", False) else None
+        spec.return_features = features is not None
         try:
             drafter.open(spec.session_id)
             verdict = await link.open(spec)
             opened = True
             context_tokens = list(spec.prompt_ids) + list(verdict.update.token_ids)
+            if features is not None:
+                features.add(verdict)
             wire_bytes = spec.ByteSize() + verdict.ByteSize()
             yield drafter_pb2.DraftResponse(update=verdict.update, wire_bytes=wire_bytes)
             draft: Draft | None = None
             while not verdict.update.finish_reason:
                 if draft is None:
                     draft = await self.batcher.propose(
-                        DraftRequest(spec.session_id, context_tokens, k, sampling, generator)
+                        DraftRequest(spec.session_id, context_tokens, k, sampling, generator,
+                                     features and features.rows)
                     )
                 block = verifier_pb2.DraftBlock(
                     session_id=spec.session_id,
@@ -172,7 +203,8 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                 if self.proactive and draft.tokens:
                     k_ahead = next_draft_length(k, len(draft.tokens), len(draft.tokens), k_max)
                     ahead = asyncio.ensure_future(self.batcher.propose(DraftRequest(
-                        spec.session_id, context_tokens + draft.tokens, k_ahead + 1, sampling, generator)))
+                        spec.session_id, context_tokens + draft.tokens, k_ahead + 1, sampling, generator,
+                        features and features.rows)))
                 try:
                     verdict = await sending
                 except BaseException:
@@ -182,6 +214,8 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                 k = next_draft_length(k, len(draft.tokens), verdict.accepted, k_max)
                 wire_bytes += block.ByteSize() + verdict.ByteSize()
                 context_tokens.extend(verdict.update.token_ids)
+                if features is not None:
+                    features.add(verdict)
                 yield drafter_pb2.DraftResponse(update=verdict.update, wire_bytes=wire_bytes)
                 draft = await _usable_ahead(ahead, block, verdict, k) if ahead else None
             opened = False  # the verifier closes finished sessions itself

@@ -15,7 +15,8 @@ def settings_from_spec(spec: session_pb2.SessionSpec, max_new_tokens_limit: int)
         temperature=float(spec.temperature), top_p=float(spec.top_p) if spec.top_p > 0 else 1.0, top_k=spec.top_k
     )
     seed = spec.seed if spec.HasField("seed") else None
-    return SessionSettings(spec.session_id, list(spec.prompt_ids), spec.max_new_tokens, sampling, seed)
+    return SessionSettings(spec.session_id, list(spec.prompt_ids), spec.max_new_tokens, sampling, seed,
+                           return_features=spec.return_features)
 
 
 def update_of(session: Session, tokens: list[int]) -> session_pb2.SessionUpdate:

@@ -174,8 +174,9 @@ class LlamaEngine:
     def forward_flat(self, cache: KVCache, rows: list[Row], hidden: bool = False):
         """`forward` without the split: logits [sum of n, vocab] float32, rows one after the other, and each
         row's n. For callers that reduce every row alike (an argmax) in one kernel instead of one per row.
-        hidden: also return the last layer's output before the final norm at the same positions [sum of n,
-        hidden_size] (in the engine's dtype): what a feature-level drafter (specdec.feature_drafter) reads."""
+        hidden: also return the last layer's output before the final norm at every new token of every row [sum of
+        len(tokens), hidden_size] (engine dtype, rows one after the other, whatever all_logits says): what a
+        feature-level drafter (specdec.feature_drafter) reads."""
         batch, width = len(rows), max(len(r.tokens) for r in rows)
         kv_len = max(r.start + len(r.tokens) for r in rows)
         picks = [
@@ -194,7 +195,10 @@ class LlamaEngine:
             logits = self._head(x[pick_b, pick_t]).float()  # [n_picks, vocab]
         sizes = [len(r.tokens) if r.all_logits else 1 for r in rows]
         if hidden:
-            return logits, sizes, x[pick_b, pick_t]
+            every = [(b, t) for b, r in enumerate(rows) for t in range(len(r.tokens))]
+            every_b = torch.tensor([p[0] for p in every]).to(self.device)
+            every_t = torch.tensor([p[1] for p in every]).to(self.device)
+            return logits, sizes, x[every_b, every_t]
         return logits, sizes
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:

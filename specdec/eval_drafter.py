@@ -181,9 +181,9 @@ def measure(target_engine, drafter, prompts, k, config, max_new_tokens, eos_ids,
     sessions = [_Session(slot=i, tokens=list(p), prompt_len=len(p)) for i, p in enumerate(prompts)]
     drafter.prefill(sessions)
     observe = getattr(drafter, "observe", None)  # a feature drafter reads the target's hidden states
-    rows = [Row(s.slot, 0, s.tokens[:-1], all_logits=observe is not None) for s in sessions]
-    _, sizes, hidden = target_engine.forward_flat(cache, rows, hidden=True)
-    for s, h in zip(sessions, hidden.split(sizes)):
+    rows = [Row(s.slot, 0, s.tokens[:-1]) for s in sessions]
+    _, _, hidden = target_engine.forward_flat(cache, rows, hidden=True)
+    for s, h in zip(sessions, hidden.split([len(r.tokens) for r in rows])):
         s.target_len = len(s.tokens) - 1
         if observe:
             observe(s, h)

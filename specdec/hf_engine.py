@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specdec.engine import SUPPORTED_MODEL_TYPES, LlamaEngine, Row
+from specdec.engine import SUPPORTED_MODEL_TYPES, LlamaEngine, Row, UnsupportedModel
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,12 @@ class TransformersEngine:
         return list(logits.split(sizes))
 
     @torch.inference_mode()
-    def forward_flat(self, cache: SlotCaches, rows: list[Row]) -> tuple[torch.Tensor, list[int]]:
+    def forward_flat(self, cache: SlotCaches, rows: list[Row], hidden: bool = False) -> tuple[torch.Tensor, list[int]]:
         from transformers import DynamicCache
+
+        if hidden:
+            raise UnsupportedModel("feature-level drafters need the Llama-family engine's hidden states; this target "
+                                   "runs through transformers: use a token-level drafter (a model or ngram)")
 
         out = []
         for row in rows:

@@ -311,3 +311,46 @@ def test_proactive_drafting_is_lossless(cluster):
     finally:
         router.stop()
         drafter.stop()
+
+
+@pytest.fixture(scope="module")
+def feature_drafter_dir(tmp_path_factory, hf_target):
+    """A feature-level drafter artifact for the real target, as train-drafter starts one (untrained: the target's
+    last layer, fc summing token and feature): enough to prove the hidden states travel and output stays exact."""
+    from specdec import drafter_model, models
+    from specdec.feature_drafter import FeatureDrafterModel
+
+    embed, lm_head = drafter_model.target_head_weights(models.DEFAULT_TARGET)
+    config = {k: v for k, v in hf_target.config.to_dict().items() if k not in drafter_model.CHECKPOINT_ONLY_KEYS}
+    model = FeatureDrafterModel(config, embed, lm_head, None)
+    model.init_from_target(hf_target)
+    directory = tmp_path_factory.mktemp("feature-drafter")
+    drafter_model.save_drafter(directory, model, target=models.DEFAULT_TARGET, training={}, draft_vocab=None,
+                               target_hash_hex=drafter_model.target_hash(embed, lm_head), kind="feature",
+                               state=model.own_state())
+    return directory
+
+
+def test_feature_drafter_reads_the_verifiers_hidden_states_and_stays_lossless(cluster, feature_drafter_dir,
+                                                                               chat_prompts):
+    drafter = ServerProcess("drafter", "--model", str(feature_drafter_dir), "--proactive", "yes")
+    router = ServerProcess("router", "--verifier", cluster["verifier"].address, "--drafter", drafter.address)
+    try:
+        with Client(router.address) as client:
+            drafted = 0
+            for prompt in chat_prompts[2:4]:
+                kwargs = dict(chat=prompt["messages"], max_new_tokens=20)
+                on, _, last = collect(client, max_draft_tokens=4, **kwargs)
+                off, _, _ = collect(client, max_draft_tokens=0, **kwargs)
+                assert on == off, prompt["id"]
+                drafted += last.usage.draft_tokens  # zero if the features never reached the drafter
+            assert drafted > 0
+            kwargs = dict(prompt="A short poem about rain:", max_new_tokens=12, temperature=0.7, seed=5,
+                          max_draft_tokens=4)
+            first, _, last = collect(client, **kwargs)
+            second, _, _ = collect(client, **kwargs)
+            assert first == second
+            assert last.usage.draft_tokens > 0
+    finally:
+        router.stop()
+        drafter.stop()

@@ -88,3 +88,50 @@ def test_artifact_round_trip_and_target_check(tmp_path, monkeypatch):
     monkeypatch.setattr(drafter_model, "target_head_weights", lambda spec: (embed.detach(), other))
     with pytest.raises(drafter_model.DrafterMismatch, match="train one for this target"):
         load_feature_drafter(tmp_path / "d", "tiny")
+
+
+def test_the_verifier_sends_each_committed_tokens_hidden_state_once(engine, eos, tokenizer):
+    """With return_features, open's and each block's results carry the target's hidden states of the committed
+    tokens that had none: after every step one row per committed token but the newest, equal to a plain forward
+    over the same tokens (the real target, CPU), and a prefix-cache hit does not skip them."""
+    import asyncio
+
+    from specdec.sampling import SamplingConfig
+    from verifier_service.prefix_cache import PrefixCache
+    from verifier_service.scheduler import Scheduler
+    from verifier_service.session import FINISH_NONE, SessionSettings
+
+    ids = tokenizer.encode("The three primary colors of light are red, green and blue. The three primary colors of")
+
+    async def session(scheduler, session_id, drafts):
+        settings = SessionSettings(session_id, ids, 12, SamplingConfig(), return_features=True)
+        result = await scheduler.open(settings)
+        rows = [result.features]
+        assert result.features.shape[0] == len(ids)
+        while result.session.finish == FINISH_NONE:
+            tokens = list(result.session.tokens)
+            result = await scheduler.step(session_id, len(tokens), drafts(tokens))
+            assert result.features.shape[0] == result.accepted + 1
+            rows.append(result.features)
+        tokens = list(result.session.tokens)
+        scheduler.close(session_id)
+        return tokens, torch.cat(rows)
+
+    async def main():
+        from specdec.prefix_hash import model_seed
+
+        cache = PrefixCache(engine.shape, 64, engine.device, engine.dtype, model_seed("test"))
+        scheduler = Scheduler(engine, eos, max_sessions=2, max_sequence_length=256, prefix_cache=cache)
+        scheduler.start()
+        # drafts: the context's last 3 tokens again (sometimes right on this repetitive prompt), then none
+        out = [await session(scheduler, "a", lambda ctx: ctx[-3:]), await session(scheduler, "b", lambda ctx: [])]
+        await scheduler.stop()
+        return out
+
+    (tokens_a, rows_a), (tokens_b, rows_b) = asyncio.run(main())
+    assert tokens_a == tokens_b
+    reference_cache = engine.new_cache(1, 256)
+    _, _, expected = engine.forward_flat(reference_cache, [Row(0, 0, tokens_a[:-1])], hidden=True)
+    for rows in (rows_a, rows_b):
+        assert rows.shape == expected.shape == (len(tokens_a) - 1, engine.shape.hidden_size)
+        torch.testing.assert_close(rows.float(), expected.float(), atol=0.05, rtol=0.01)  # sent as float16

@@ -48,6 +48,9 @@ class StepResult:
     accepted: int  # draft tokens accepted
     session: Session
     batch_rows: int = 0  # sessions in the forward pass that made it (traces, the batch-size metric)
+    # with SessionSettings.return_features: float16 [n, hidden] on the host, the target's hidden states of the
+    # committed tokens that had none (see VerifyResponse.features)
+    features: torch.Tensor | None = None
 
 
 @dataclass
@@ -244,12 +247,22 @@ class Scheduler:
         shortest first, in passes of rows within 2x of each other's length, and each result is delivered as soon
         as its own pass is done."""
         cache = self.prefix_cache
-        starts = [cache.restore(self.cache, w.session.slot, w.session.tokens) if cache else 0 for w in works]
+        # a restored prefix has KV but no hidden states: sessions that want features prefill in full
+        starts = [cache.restore(self.cache, w.session.slot, w.session.tokens)
+                  if cache and not w.session.settings.return_features else 0 for w in works]
         rows = [Row(w.session.slot, start, list(w.session.tokens[start:])) for w, start in zip(works, starts)]
         out: list[StepResult | None] = [None] * len(works)
         for group in _length_groups([len(row.tokens) for row in rows]):
-            logits = self.engine.forward(self.cache, [rows[i] for i in group])
-            for i, row_logits in zip(group, logits):
+            group_rows = [rows[i] for i in group]
+            features = [None] * len(group)
+            if any(works[i].session.settings.return_features for i in group):
+                flat, sizes, hidden = self.engine.forward_flat(self.cache, group_rows, hidden=True)
+                logits = flat.split(sizes)
+                hidden = hidden.to("cpu", torch.float16).split([len(r.tokens) for r in group_rows])
+                features = [h if works[i].session.settings.return_features else None for i, h in zip(group, hidden)]
+            else:
+                logits = self.engine.forward(self.cache, group_rows)
+            for i, row_logits, row_features in zip(group, logits, features):
                 session = works[i].session
                 session.stats.cached_prompt_tokens = starts[i]
                 if cache:
@@ -257,14 +270,16 @@ class Scheduler:
                 probs = probs_from_logits(row_logits[-1].double(), session.settings.sampling)
                 _, uniform = session.uniforms(0)
                 token = int(sample(probs, uniform[0]))
-                out[i] = StepResult(session.commit([token]), 0, session, len(group))
+                out[i] = StepResult(session.commit([token]), 0, session, len(group), row_features)
                 if deliver is not None:
                     deliver(works[i], out[i])
         return out
 
     def _verify(self, works: list[_Work]) -> list[StepResult]:
         rows = [Row(w.session.slot, w.session.kv_length, [w.session.tokens[-1], *w.draft_tokens], True) for w in works]
-        flat, sizes = self.engine.forward_flat(self.cache, rows)  # [sum of (n + 1), vocab], on the engine's device
+        wants = [w.session.settings.return_features for w in works]
+        # [sum of (n + 1), vocab], on the engine's device; with features, the hidden states of the same positions
+        flat, sizes, *hidden = self.engine.forward_flat(self.cache, rows, hidden=any(wants))
         # Greedy rows with point-mass drafts need only the target's argmax: k + 1 integers per row instead of
         # dense distributions (verify_greedy gives the same verdicts as verify; tested).
         is_greedy = [w.session.settings.sampling.greedy and not w.draft_dists for w in works]
@@ -277,6 +292,14 @@ class Scheduler:
             logits = flat.split(sizes)
             verdicts.update(zip(sampled, self._verify_sampled([works[i] for i in sampled],
                                                               [logits[i] for i in sampled])))
+        features = [None] * len(works)
+        if hidden:  # one copy to the host for the tick: the rows of each verdict's committed tokens
+            offsets = [0, *itertools.accumulate(sizes[:-1])]
+            keep = [(b, offsets[b], verdicts[b][0] + 1) for b in range(len(works)) if wants[b]]
+            index = torch.tensor([o + j for _, o, n in keep for j in range(n)], device=hidden[0].device)
+            rows_out = hidden[0][index].to("cpu", torch.float16).split([n for _, _, n in keep])
+            for (b, _, _), h in zip(keep, rows_out):
+                features[b] = h
         out = []
         for b, work in enumerate(works):
             session, (accepted, next_token) = work.session, verdicts[b]
@@ -284,7 +307,7 @@ class Scheduler:
             session.stats.record_block(len(work.draft_tokens), accepted)
             if session.finish == FINISH_NONE and len(session.tokens) >= session.max_length:
                 session.finish = FINISH_LENGTH
-            out.append(StepResult(committed, accepted, session, len(works)))
+            out.append(StepResult(committed, accepted, session, len(works), features[b]))
         return out
 
     def _verify_greedy(

@@ -108,7 +108,8 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
                     end_span(session_id)
                 responses.put_nowait(
                     verifier_pb2.VerifyResponse(
-                        session_id=session_id, update=update_of(result.session, result.tokens), accepted=accepted
+                        session_id=session_id, update=update_of(result.session, result.tokens), accepted=accepted,
+                        features=b"" if result.features is None else result.features.numpy().tobytes(),
                     )
                 )
             except SpecdecError as exc:

@@ -42,6 +42,7 @@ class SessionSettings:
     max_new_tokens: int
     sampling: SamplingConfig
     seed: int | None = None
+    return_features: bool = False  # send the target's hidden states with each verdict (feature-level drafters)
 
 
 @dataclass
