@@ -2,7 +2,8 @@
 
 cost_ratio = median over interleaved rounds of (drafter decode step time) / (target decode step time), batch 1, one
 new token after a `--context`-token prefix: the c in the expected speedup tau / (1 + k * c). Also times the target
-verifying k + 1 tokens, the step a drafter's k tokens replace. Run it on each device the drafter will serve on:
+verifying k + 1 tokens, the step a drafter's k tokens replace. Feature drafters (specdec.feature_drafter) are timed
+on their runner's drafting step (one token, a predicted feature). Run it on each device the drafter will serve on:
 
     python bench/drafter_cost.py --target smollm2-135m-instruct --drafters drafters/smollm2-135m-instruct \
         --device cuda --json out/cost.json
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from specdec import drafter_model, models  # noqa: E402
 from specdec.engine import LlamaEngine, Row  # noqa: E402
+from specdec.feature_drafter import FeatureRunner, is_feature_drafter, load_feature_drafter  # noqa: E402
 
 
 def _timed(fn, device) -> float:
@@ -42,6 +44,16 @@ def step_fn(engine: LlamaEngine, context: int, new_tokens: int):
     engine.forward(cache, [Row(0, 0, prefix)])
     step = [11] * new_tokens
     return lambda: engine.forward(cache, [Row(0, context, step, all_logits=new_tokens > 1)])
+
+
+def feature_step_fn(model, device, dtype, context: int):
+    """A feature drafter's drafting step: one token with a predicted feature after `context` rows."""
+    runner = FeatureRunner(model, device, dtype, 1, context + 2)
+    hidden = model.config.hidden_size
+    prefix = [(7 * i) % 1000 + 10 for i in range(context)]
+    runner.step([Row(0, 0, prefix)], [torch.randn(context, hidden)])
+    feature = torch.randn(1, hidden, device=device, dtype=dtype)
+    return lambda: runner.step([Row(0, context, [11])], [feature])
 
 
 def interleaved_ms(fns: dict, device, repeats: int, warmup: int = 5) -> dict[str, list[float]]:
@@ -77,6 +89,11 @@ def main(argv=None) -> int:
     }
     shapes = {}
     for spec in args.drafters:
+        if is_feature_drafter(spec):  # one layer fed the target's hidden states: its runner's step
+            model = load_feature_drafter(spec, args.target)
+            fns[spec] = feature_step_fn(model, device, dtype, args.context)
+            shapes[spec] = (1, int(model.lm.lm_head.weight.shape[0]))
+            continue
         if drafter_model.is_drafter_artifact(spec):
             hf = drafter_model.load_drafter(spec, args.target)
         else:

@@ -52,6 +52,13 @@ class DraftBatcher:
         except Exception:
             log.exception("closing drafter session %s failed", session_id)
 
+    async def open(self, session_id: str) -> None:
+        """Takes a KV slot for the session, after the closes already under way have given theirs back (a client
+        that opens a session as soon as its last one ended must not find the slot still taken)."""
+        if self._closing:
+            await asyncio.wait(set(self._closing))
+        self.drafter.open(session_id)
+
     async def propose(self, request: DraftRequest) -> Draft:
         if request.k == 0:
             return Draft([])
@@ -175,7 +182,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
         features = _Features(drafter) if getattr(drafter, "wants_features", False) else None
         spec.return_features = features is not None
         try:
-            drafter.open(spec.session_id)
+            await self.batcher.open(spec.session_id)
             verdict = await link.open(spec)
             opened = True
             context_tokens = list(spec.prompt_ids) + list(verdict.update.token_ids)

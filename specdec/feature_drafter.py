@@ -21,12 +21,16 @@ with a KV slot per session. Verification stays lossless whatever the features: t
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from specdec import drafter_model
-from specdec.engine import LlamaEngine, Row, _pack
+from specdec.engine import LlamaEngine, Row, _bucket, _pack
+
+log = logging.getLogger(__name__)
 
 KIND = "feature"
 _FC_KEYS = ("fc.weight", "fc.bias")
@@ -140,30 +144,92 @@ def load_feature_drafter(artifact_dir, target_spec: str) -> FeatureDrafterModel:
 
 
 class FeatureRunner:
-    """Runs a FeatureDrafterModel over a slotted KV cache: one ragged pass per drafting step for many sessions."""
+    """Runs a FeatureDrafterModel over a slotted KV cache: one ragged pass per drafting step for many sessions.
 
-    def __init__(self, model: FeatureDrafterModel, device, dtype, num_slots: int, max_len: int):
+    On CUDA, steps of up to 64 rows of up to 16 tokens replay CUDA graphs captured per (rows, width, KV length)
+    bucket, as the engine's own passes do: one eager layer is ~20 small kernels, and launching them costs more
+    than running them (measured on an H200: 2.27 ms per eager drafting step, 4x a graphed two-layer drafter)."""
+
+    MAX_GRAPH_BATCH, MAX_GRAPH_WIDTH = 64, 16
+
+    def __init__(self, model: FeatureDrafterModel, device, dtype, num_slots: int, max_len: int,
+                 cuda_graphs: bool | None = None):
         self.engine = LlamaEngine(model.lm, device, dtype, cuda_graphs=False)
         self.fc_weight = model.fc.weight.detach().to(self.engine.device, dtype)
         self.fc_bias = model.fc.bias.detach().to(self.engine.device, dtype)
         self.draft_vocab = model.draft_vocab
         self.cache = self.engine.new_cache(num_slots, max_len)
         self.hidden_size = model.config.hidden_size
+        if cuda_graphs is None:
+            cuda_graphs = self.engine.device.type == "cuda"
+        self._graphs: dict[tuple[int, int, int], tuple] | None = {} if cuda_graphs else None
+        self._pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
+
+    def _pass(self, tokens, positions, write_slots, write_pos, slots, feats, kv_len: int):
+        """Device work only (capturable): predicted features [batch, width, hidden] and their logits."""
+        engine = self.engine
+        x = F.linear(torch.cat((unit_rms(engine.embed[tokens]), unit_rms(feats)), dim=-1), self.fc_weight, self.fc_bias)
+        h = engine._blocks(self.cache, x, positions, write_slots, write_pos, slots, kv_len)
+        return h, engine._head(h)
+
+    def _inputs(self, rows: list[Row], features: list[torch.Tensor], batch: int, width: int) -> list[torch.Tensor]:
+        dev = self.engine.device
+        packed = [t.to(dev) for t in _pack(rows, batch, width, self.cache.scratch)]
+        feats = torch.zeros(batch, width, self.hidden_size, device=dev, dtype=self.engine.dtype)
+        for b, f in enumerate(features):
+            feats[b, : f.shape[0]] = f.to(dev, self.engine.dtype)
+        return [*packed, feats]
 
     @torch.inference_mode()
     def step(self, rows: list[Row], features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """rows[b].tokens at KV positions rows[b].start.., each with the feature in features[b] [n_b, hidden]
         (any device). Returns, for each row's last token, draft logits [batch, draft vocab] float32 and the
         predicted feature [batch, hidden]: the input feature of the token drafted after it."""
-        engine, dev = self.engine, self.engine.device
+        dev = self.engine.device
         batch, width = len(rows), max(len(r.tokens) for r in rows)
-        tokens, positions, write_slots, write_pos, slots = (t.to(dev) for t in _pack(rows, batch, width, self.cache.scratch))
-        feats = torch.zeros(batch, width, self.hidden_size, device=dev, dtype=engine.dtype)
-        for b, f in enumerate(features):
-            feats[b, : f.shape[0]] = f.to(dev, engine.dtype)
-        x = F.linear(torch.cat((unit_rms(engine.embed[tokens]), unit_rms(feats)), dim=-1), self.fc_weight, self.fc_bias)
         kv_len = max(r.start + len(r.tokens) for r in rows)
-        single = rows[0].slot if batch == 1 else None
-        h = engine._blocks(self.cache, x, positions, write_slots, write_pos, slots, kv_len, single)
-        last = h[torch.arange(batch, device=dev), torch.tensor([len(r.tokens) - 1 for r in rows], device=dev)]
-        return engine._head(last).float(), last
+        if self._graphs is not None and batch <= self.MAX_GRAPH_BATCH and width <= self.MAX_GRAPH_WIDTH:
+            h, logits = self._replay(rows, features, batch, width, kv_len)
+        else:
+            h, logits = self._pass(*self._inputs(rows, features, batch, width), kv_len)
+        b = torch.arange(batch, device=dev)
+        t = torch.tensor([len(r.tokens) - 1 for r in rows], device=dev)
+        return logits[b, t].float(), h[b, t]
+
+    def _replay(self, rows, features, batch: int, width: int, kv_len: int):
+        key = (_bucket(batch), _bucket(width), min(_bucket(kv_len, floor=128), self.cache.max_len))
+        with torch.cuda.device(self.engine.device):
+            entry = self._graphs.get(key)
+            if entry is None:
+                entry = self._graphs[key] = self._capture(*key)
+            if entry is None:  # this runner's graphs failed their check: eager from now on
+                self._graphs = None
+                return self._pass(*self._inputs(rows, features, batch, width), kv_len)
+            graph, buffers, outputs = entry
+            for buffer, value in zip(buffers, self._inputs(rows, features, key[0], key[1])):
+                buffer.copy_(value, non_blocking=True)
+            graph.replay()
+            return outputs
+
+    def _capture(self, batch: int, width: int, length: int):
+        buffers = self._inputs([], [], batch, width)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm up kernels and allocator outside the capture
+                self._pass(*buffers, length)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
+                outputs = self._pass(*buffers, length)
+            graph.replay()  # a replay must give the eager pass's outputs on the same inputs
+            ok = torch.allclose(outputs[1].float(), self._pass(*buffers, length)[1].float(), rtol=1e-2, atol=1e-2)
+        except RuntimeError:
+            log.exception("capturing the feature drafter's CUDA graph failed")
+            ok = False
+        if not ok:
+            log.warning("feature drafter: CUDA graph for %d rows x %d tokens does not match the eager pass; "
+                        "drafting eagerly (slower, same drafts)", batch, width)
+            return None
+        return graph, buffers, outputs
