@@ -195,7 +195,8 @@ class DecodePath:
         a = self.args
         print(f"loading {a.target} on {a.device} in this process...", flush=True)
         # The same builder as `specdec serve verifier`; 2 slots: one for the scheduler's session, one for layers 1-2.
-        self.scheduler = await compute.run(build_scheduler, a.target, a.device, 2, a.max_sequence_length, 16, 0)
+        self.scheduler = await compute.run(build_scheduler, a.target, a.device, 2, a.max_sequence_length, 16, 0, None,
+                                           a.decode_chunk_ms)
         self.scheduler.start()
         self.servicer = VerifierServicer(self.scheduler, a.target)
         print("starting verifier and router processes...", flush=True)
@@ -317,10 +318,13 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=1,
                         help="timed passes over the prompts (medians are over every prompt of every pass)")
     parser.add_argument("--out", default=None, help="output directory (default out/decode-path-TIMESTAMP)")
+    parser.add_argument("--decode-chunk-ms", type=float, default=10.0,
+                        help="the verifier's --decode-chunk-ms for layers 3-5 (0 = one token per tick)")
     args = parser.parse_args()
 
     # One switch for every engine of the run: this process's reads it, the servers inherit it (their --compile).
     os.environ["SPECDEC_COMPILE"] = args.compile
+    os.environ["SPECDEC_DECODE_CHUNK_MS"] = str(args.decode_chunk_ms)  # the verifier process reads its flag here
     out = Path(args.out or f"out/decode-path-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     compute.set_threads()  # as the servers size theirs: the CPU limit

@@ -175,6 +175,16 @@ def hf_baselines(target: str, drafter: str | None, prompts, n: int, max_new_toke
     return out
 
 
+def _assistant_spec(args, modes: list[str]) -> str | None:
+    """The drafter of the run that transformers can assist with: the first token-level one (a feature drafter
+    reads the target's hidden states, which transformers' assisted generation does not hand out)."""
+    from specdec import models
+    from specdec.feature_drafter import is_feature_drafter
+
+    specs = [args.drafter_model if m == "model" else m.partition("=")[2] for m in modes if m.startswith("model")]
+    return next((s for s in specs if s and not is_feature_drafter(models.resolve_drafter(s)[0])), None)
+
+
 def _hf_drafter(spec: str, target: str, device: str):
     """The drafter as a transformers model, for assisted generation (a reduced draft head cannot be used there)."""
     from specdec import models
@@ -270,17 +280,19 @@ def run(args) -> int:
             for mode in modes:
                 drafters = []
                 if mode != "off":
-                    spec = "ngram" if mode == "ngram" else args.drafter_model
+                    # `model=SPEC` names its own drafter, so one run can compare several
+                    spec = "ngram" if mode == "ngram" else mode.partition("=")[2] or args.drafter_model
                     print(f"starting {mode} drafter...", flush=True)
                     drafter = ServerProcess("drafter", "--model", spec, "--target", args.target,
                                             "--device", args.drafter_device,
                                             "--max-sessions", str(max(levels)),
                                             *(["--prefix-cache-blocks", str(args.prefix_cache_blocks)]
                                               if spec != "ngram" else []),
-                                            log=out / f"drafter-{mode}.log")
+                                            log=out / f"drafter-{mode.replace('/', '_')}.log")
                     started.append(drafter)
                     drafters = ["--drafter", drafter.address]
-                router = start_router_process(verifier.address, drafters, args.target, out / f"router-{mode}.log")
+                router = start_router_process(verifier.address, drafters, args.target,
+                                              out / f"router-{mode.replace('/', '_')}.log")
                 started.append(router)
                 routers[mode] = router.address
         for mode in modes:  # first passes capture CUDA graphs (and compile): keep them out of the figures
@@ -308,7 +320,7 @@ def run(args) -> int:
     _write_report(args, out, rows, baselines)  # the sweep is kept even if a baseline fails below
     if args.baselines:
         print("transformers baselines (one user, greedy, in this process):", flush=True)
-        drafter = args.drafter_model if "model" in modes else None
+        drafter = _assistant_spec(args, modes)
         baselines = hf_baselines(args.target, drafter, prompts, args.baseline_prompts, args.max_new_tokens, args.k,
                                  args.verifier_device)
     _write_report(args, out, rows, baselines)
@@ -342,7 +354,8 @@ def add_parser(sub, summary: str) -> None:
     )
     flag(p, "--target", default=DEFAULT_TARGET, help="target model SPEC")
     flag(p, "--drafter-model", default=None, help="drafter SPEC for mode `model`")
-    flag(p, "--modes", default="off,ngram", help="comma-separated: off, ngram, model")
+    flag(p, "--modes", default="off,ngram",
+         help="comma-separated: off, ngram, model (the --drafter-model), model=SPEC (that drafter; repeatable)")
     flag(p, "--concurrency", default="1,4", help="comma-separated concurrent users, e.g. 1,4,16,64,256")
     flag(p, "--prompts", default=str(DEFAULT_PROMPTS), help="JSONL prompt set ({messages: [...]} per line)")
     flag(p, "--requests", default=0, type=int, help="requests per level (0 = one per prompt)")

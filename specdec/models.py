@@ -27,11 +27,14 @@ _ALIASES = {
 }
 
 
-# The drafter trained for the default target ships in the repository (see its MODEL_CARD.md).
-DEFAULT_DRAFTER = "smollm2-135m-instruct-drafter"
+# The drafters trained for the default target ship in the repository (see their MODEL_CARD.md files): a
+# feature-level one (reads the target's hidden states; the default) and a 2-layer token-level one.
+DEFAULT_DRAFTER = "smollm2-135m-instruct-feature-drafter"
+TOKEN_DRAFTER = "smollm2-135m-instruct-drafter"
 _DRAFTER_ALIASES = {
     # alias -> (artifact directory relative to the source tree, the target it belongs to)
-    DEFAULT_DRAFTER: ("drafters/smollm2-135m-instruct", DEFAULT_TARGET),
+    DEFAULT_DRAFTER: ("drafters/smollm2-135m-instruct-feature", DEFAULT_TARGET),
+    TOKEN_DRAFTER: ("drafters/smollm2-135m-instruct", DEFAULT_TARGET),
 }
 _SOURCE_ROOT = Path(__file__).resolve().parents[1]
 

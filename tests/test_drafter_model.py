@@ -14,12 +14,37 @@ from specdec import cli, drafter_model, models
 from specdec.engine import LlamaEngine, Row
 
 SHIPPED = Path(__file__).resolve().parent.parent / "drafters" / models.DEFAULT_TARGET
+SHIPPED_FEATURE = SHIPPED.parent / f"{models.DEFAULT_TARGET}-feature"
 
 
-def test_shipped_drafter_is_an_artifact_within_size_budget():
-    assert drafter_model.is_drafter_artifact(SHIPPED)
-    assert (SHIPPED / drafter_model.WEIGHTS_FILE).stat().st_size <= 30 * 1024 * 1024
-    assert drafter_model.read_config(SHIPPED)["target"] == models.DEFAULT_TARGET
+@pytest.mark.parametrize("artifact", [SHIPPED, SHIPPED_FEATURE], ids=["token", "feature"])
+def test_shipped_drafters_are_artifacts_within_size_budget(artifact):
+    assert drafter_model.is_drafter_artifact(artifact)
+    assert (artifact / drafter_model.WEIGHTS_FILE).stat().st_size <= 30 * 1024 * 1024
+    assert drafter_model.read_config(artifact)["target"] == models.DEFAULT_TARGET
+
+
+def test_the_default_drafter_is_the_shipped_feature_drafter():
+    from specdec.feature_drafter import is_feature_drafter
+
+    path, target = models.resolve_drafter(models.DEFAULT_DRAFTER)
+    assert Path(path).resolve() == SHIPPED_FEATURE.resolve() and target == models.DEFAULT_TARGET
+    assert is_feature_drafter(path)
+
+
+def test_shipped_feature_drafter_loads_and_drafts_from_the_targets_hidden_states(engine):
+    from specdec.feature_drafter import FeatureRunner, load_feature_drafter
+
+    model = load_feature_drafter(SHIPPED_FEATURE, models.DEFAULT_TARGET)
+    runner = FeatureRunner(model, "cpu", torch.float32, 1, 64)
+    tokens = [1, 504, 3458, 314, 253, 2, 1, 9690, 198]
+    _, _, hidden = engine.forward_flat(engine.new_cache(1, 64), [Row(0, 0, tokens[:-1])], hidden=True)
+    logits, predicted = runner.step([Row(0, 0, tokens[1:])], [hidden])
+    assert logits.shape == (1, model.draft_vocab.shape[0]) and torch.isfinite(logits).all()
+    # the features matter: the same tokens with the hidden states zeroed draft from different logits
+    runner_zero = FeatureRunner(model, "cpu", torch.float32, 1, 64)
+    zeroed, _ = runner_zero.step([Row(0, 0, tokens[1:])], [torch.zeros_like(hidden)])
+    assert (logits - zeroed).abs().max() > 1.0
 
 
 def test_plain_model_directory_is_not_a_drafter_artifact(tmp_path):
@@ -51,6 +76,18 @@ def test_drafter_for_another_target_is_refused(tmp_path):
         drafter_model.load_drafter(foreign, models.DEFAULT_TARGET)
 
 
+def test_feature_drafter_for_another_target_is_refused(tmp_path):
+    from specdec.feature_drafter import load_feature_drafter
+
+    foreign = tmp_path / "foreign"
+    shutil.copytree(SHIPPED_FEATURE, foreign)
+    config = json.loads((foreign / "config.json").read_text())
+    config["target_hash"] = "f" * 64
+    (foreign / "config.json").write_text(json.dumps(config))
+    with pytest.raises(drafter_model.DrafterMismatch, match="trained for target"):
+        load_feature_drafter(foreign, models.DEFAULT_TARGET)
+
+
 def test_draft_ids_and_probs_map_back_to_the_full_vocabulary():
     draft_vocab = torch.tensor([3, 7, 11])
     draft_probs = torch.tensor([[0.2, 0.5, 0.3]])  # [1, draft_vocab_size]
@@ -66,17 +103,22 @@ def test_tiny_cpu_training_run_writes_an_artifact_that_loads(tmp_path):
     out = tmp_path / "drafter"
     code = cli.main(
         [
-            "train-drafter", "--out", str(out), "--layers", "1", "--steps", "2", "--batch-size", "2",
+            "train-drafter", "--out", str(out), "--layers", "1,feature", "--steps", "2", "--batch-size", "2",
             "--data-prompts", "4", "--gen-tokens", "4", "--gen-batch-size", "4", "--draft-vocab", "256",
             "--max-len", "48", "--warmup", "1", "--device", "cpu",
         ]
     )
     assert code == 0
-    assert drafter_model.is_drafter_artifact(out)
-    config = drafter_model.read_config(out)
-    assert config["training"]["steps"] == 2 and config["training"]["final"]
-    model = drafter_model.load_drafter(out, models.DEFAULT_TARGET)
+    from specdec.feature_drafter import load_feature_drafter
+
+    layers, feature = out / "L1", out / "feature"  # two kinds trained side by side on the same batches
+    for artifact in (layers, feature):
+        config = drafter_model.read_config(artifact)
+        assert config["training"]["steps"] == 2 and config["training"]["final"]
+    model = drafter_model.load_drafter(layers, models.DEFAULT_TARGET)
     assert model.config.num_hidden_layers == 1
     assert model.draft_vocab.shape == (256,)
+    drafter = load_feature_drafter(feature, models.DEFAULT_TARGET)
+    assert drafter.draft_vocab.shape == (256,) and drafter_model.read_config(feature)["kind"] == "feature"
     # a checkpoint to resume from was written beside the artifact's training state
     assert (out / "train-state" / "checkpoint.pt").is_file()

@@ -25,7 +25,7 @@ K = 5
 @pytest.fixture(scope="module")
 def shipped():
     """The shipped drafter as `specdec serve drafter` builds it (its engine is shared by the drafters below)."""
-    return make_drafter(models.DEFAULT_DRAFTER, "cpu", 4, 256, models.DEFAULT_TARGET, prefix_cache_blocks=256)
+    return make_drafter(models.TOKEN_DRAFTER, "cpu", 4, 256, models.DEFAULT_TARGET, prefix_cache_blocks=256)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def _prefilled(drafter: ModelDrafter, session_id: str, prompt: list[int]) -> int
 def test_drafter_keys_never_mix_with_the_verifiers(shipped):
     assert shipped.prefix_cache.num_blocks == 256
     assert shipped.prefix_cache.seed != model_seed(models.DEFAULT_TARGET)  # what the verifier of this target uses
-    off = make_drafter(models.DEFAULT_DRAFTER, "cpu", 1, 64, models.DEFAULT_TARGET, prefix_cache_blocks=0)
+    off = make_drafter(models.TOKEN_DRAFTER, "cpu", 1, 64, models.DEFAULT_TARGET, prefix_cache_blocks=0)
     assert off.prefix_cache is None
 
 

@@ -176,3 +176,36 @@ def test_full_verifier_answers_resource_exhausted(engine, eos, references):
         await s.stop()
 
     run(main())
+
+
+def test_chunked_decode_gives_the_same_tokens_in_fewer_ticks(engine, eos, references):
+    """Speculation off with decode_chunk_ms: several steps per tick, same tokens (greedy) and same draws (seeded
+    sampling) as one step per tick; a tick that also holds a speculative block stays one step."""
+    ids, expected = references[PROMPTS[1]]
+
+    async def decode(chunk_ms, sampling, seed=None, with_block=False):
+        scheduler = _scheduler(engine, eos, max_sessions=2, max_sequence_length=128)
+        scheduler.decode_chunk_ms = chunk_ms
+        result = await scheduler.open(SessionSettings("d", ids, 20, sampling, seed))
+        other = await scheduler.open(SessionSettings("o", ids, 20, GREEDY)) if with_block else None
+        tokens, updates = list(result.tokens), 0
+        while result.session.finish == FINISH_NONE:
+            step = scheduler.step("d", len(result.session.tokens), [], chunk=True)
+            if other is not None and other.session.finish == FINISH_NONE:
+                block = scheduler.step("o", len(other.session.tokens), [1, 2])
+                result, other = await asyncio.gather(step, block)
+            else:
+                result = await step
+            tokens += result.tokens
+            updates += 1
+        await scheduler.stop()
+        return tokens, updates
+
+    one_by_one, updates = run(decode(0, GREEDY))
+    assert one_by_one == expected and updates == 19
+    chunked, chunked_updates = run(decode(60_000, GREEDY))
+    assert chunked == expected and chunked_updates < 5
+    mixed, mixed_updates = run(decode(60_000, GREEDY, with_block=True))
+    assert mixed == expected and mixed_updates > 10  # the other session's blocks share its ticks
+    sampled = SamplingConfig(temperature=0.8)
+    assert run(decode(0, sampled, seed=3))[0] == run(decode(60_000, sampled, seed=3))[0]

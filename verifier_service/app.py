@@ -35,7 +35,7 @@ def eos_ids_of(hf_model) -> frozenset[int]:
 
 
 def build_scheduler(model: str, device: str, max_sessions: int, max_sequence_length: int, max_draft_tokens: int,
-                    prefix_cache_blocks: int = 0, on_change=None):
+                    prefix_cache_blocks: int = 0, on_change=None, decode_chunk_ms: float = 10.0):
     hf_model = models.load_hf_model(model)
     engine = make_engine(hf_model, device=device, dtype=default_dtype(device))
     prefix_cache = None
@@ -43,7 +43,7 @@ def build_scheduler(model: str, device: str, max_sessions: int, max_sequence_len
         prefix_cache = PrefixCache(engine.shape, prefix_cache_blocks, engine.device, engine.dtype, model_seed(model),
                                    on_change)
     scheduler = Scheduler(engine, eos_ids_of(hf_model), max_sessions, max_sequence_length, max_draft_tokens,
-                          prefix_cache)
+                          prefix_cache, decode_chunk_ms)
     del hf_model  # the engine holds its own copies of the weights
     return scheduler
 
@@ -63,6 +63,7 @@ async def start_verifier(
     store=None,
     locality_ttl: float = 30.0,
     redis_timeout: float = 0.05,
+    decode_chunk_ms: float = 10.0,
 ) -> GrpcServer:
     """`store`: an in-process locality store (all-in-one); `redis_url` makes a Redis one; neither: no hints."""
     server = GrpcServer("verifier", host, port, grace)
@@ -77,7 +78,7 @@ async def start_verifier(
                             else f"{socket.gethostname()}:{server.port}")
         publisher = Publisher(store, pod, ttl=locality_ttl)
     scheduler = compute.call(build_scheduler, model, device, max_sessions, max_sequence_length, max_draft_tokens,
-                             prefix_cache_blocks, publisher.changed if publisher else None)
+                             prefix_cache_blocks, publisher.changed if publisher else None, decode_chunk_ms)
     scheduler.metrics = telemetry.instrument_verifier(scheduler)  # None unless this process serves /metrics
     scheduler.start()
     if publisher is not None:

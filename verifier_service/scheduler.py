@@ -15,6 +15,7 @@ import asyncio
 import itertools
 import logging
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,7 @@ class _Work:
     future: asyncio.Future
     draft_tokens: list[int] | None = None  # None = prefill
     draft_dists: list[DraftDistribution] | None = None
+    chunk: bool = False  # plain decode that may take several steps in one tick (see Scheduler.decode_chunk_ms)
 
 
 class Scheduler:
@@ -70,8 +72,14 @@ class Scheduler:
         max_sequence_length: int = 2048,
         max_draft_tokens: int = 16,
         prefix_cache: PrefixCache | None = None,
+        decode_chunk_ms: float = 10.0,
     ):
+        """decode_chunk_ms: when a tick holds only plain decode steps asked with chunk=True (speculation off) and
+        nothing else is queued, it keeps decoding those sessions while another step fits in this many
+        milliseconds of the tick: one hand-off and one message per chunk instead of per token. 0 = one step."""
         self.engine = engine
+        self.decode_chunk_ms = decode_chunk_ms
+        self.extra_passes: list[int] = []  # rows of each chunked pass of the last tick (for the metrics)
         self.prefix_cache = prefix_cache
         self.vocab_size = engine.shape.vocab_size
         self.eos_ids = eos_ids
@@ -126,8 +134,10 @@ class Scheduler:
         committed_length: int,
         draft_tokens: list[int],
         draft_dists: list[DraftDistribution] | None = None,
+        chunk: bool = False,
     ) -> StepResult:
-        """Verifies a block proposed after `committed_length` tokens (an empty block is a plain decode step)."""
+        """Verifies a block proposed after `committed_length` tokens (an empty block is a plain decode step; with
+        chunk, maybe several: see decode_chunk_ms)."""
         session = self.sessions.get(session_id)
         if session is None:
             raise InvalidInput(f"session {session_id!r} is not open on this verifier")
@@ -140,7 +150,8 @@ class Scheduler:
         if len(draft_tokens) > room:  # verifying fewer draft tokens never changes the output
             draft_tokens = draft_tokens[:room]
             draft_dists = draft_dists[:room] if draft_dists else draft_dists
-        return await self._submit(_Work(session, self._new_future(), draft_tokens, draft_dists or None))
+        return await self._submit(_Work(session, self._new_future(), draft_tokens, draft_dists or None,
+                                        chunk=chunk and not draft_tokens))
 
     def close(self, session_id: str) -> None:
         session = self.sessions.pop(session_id, None)
@@ -226,20 +237,44 @@ class Scheduler:
                     [r.batch_rows for w, r in zip(batch, results) if w.draft_tokens is None],
                     [(len(w.draft_tokens), r.accepted) for w, r in zip(batch, results) if w.draft_tokens is not None],
                 )
+                for rows in self.extra_passes:
+                    self.metrics.record_tick([], [(0, 0)] * rows)
 
     def _tick(self, batch: list[_Work], deliver=None) -> list[StepResult]:
         """Runs on the worker thread: the prefills (see _prefill), then one pass for the blocks. deliver(work,
         result), when given, hands a prefill its result as soon as its pass is done."""
+        started = time.perf_counter()
         results: dict[int, StepResult] = {}
         prefills = [(i, w) for i, w in enumerate(batch) if w.draft_tokens is None]
         blocks = [(i, w) for i, w in enumerate(batch) if w.draft_tokens is not None]
         if prefills:
             for (i, w), res in zip(prefills, self._prefill([w for _, w in prefills], deliver)):
                 results[i] = res
+        self.extra_passes = []
         if blocks:
             for (i, w), res in zip(blocks, self._verify([w for _, w in blocks])):
                 results[i] = res
+            if not prefills and all(w.chunk for _, w in blocks):
+                self._decode_chunk(blocks, results, started)
         return [results[i] for i in range(len(batch))]
+
+    def _decode_chunk(self, blocks: list[tuple[int, _Work]], results: dict[int, StepResult], started: float) -> None:
+        """More plain decode steps for a tick of chunked decodes only, while one more fits in decode_chunk_ms and
+        no other work is queued (queued work waits for this tick: it must not wait long). Each step is the same
+        `_verify` of an empty block, so the tokens and the random draws are those of one step per tick."""
+        steps = 1
+        while self.decode_chunk_ms > 0:
+            elapsed_ms = (time.perf_counter() - started) * 1e3
+            if elapsed_ms * (steps + 1) / steps > self.decode_chunk_ms or self._queue:
+                return
+            live = [(i, w) for i, w in blocks
+                    if results[i].session.finish == FINISH_NONE and w.session.id in self.sessions]
+            if not live:
+                return
+            for (i, w), res in zip(live, self._verify([w for _, w in live])):
+                results[i] = StepResult(results[i].tokens + res.tokens, 0, res.session, res.batch_rows)
+            self.extra_passes.append(len(live))
+            steps += 1
 
     def _prefill(self, works: list[_Work], deliver=None) -> list[StepResult]:
         """Rows of one pass are padded to its longest row, so a prefix-cache hit's short tail run with a cold prompt

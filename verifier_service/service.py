@@ -49,7 +49,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
             result = await self.scheduler.open(settings)
             yield verifier_pb2.DecodeResponse(update=update_of(result.session, result.tokens))
             while result.session.finish == FINISH_NONE:
-                result = await self.scheduler.step(session_id, len(result.session.tokens), [])
+                result = await self.scheduler.step(session_id, len(result.session.tokens), [], chunk=True)
                 yield verifier_pb2.DecodeResponse(update=update_of(result.session, result.tokens))
         except SpecdecError as exc:
             error = exc
