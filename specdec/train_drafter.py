@@ -7,8 +7,10 @@ from evenly spaced layers of the target and sharing its frozen embeddings and LM
 next-token distribution on those prompt + answer sequences: the loss is KL(target_probs || draft_probs) at every
 answer position, with target_probs computed on the fly from the target's logits.
 
-Several sizes (`--layers 2,4`) train side by side on the same batches, sharing the target's forward pass; each is
-written to its own artifact (`OUT/L2`, `OUT/L4`). Generated data and checkpoints live in `--work-dir` (default
+`--layers feature` trains a feature-level drafter instead (specdec.feature_drafter: one layer fed the target's
+last hidden states, captured from the same forward pass, trained on three unrolled drafting steps). Several
+drafters (`--layers 2,4,feature`) train side by side on the same batches, sharing the target's forward pass; each
+is written to its own artifact (`OUT/L2`, `OUT/L4`, `OUT/feature`). Generated data and checkpoints live in `--work-dir` (default
 `OUT/train-state`), so `--resume` continues a stopped run. Never trains on ../shared/prompts/chat.jsonl, which is
 for measurement.
 
