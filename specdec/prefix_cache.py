@@ -26,8 +26,12 @@ from specdec.prefix_hash import BLOCK_TOKENS, block_hashes
 
 
 class PrefixCache:
+    """features: also keep, per block, the target's hidden states of its 16 tokens (float16, on the host) when a
+    saver has them, so sessions of feature-level drafters, which need the hidden state of every prompt token, can
+    restore a prefix too (`restore(..., with_features=True)` stops at the first block saved without them)."""
+
     def __init__(self, shape: LlamaShape, num_blocks: int, device, dtype, seed: bytes,
-                 on_change: Callable[[list[str], list[str]], None] | None = None):
+                 on_change: Callable[[list[str], list[str]], None] | None = None, features: bool = False):
         size = (num_blocks, shape.num_kv_heads, BLOCK_TOKENS, shape.head_dim)
         self.keys = [torch.zeros(size, device=device, dtype=dtype) for _ in range(shape.num_layers)]
         self.values = [torch.zeros(size, device=device, dtype=dtype) for _ in range(shape.num_layers)]
@@ -35,25 +39,31 @@ class PrefixCache:
         self.seed = seed
         self.on_change = on_change
         self._index: OrderedDict[str, int] = OrderedDict()  # hash -> pool block; least recently used first
+        # [num_blocks, 16, hidden] float16 on the host, valid for the blocks in _with_features
+        self.features = torch.zeros(num_blocks, BLOCK_TOKENS, shape.hidden_size, dtype=torch.float16) if features else None
+        self._with_features: set[int] = set()
         self._free = list(range(num_blocks - 1, -1, -1))
         self.hits = self.lookups = 0  # blocks found / blocks asked, for logs and benchmarks
 
     def held(self) -> list[str]:
         return list(self._index)
 
-    def restore(self, cache: KVCache, slot: int, tokens: list[int]) -> int:
-        """Copies the longest cached prefix of tokens into the slot; returns how many tokens need no prefill."""
+    def restore(self, cache: KVCache, slot: int, tokens: list[int], with_features: bool = False):
+        """Copies the longest cached prefix of tokens into the slot; returns how many tokens need no prefill. With
+        with_features: only blocks that have their hidden states count, and the return is (that count, their hidden
+        states [count, hidden] float16 on the host, or None for 0)."""
         hashes = block_hashes(tokens, self.seed)
         found = 0
         for h in hashes:
-            if h not in self._index:
+            if h not in self._index or (with_features and self._index[h] not in self._with_features):
                 break
             found += 1
         self.lookups += len(hashes)
         self.hits += found
         if not found:
-            return 0
-        blocks = torch.tensor([self._index[h] for h in hashes[:found]], device=self.keys[0].device)
+            return (0, None) if with_features else 0
+        ids = [self._index[h] for h in hashes[:found]]
+        blocks = torch.tensor(ids, device=self.keys[0].device)
         n = found * BLOCK_TOKENS
         for pool, slots in ((self.keys, cache.keys), (self.values, cache.values)):
             for layer_pool, layer_slots in zip(pool, slots):
@@ -61,33 +71,47 @@ class PrefixCache:
                 layer_slots[slot, :, :n] = chunk.transpose(0, 1).reshape(chunk.shape[1], n, chunk.shape[3])
         self._touch(hashes[:found])
         # At least one token is always recomputed: the prefill needs the last prompt token's logits.
-        return min(n, len(tokens) - 1)
+        n = min(n, len(tokens) - 1)
+        if with_features:
+            return n, self.features[ids].reshape(-1, self.features.shape[-1])[:n]
+        return n
 
-    def save(self, cache: KVCache, slot: int, tokens: list[int], kv_length: int) -> None:
-        """Copies the full blocks among the first kv_length tokens (those whose KV is valid) into the pool."""
+    def save(self, cache: KVCache, slot: int, tokens: list[int], kv_length: int,
+             features: torch.Tensor | None = None) -> None:
+        """Copies the full blocks among the first kv_length tokens (those whose KV is valid) into the pool, with
+        their hidden states when `features` [>= their tokens, hidden] is given."""
         hashes = block_hashes(tokens, self.seed, max_tokens=kv_length)[: self.num_blocks]
         self._touch(hashes)  # the chain's own blocks are now most recent: eviction takes others first
         new = [i for i, h in enumerate(hashes) if h not in self._index]
-        if not new:
-            return
+        # blocks cached before by a session without hidden states get them now, if this one has them
+        lacking = [i for i, h in enumerate(hashes) if h in self._index and self._index[h] not in self._with_features]
         lost = []
-        while len(self._free) < len(new):
-            victim, block = self._index.popitem(last=False)
-            self._free.append(block)
-            lost.append(victim)
-        targets = [self._free.pop() for _ in new]
-        for i, block in zip(new, targets):
-            self._index[hashes[i]] = block
-        self._touch(hashes)
-        src = torch.tensor(new, device=self.keys[0].device)
-        dst = torch.tensor(targets, device=self.keys[0].device)
-        width = len(hashes) * BLOCK_TOKENS
-        for pool, slots in ((self.keys, cache.keys), (self.values, cache.values)):
-            for layer_pool, layer_slots in zip(pool, slots):
-                kv_heads, _, head_dim = layer_slots.shape[1:]
-                blocks = layer_slots[slot, :, :width].reshape(kv_heads, len(hashes), BLOCK_TOKENS, head_dim)
-                layer_pool[dst] = blocks.index_select(1, src).transpose(0, 1)
-        if self.on_change:
+        if new:
+            while len(self._free) < len(new):
+                victim, block = self._index.popitem(last=False)
+                self._free.append(block)
+                lost.append(victim)
+            targets = [self._free.pop() for _ in new]
+            for i, block in zip(new, targets):
+                self._index[hashes[i]] = block
+                self._with_features.discard(block)  # a reused block's old hidden states are not this one's
+            self._touch(hashes)
+            src = torch.tensor(new, device=self.keys[0].device)
+            dst = torch.tensor(targets, device=self.keys[0].device)
+            width = len(hashes) * BLOCK_TOKENS
+            for pool, slots in ((self.keys, cache.keys), (self.values, cache.values)):
+                for layer_pool, layer_slots in zip(pool, slots):
+                    kv_heads, _, head_dim = layer_slots.shape[1:]
+                    blocks = layer_slots[slot, :, :width].reshape(kv_heads, len(hashes), BLOCK_TOKENS, head_dim)
+                    layer_pool[dst] = blocks.index_select(1, src).transpose(0, 1)
+        if features is not None and self.features is not None:
+            for i in new + lacking:
+                rows = features[i * BLOCK_TOKENS : (i + 1) * BLOCK_TOKENS]
+                if rows.shape[0] == BLOCK_TOKENS and hashes[i] in self._index:  # (evicted by this very save)
+                    block = self._index[hashes[i]]
+                    self.features[block] = rows.to("cpu", torch.float16)
+                    self._with_features.add(block)
+        if new and self.on_change:
             self.on_change([hashes[i] for i in new], lost)
 
     def _touch(self, hashes: list[str]) -> None:

@@ -93,7 +93,8 @@ def test_artifact_round_trip_and_target_check(tmp_path, monkeypatch):
 def test_the_verifier_sends_each_committed_tokens_hidden_state_once(engine, eos, tokenizer):
     """With return_features, open's and each block's results carry the target's hidden states of the committed
     tokens that had none: after every step one row per committed token but the newest, equal to a plain forward
-    over the same tokens (the real target, CPU), and a prefix-cache hit does not skip them."""
+    over the same tokens (the real target, CPU); a later session with the same prompt restores its prefix from the
+    prefix cache, hidden states included."""
     import asyncio
 
     from specdec.sampling import SamplingConfig
@@ -108,6 +109,7 @@ def test_the_verifier_sends_each_committed_tokens_hidden_state_once(engine, eos,
         result = await scheduler.open(settings)
         rows = [result.features]
         assert result.features.shape[0] == len(ids)
+        cached.append(result.session.stats.cached_prompt_tokens)
         while result.session.finish == FINISH_NONE:
             tokens = list(result.session.tokens)
             result = await scheduler.step(session_id, len(tokens), drafts(tokens))
@@ -117,10 +119,12 @@ def test_the_verifier_sends_each_committed_tokens_hidden_state_once(engine, eos,
         scheduler.close(session_id)
         return tokens, torch.cat(rows)
 
+    cached = []
+
     async def main():
         from specdec.prefix_hash import model_seed
 
-        cache = PrefixCache(engine.shape, 64, engine.device, engine.dtype, model_seed("test"))
+        cache = PrefixCache(engine.shape, 64, engine.device, engine.dtype, model_seed("test"), features=True)
         scheduler = Scheduler(engine, eos, max_sessions=2, max_sequence_length=256, prefix_cache=cache)
         scheduler.start()
         # drafts: the context's last 3 tokens again (sometimes right on this repetitive prompt), then none
@@ -130,8 +134,26 @@ def test_the_verifier_sends_each_committed_tokens_hidden_state_once(engine, eos,
 
     (tokens_a, rows_a), (tokens_b, rows_b) = asyncio.run(main())
     assert tokens_a == tokens_b
+    assert cached[0] == 0 and cached[1] >= 16  # the second prompt's first block came from the cache
     reference_cache = engine.new_cache(1, 256)
     _, _, expected = engine.forward_flat(reference_cache, [Row(0, 0, tokens_a[:-1])], hidden=True)
     for rows in (rows_a, rows_b):
         assert rows.shape == expected.shape == (len(tokens_a) - 1, engine.shape.hidden_size)
         torch.testing.assert_close(rows.float(), expected.float(), atol=0.05, rtol=0.01)  # sent as float16
+
+
+def test_prefix_blocks_serve_hidden_states_only_once_saved_with_them(engine):
+    from specdec.prefix_cache import PrefixCache
+    from specdec.prefix_hash import model_seed
+
+    tokens = list(range(100, 140))  # two full blocks and a tail
+    kv = engine.new_cache(2, 64)
+    _, _, hidden = engine.forward_flat(kv, [Row(0, 0, tokens)], hidden=True)
+    cache = PrefixCache(engine.shape, 8, engine.device, engine.dtype, model_seed("test"), features=True)
+    cache.save(kv, 0, tokens, len(tokens) - 1)  # by a session without hidden states
+    assert cache.restore(kv, 1, tokens) == 32
+    assert cache.restore(kv, 1, tokens, with_features=True) == (0, None)
+    cache.save(kv, 0, tokens, len(tokens) - 1, hidden)  # the same blocks, now with them
+    n, rows = cache.restore(kv, 1, tokens, with_features=True)
+    assert n == 32
+    torch.testing.assert_close(rows.float(), hidden[:32].float(), atol=0.05, rtol=0.01)

@@ -41,7 +41,7 @@ def build_scheduler(model: str, device: str, max_sessions: int, max_sequence_len
     prefix_cache = None
     if prefix_cache_blocks > 0 and engine.supports_prefix_cache:
         prefix_cache = PrefixCache(engine.shape, prefix_cache_blocks, engine.device, engine.dtype, model_seed(model),
-                                   on_change)
+                                   on_change, features=True)
     scheduler = Scheduler(engine, eos_ids_of(hf_model), max_sessions, max_sequence_length, max_draft_tokens,
                           prefix_cache, decode_chunk_ms)
     del hf_model  # the engine holds its own copies of the weights

@@ -21,7 +21,7 @@ class PrefixCache(prefix_cache.PrefixCache):
     def after_prefill(self, cache: KVCache, session) -> None:
         """Saves the prompt's blocks at once, so concurrent sessions sharing a system prompt hit."""
         self._prefilled.add(session.id)
-        self.save(cache, session.slot, session.tokens, session.kv_length)
+        self.save(cache, session.slot, session.tokens, session.kv_length, _features(session))
 
     def wants(self, session) -> bool:
         """Whether closing this session has KV worth saving (a failed prefill leaves none)."""
@@ -30,4 +30,11 @@ class PrefixCache(prefix_cache.PrefixCache):
     def on_close(self, cache: KVCache, session) -> None:
         if session.id in self._prefilled:
             self._prefilled.discard(session.id)
-            self.save(cache, session.slot, session.tokens, session.kv_length)
+            self.save(cache, session.slot, session.tokens, session.kv_length, _features(session))
+
+
+def _features(session):
+    """The hidden states of the session's committed tokens (one per token but the newest), if it kept them."""
+    import torch
+
+    return torch.cat(session.features) if session.features else None

@@ -282,9 +282,16 @@ class Scheduler:
         shortest first, in passes of rows within 2x of each other's length, and each result is delivered as soon
         as its own pass is done."""
         cache = self.prefix_cache
-        # a restored prefix has KV but no hidden states: sessions that want features prefill in full
-        starts = [cache.restore(self.cache, w.session.slot, w.session.tokens)
-                  if cache and not w.session.settings.return_features else 0 for w in works]
+        # sessions that want hidden states restore only blocks cached with theirs (and get them back)
+        starts, restored = [], []
+        for w in works:
+            start, rows = 0, None
+            if cache and w.session.settings.return_features:
+                start, rows = cache.restore(self.cache, w.session.slot, w.session.tokens, with_features=True)
+            elif cache:
+                start = cache.restore(self.cache, w.session.slot, w.session.tokens)
+            starts.append(start)
+            restored.append(rows)
         rows = [Row(w.session.slot, start, list(w.session.tokens[start:])) for w, start in zip(works, starts)]
         out: list[StepResult | None] = [None] * len(works)
         for group in _length_groups([len(row.tokens) for row in rows]):
@@ -294,11 +301,14 @@ class Scheduler:
                 flat, sizes, hidden = self.engine.forward_flat(self.cache, group_rows, hidden=True)
                 logits = flat.split(sizes)
                 hidden = hidden.to("cpu", torch.float16).split([len(r.tokens) for r in group_rows])
-                features = [h if works[i].session.settings.return_features else None for i, h in zip(group, hidden)]
+                features = [(h if restored[i] is None else torch.cat((restored[i], h)))
+                            if works[i].session.settings.return_features else None for i, h in zip(group, hidden)]
             else:
                 logits = self.engine.forward(self.cache, group_rows)
             for i, row_logits, row_features in zip(group, logits, features):
                 session = works[i].session
+                if row_features is not None:
+                    session.features.append(row_features)
                 session.stats.cached_prompt_tokens = starts[i]
                 if cache:
                     cache.after_prefill(self.cache, session)
@@ -335,6 +345,7 @@ class Scheduler:
             rows_out = hidden[0][index].to("cpu", torch.float16).split([n for _, _, n in keep])
             for (b, _, _), h in zip(keep, rows_out):
                 features[b] = h
+                works[b].session.features.append(h)
         out = []
         for b, work in enumerate(works):
             session, (accepted, next_token) = work.session, verdicts[b]

@@ -55,6 +55,8 @@ class Session:
     finish: int = FINISH_NONE
     stats: Stats = field(default_factory=Stats)
     generator: torch.Generator = field(default_factory=torch.Generator)
+    # with settings.return_features: the hidden states sent so far (float16, host), kept for the prefix cache
+    features: list[torch.Tensor] = field(default_factory=list)
 
     def __post_init__(self):
         self.tokens = list(self.settings.prompt_ids)
