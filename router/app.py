@@ -42,7 +42,7 @@ async def start_router(
     locality_ttl: float = 30.0,
     redis_timeout: float = 0.05,
     discovery: KubeDiscovery | None = None,
-    speculation_max_sessions: int = 16,
+    speculation_max_sessions: int = -1,
 ) -> GrpcServer:
     """`discovery` None: the static `verifiers` and `drafters` lists. Given: the pools follow the Services' ready
     endpoints (a pool may be empty for a while; requests then get UNAVAILABLE), `drafters` stays the drafter list

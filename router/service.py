@@ -54,7 +54,8 @@ class RouterServicer(generation_pb2_grpc.GenerationServicer):
         speculation_max_sessions: int = 0,
     ):
         """speculation_max_sessions: a verifier with this many sessions in flight gets new sessions without a
-        drafter (0 = no limit): under load its batches are full anyway, and drafts would cost throughput."""
+        drafter (0 = no limit; -1 = the limit the verifiers advise in GetModelInfo): under load drafts cost the
+        verifier more than they save."""
         self.tokenizer = tokenizer
         self.locator = locator or Locator()
         self.chooser = chooser or Chooser()
@@ -257,7 +258,10 @@ class RouterServicer(generation_pb2_grpc.GenerationServicer):
         ones: their output must not depend on load (same seed, same output), and greedy output never does."""
         if k <= 0:
             return False
-        saturated = 0 < self.speculation_max_sessions <= verifier.in_flight
+        limit = self.speculation_max_sessions
+        if limit < 0:  # the verifiers' own advice (GetModelInfo), known once any request has asked for it
+            limit = self._info.speculation_max_sessions if self._info is not None else 0
+        saturated = 0 < limit <= verifier.in_flight
         return not saturated or (sampling.temperature > 0 and sampling.HasField("seed"))
 
     def _finished_on(self, verifier: Pod, session_id: str, tokens: list[int]) -> None:

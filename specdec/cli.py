@@ -141,9 +141,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     flag(r, "--route-load-weight", default=4.0, type=float, help="score penalty per session in flight on a verifier")
     flag(r, "--route-load-slack", default=2, type=int,
          help="sessions above the least-loaded verifier before a verifier is skipped as overloaded")
-    flag(r, "--speculation-max-sessions", default=16, type=int,
-         help="a verifier with this many sessions in flight decodes new sessions without a drafter, since its "
-         "batches are full and drafts would cost throughput (0 = always speculate; seeded sampling always does)")
+    flag(r, "--speculation-max-sessions", default=-1, type=int,
+         help="a verifier with this many sessions in flight decodes new sessions without a drafter, since drafts "
+         "would cost it throughput (-1 = the verifiers' advice for their device: 2 on CPU, 8 on CUDA; 0 = always "
+         "speculate; seeded sampling always does)")
     r.set_defaults(func=cmd_serve_router)
 
     d = roles.add_parser("drafter", help="a drafter pod")

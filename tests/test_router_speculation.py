@@ -40,3 +40,15 @@ def test_no_limit_and_no_drafts():
     verifier = SimpleNamespace(in_flight=1000)
     assert servicer(0)._speculate(5, sampling(), verifier)
     assert not servicer(0)._speculate(0, sampling(), SimpleNamespace(in_flight=0))
+
+
+def test_by_default_the_verifiers_advice_sets_the_limit():
+    from specdec.proto import verifier_pb2
+
+    router = servicer(-1)
+    assert router._speculate(5, sampling(), SimpleNamespace(in_flight=50))  # no advice heard yet: no limit
+    router._info = verifier_pb2.GetModelInfoResponse(speculation_max_sessions=2)
+    assert router._speculate(5, sampling(), SimpleNamespace(in_flight=1))
+    assert not router._speculate(5, sampling(), SimpleNamespace(in_flight=2))
+    router._info = verifier_pb2.GetModelInfoResponse()  # a verifier that gives none
+    assert router._speculate(5, sampling(), SimpleNamespace(in_flight=50))

@@ -252,11 +252,24 @@ class Scheduler:
                 results[i] = res
         self.extra_passes = []
         if blocks:
-            for (i, w), res in zip(blocks, self._verify([w for _, w in blocks])):
-                results[i] = res
+            for group in self._passes(blocks):
+                for (i, w), res in zip(group, self._verify([w for _, w in group])):
+                    results[i] = res
             if not prefills and all(w.chunk for _, w in blocks):
                 self._decode_chunk(blocks, results, started)
         return [results[i] for i in range(len(batch))]
+
+    def _passes(self, blocks: list[tuple[int, _Work]]) -> list[list[tuple[int, _Work]]]:
+        """The verify passes of a tick. One pass pads every row to the widest block, which a GPU pays little for at
+        these sizes but a CPU pays in full: there, plain decode rows (1 token) run apart from draft blocks (k + 1),
+        or one speculative session makes every decoding session of the tick compute k + 1 tokens (measured: 8 users
+        with one speculating at 37.5 tokens/s against 42.1 with none)."""
+        plain = [b for b in blocks if not b[1].draft_tokens]
+        drafted = [b for b in blocks if b[1].draft_tokens]
+        if self.engine.device.type != "cpu" or not plain or not drafted:
+            return [blocks]
+        self.extra_passes.append(len(drafted))  # (the tick's own record counts the first pass)
+        return [plain, drafted]
 
     def _decode_chunk(self, blocks: list[tuple[int, _Work]], results: dict[int, StepResult], started: float) -> None:
         """More plain decode steps for a tick of chunked decodes only, while one more fits in decode_chunk_ms and

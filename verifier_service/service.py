@@ -22,6 +22,11 @@ from verifier_service.session import FINISH_NONE
 
 log = logging.getLogger(__name__)
 
+# Sessions in flight from which speculation lost throughput, measured with the default target and the shipped
+# drafters (docs/benchmarks.md): on the CPU (2 cores shared by the tiers) it gained 1.08-1.10x for 1 user and lost
+# 2x at 2 users; on an H200 it gained 1.11x at 4 users and lost at 16 (0.69x).
+SPECULATION_MAX_SESSIONS = {"cpu": 1, "cuda": 8}
+
 
 class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
     def __init__(self, scheduler: Scheduler, model_name: str, max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT):
@@ -37,6 +42,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
             max_sequence_length=s.max_sequence_length,
             max_draft_tokens=s.max_draft_tokens,
             eos_token_ids=sorted(s.eos_ids),
+            speculation_max_sessions=SPECULATION_MAX_SESSIONS.get(s.engine.device.type, 0),
         )
 
     async def Decode(self, request, context):
