@@ -56,6 +56,7 @@ class Draft:
 
 class NgramDrafter:
     kind = "ngram"
+    wants_features = False  # only feature drafters ask the verifier for hidden states
 
     def __init__(self, max_ngram: int = 3):
         self.max_ngram = max_ngram
@@ -83,6 +84,7 @@ class NgramDrafter:
 
 class ModelDrafter:
     kind = "model"
+    wants_features = False
 
     def __init__(
         self,
@@ -148,15 +150,8 @@ class ModelDrafter:
             self._context[r.session_id] = list(r.context)
         for step in range(max(r.k for r in live)):
             logits, _ = self.engine.forward_flat(self.cache, rows)  # [rows, draft vocab]: one per row
-            # greedy rows: one argmax kernel and one host copy for the whole batch, not one per row
-            argmax = logits.argmax(-1).tolist() if any(r.sampling.greedy for r in live) else []
             next_rows = []
-            for b, (r, row) in enumerate(zip(live, rows)):
-                if r.sampling.greedy:
-                    index = argmax[b]
-                    token, dist = (self.draft_vocab[index] if self.draft_vocab else index), ([], [])
-                else:
-                    token, dist = _sample(logits[b], r, self.draft_vocab)
+            for r, row, (token, dist) in zip(live, rows, _pick(logits, live, self.draft_vocab)):
                 draft = drafts[r.session_id]
                 draft.tokens.append(token)
                 draft.distributions.append(dist)
@@ -226,17 +221,13 @@ class FeatureDrafter:
             positions.append(n)
         while live:
             logits, predicted = self.runner.step(rows, feats)
-            argmax = logits.argmax(-1).tolist() if any(r.sampling.greedy for r in live) else []
             next_live, next_rows, next_feats = [], [], []
-            for b, (r, row) in enumerate(zip(live, rows)):
+            picks = _pick(logits, live, self.draft_vocab, skip=[bool(f) for f in forced])
+            for b, (r, row, (token, dist)) in enumerate(zip(live, rows, picks)):
                 draft = drafts[r.session_id]
                 if forced[b]:  # a guessed context token: fed, not drafted
                     token = forced[b].pop(0)
                 else:
-                    if r.sampling.greedy:
-                        token, dist = (self.draft_vocab[argmax[b]] if self.draft_vocab else argmax[b]), ([], [])
-                    else:
-                        token, dist = _sample(logits[b], r, self.draft_vocab)
                     draft.tokens.append(token)
                     draft.distributions.append(dist)
                 if len(draft.tokens) < r.k:
@@ -258,11 +249,26 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def _pick(logits: torch.Tensor, requests: list[DraftRequest], draft_vocab: list[int] | None,
+          skip: list[bool] | None = None):
+    """Per row of logits [rows, draft vocab]: (token, declared distribution), or (None, None) where skip says so
+    (no draw spent on it). Greedy rows take one argmax kernel and one host copy for the whole batch, not one per
+    row, and declare a point mass."""
+    argmax = logits.argmax(-1).tolist() if any(r.sampling.greedy for r in requests) else []
+    for b, r in enumerate(requests):
+        if skip and skip[b]:
+            yield None, None
+        elif r.sampling.greedy:
+            yield (draft_vocab[argmax[b]] if draft_vocab else argmax[b]), ([], [])
+        else:
+            yield _sample(logits[b], r, draft_vocab)
+
+
 def _sample(
     logits: torch.Tensor, request: DraftRequest, draft_vocab: list[int] | None
 ) -> tuple[int, tuple[list[int], list[float]]]:
     """One sampled draft token from logits [draft vocab], with the distribution it was drawn from (full-vocabulary
-    ids). Greedy rows take the batch's argmax instead (ModelDrafter.propose)."""
+    ids). Greedy rows take the batch's argmax instead (_pick)."""
     top = (logits.double() / request.sampling.temperature).topk(TOP_N)
     # float32 on the wire: sample from exactly the rounded, renormalized values the verifier will see
     probs = top.values.softmax(-1).float()

@@ -179,7 +179,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
         error = None
         self.sessions_in_flight += 1
         opened = False
-        features = _Features(drafter) if getattr(drafter, "wants_features", False) else None
+        features = _Features(drafter) if drafter.wants_features else None
         spec.return_features = features is not None
         try:
             await self.batcher.open(spec.session_id)

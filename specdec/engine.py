@@ -195,6 +195,8 @@ class LlamaEngine:
             logits = self._head(x[pick_b, pick_t]).float()  # [n_picks, vocab]
         sizes = [len(r.tokens) if r.all_logits else 1 for r in rows]
         if hidden:
+            if all(r.all_logits for r in rows):  # (verification) the picks are every token already
+                return logits, sizes, x[pick_b, pick_t]
             every = [(b, t) for b, r in enumerate(rows) for t in range(len(r.tokens))]
             every_b = torch.tensor([p[0] for p in every]).to(self.device)
             every_t = torch.tensor([p[1] for p in every]).to(self.device)

@@ -332,19 +332,21 @@ class VerifierMetrics:
             self._positions.append({"position": str(len(self._positions) + 1)})
         return self._positions[i]
 
-    def record_tick(self, prefill_rows: Sequence[int], blocks: Sequence[tuple[int, int]]) -> None:
-        """One scheduler tick: its prefill passes and its verify pass.
+    def record_tick(self, prefill_rows: Sequence[int], blocks: Sequence[tuple[int, int]],
+                    verify_passes: Sequence[int] | None = None) -> None:
+        """One scheduler tick: its prefill passes and its verify passes.
 
         prefill_rows: for each session prefilled, the rows of the pass that prefilled it (a pass of n rows appears
-        n times). blocks: per session in the verify pass, (draft tokens verified, accepted); (0, 0) is a plain
-        decode step.
+        n times). blocks: per session verified, (draft tokens verified, accepted); (0, 0) is a plain decode step.
+        verify_passes: the rows of each verify pass (default: one pass of all blocks).
         """
         for rows, sessions in Counter(prefill_rows).items():
             for _ in range(sessions // rows):
                 self.batch_size.record(rows)
+        for rows in verify_passes if verify_passes is not None else ([len(blocks)] if blocks else []):
+            self.batch_size.record(rows)
         if not blocks:
             return
-        self.batch_size.record(len(blocks))
         drafted_at: list[int] = []
         accepted_at: list[int] = []
         drafts = drafted_total = accepted_total = 0

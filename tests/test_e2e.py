@@ -273,26 +273,33 @@ def small_drafter_dir(tmp_path_factory, hf_target, tokenizer):
     return directory
 
 
+def check_lossless_and_seeded(client, prompts, max_new_tokens, sampled_prompt, seed, sampled_tokens):
+    """Greedy with drafts equals without (asserted per prompt); the same seed gives the same sampled output twice
+    (asserted). Returns the greedy runs' last usages and the sampled run's."""
+    usages = []
+    for prompt in prompts:
+        kwargs = dict(chat=prompt["messages"], max_new_tokens=max_new_tokens)
+        on, _, last = collect(client, max_draft_tokens=4, **kwargs)
+        off, _, _ = collect(client, max_draft_tokens=0, **kwargs)
+        assert on == off, prompt["id"]
+        usages.append(last.usage)
+    kwargs = dict(prompt=sampled_prompt, max_new_tokens=sampled_tokens, temperature=0.7, seed=seed, max_draft_tokens=4)
+    first, _, last = collect(client, **kwargs)
+    second, _, _ = collect(client, **kwargs)
+    assert first == second
+    return usages, last.usage
+
+
 def test_model_drafter_is_lossless_greedy_and_seeded_sampling(cluster, small_drafter_dir, chat_prompts):
     drafter = ServerProcess("drafter", "--model", str(small_drafter_dir))
     router = ServerProcess("router", "--verifier", cluster["verifier"].address, "--drafter", drafter.address)
     try:
         with Client(router.address) as client:
-            accepted = 0
-            for prompt in chat_prompts[1:4]:
-                kwargs = dict(chat=prompt["messages"], max_new_tokens=24)
-                on, _, last = collect(client, max_draft_tokens=4, **kwargs)
-                off, _, _ = collect(client, max_draft_tokens=0, **kwargs)
-                assert on == off, prompt["id"]
-                accepted += last.usage.accepted_draft_tokens
-            assert accepted > 0  # the model drafter really drafted, and some of it was right
             # sampling: the drafter declares its top-64 distributions; same seed, same output
-            kwargs = dict(prompt="A short poem about autumn:", max_new_tokens=16, temperature=0.7, seed=11,
-                          max_draft_tokens=4)
-            first, _, last = collect(client, **kwargs)
-            second, _, _ = collect(client, **kwargs)
-            assert first == second
-            assert last.usage.draft_tokens > 0
+            greedy, sampled = check_lossless_and_seeded(client, chat_prompts[1:4], 24, "A short poem about autumn:",
+                                                        11, 16)
+        assert sum(u.accepted_draft_tokens for u in greedy) > 0  # the model drafter really drafted, some was right
+        assert sampled.draft_tokens > 0
     finally:
         router.stop()
         drafter.stop()
@@ -337,20 +344,9 @@ def test_feature_drafter_reads_the_verifiers_hidden_states_and_stays_lossless(cl
     router = ServerProcess("router", "--verifier", cluster["verifier"].address, "--drafter", drafter.address)
     try:
         with Client(router.address) as client:
-            drafted = 0
-            for prompt in chat_prompts[2:4]:
-                kwargs = dict(chat=prompt["messages"], max_new_tokens=20)
-                on, _, last = collect(client, max_draft_tokens=4, **kwargs)
-                off, _, _ = collect(client, max_draft_tokens=0, **kwargs)
-                assert on == off, prompt["id"]
-                drafted += last.usage.draft_tokens  # zero if the features never reached the drafter
-            assert drafted > 0
-            kwargs = dict(prompt="A short poem about rain:", max_new_tokens=12, temperature=0.7, seed=5,
-                          max_draft_tokens=4)
-            first, _, last = collect(client, **kwargs)
-            second, _, _ = collect(client, **kwargs)
-            assert first == second
-            assert last.usage.draft_tokens > 0
+            greedy, sampled = check_lossless_and_seeded(client, chat_prompts[2:4], 20, "A short poem about rain:", 5, 12)
+        assert sum(u.draft_tokens for u in greedy) > 0  # zero if the features never reached the drafter
+        assert sampled.draft_tokens > 0
     finally:
         router.stop()
         drafter.stop()

@@ -79,7 +79,7 @@ class Scheduler:
         milliseconds of the tick: one hand-off and one message per chunk instead of per token. 0 = one step."""
         self.engine = engine
         self.decode_chunk_ms = decode_chunk_ms
-        self.extra_passes: list[int] = []  # rows of each chunked pass of the last tick (for the metrics)
+        self.verify_passes: list[int] = []  # rows of each verify pass of the last tick (for the metrics)
         self.prefix_cache = prefix_cache
         self.vocab_size = engine.shape.vocab_size
         self.eos_ids = eos_ids
@@ -236,9 +236,8 @@ class Scheduler:
                 self.metrics.record_tick(
                     [r.batch_rows for w, r in zip(batch, results) if w.draft_tokens is None],
                     [(len(w.draft_tokens), r.accepted) for w, r in zip(batch, results) if w.draft_tokens is not None],
+                    self.verify_passes,
                 )
-                for rows in self.extra_passes:
-                    self.metrics.record_tick([], [(0, 0)] * rows)
 
     def _tick(self, batch: list[_Work], deliver=None) -> list[StepResult]:
         """Runs on the worker thread: the prefills (see _prefill), then one pass for the blocks. deliver(work,
@@ -250,11 +249,12 @@ class Scheduler:
         if prefills:
             for (i, w), res in zip(prefills, self._prefill([w for _, w in prefills], deliver)):
                 results[i] = res
-        self.extra_passes = []
+        self.verify_passes = []
         if blocks:
             for group in self._passes(blocks):
                 for (i, w), res in zip(group, self._verify([w for _, w in group])):
                     results[i] = res
+                self.verify_passes.append(len(group))
             if not prefills and all(w.chunk for _, w in blocks):
                 self._decode_chunk(blocks, results, started)
         return [results[i] for i in range(len(batch))]
@@ -268,7 +268,6 @@ class Scheduler:
         drafted = [b for b in blocks if b[1].draft_tokens]
         if self.engine.device.type != "cpu" or not plain or not drafted:
             return [blocks]
-        self.extra_passes.append(len(drafted))  # (the tick's own record counts the first pass)
         return [plain, drafted]
 
     def _decode_chunk(self, blocks: list[tuple[int, _Work]], results: dict[int, StepResult], started: float) -> None:
@@ -286,7 +285,7 @@ class Scheduler:
                 return
             for (i, w), res in zip(live, self._verify([w for _, w in live])):
                 results[i] = StepResult(results[i].tokens + res.tokens, 0, res.session, res.batch_rows)
-            self.extra_passes.append(len(live))
+            self.verify_passes.append(len(live))
             steps += 1
 
     def _prefill(self, works: list[_Work], deliver=None) -> list[StepResult]:
