@@ -1,9 +1,9 @@
-"""Feature-level drafters (EAGLE style): one Llama layer that reads the target's own last hidden states.
+"""Feature-level drafters (EAGLE style): a Llama layer (or a few) that reads the target's own last hidden states.
 
 A token-level drafter sees only tokens, so it must redo what the target already computed. A feature drafter is
 handed the target's last-layer output f_p at every committed position p (before the final norm: what the LM head
 reads, after the norm) and learns to predict the next one. Its row for token x_{p+1} takes
-z = fc([rms(embed(x_{p+1})), rms(f_p)]) through one decoder layer to h_{p+1} ~ f_{p+1} (rms: scaled to unit root
+z = fc([rms(embed(x_{p+1})), rms(f_p)]) through its decoder layer(s) (one by default) to h_{p+1} ~ f_{p+1} (rms: scaled to unit root
 mean square, so the token's embedding is not drowned by the few huge dimensions of a Llama's last hidden state);
 the target's final norm and LM head (rows of the reduced draft vocabulary) turn h into a distribution for
 x_{p+2}. Drafting further feeds h back in
@@ -38,12 +38,15 @@ _FC_KEYS = ("fc.weight", "fc.bias")
 
 
 class FeatureDrafterModel(nn.Module):
-    """The trainable drafter: `fc` and a one-layer LlamaForCausalLM (`lm`) holding the target's frozen embeddings and
-    (reduced) LM head; `lm`'s final norm starts as the target's."""
+    """The trainable drafter: `fc` and a LlamaForCausalLM of `num_layers` layers (`lm`) holding the target's frozen
+    embeddings and (reduced) LM head; `lm`'s final norm starts as the target's."""
 
-    def __init__(self, llama_config: dict, embed: torch.Tensor, lm_head: torch.Tensor, draft_vocab: list[int] | None):
+    def __init__(self, llama_config: dict, embed: torch.Tensor, lm_head: torch.Tensor, draft_vocab: list[int] | None,
+                 num_layers: int = 1):
         super().__init__()
-        self.lm = drafter_model.build_drafter({**llama_config, "num_hidden_layers": 1}, embed, lm_head, draft_vocab)
+        self.lm = drafter_model.build_drafter(
+            {**llama_config, "num_hidden_layers": num_layers}, embed, lm_head, draft_vocab
+        )
         hidden = self.lm.config.hidden_size
         self.fc = nn.Linear(2 * hidden, hidden, bias=True)
         self.draft_vocab = self.lm.draft_vocab
@@ -53,10 +56,11 @@ class FeatureDrafterModel(nn.Module):
         return self.lm.config
 
     def init_from_target(self, target) -> None:
-        """Layer from the target's last layer, norm from its final norm, fc passing the feature through: the
-        starting point predicts with the target's own top layer instead of noise."""
-        layer = self.lm.model.layers[0]
-        layer.load_state_dict({k: v.float() for k, v in target.model.layers[-1].state_dict().items()})
+        """Layers from the target's last layers, norm from its final norm, fc passing the feature through: the
+        starting point predicts with the target's own top layers instead of noise."""
+        mine = self.lm.model.layers
+        for layer, theirs in zip(mine, target.model.layers[-len(mine):]):
+            layer.load_state_dict({k: v.float() for k, v in theirs.state_dict().items()})
         self.lm.model.norm.load_state_dict({k: v.float() for k, v in target.model.norm.state_dict().items()})
         hidden = self.fc.in_features // 2
         with torch.no_grad():
@@ -74,8 +78,7 @@ class FeatureDrafterModel(nn.Module):
         its final norm). Row j (0 <= j < T - 1) is token ids[:, j + 1] at position j. Returns one tensor
         [batch, T - 1, hidden] per pass: pass d's row j predicts features[:, j + 1] as drafting step d + 1 would,
         meaningful for j >= d."""
-        layer = self.lm.model.layers[0]
-        attn, cfg = layer.self_attn, self.lm.config
+        layers, cfg = self.lm.model.layers, self.lm.config
         batch, rows = ids.shape[0], ids.shape[1] - 1
         heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
@@ -88,21 +91,24 @@ class FeatureDrafterModel(nn.Module):
             half = t.shape[-1] // 2
             return t * cos + torch.cat((-t[..., half:], t[..., :half]), dim=-1) * sin
 
-        keys, values, outs = [], [], []
+        keys, values, outs = [[] for _ in layers], [[] for _ in layers], []  # per layer, one entry per pass
         inputs = features[:, :-1]
         for d in range(passes):
             z = self.fc(torch.cat((embedded, unit_rms(inputs).to(embedded.dtype)), dim=-1))
-            h = layer.input_layernorm(z)
-            q = attn.q_proj(h).view(batch, rows, heads, head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(batch, rows, kv_heads, head_dim).transpose(1, 2)
-            v = attn.v_proj(h).view(batch, rows, kv_heads, head_dim).transpose(1, 2)
-            keys.append(rope(k))
-            values.append(v)
             mask = _unrolled_mask(rows, d, ids.device)
-            a = F.scaled_dot_product_attention(rope(q), torch.cat(keys, 2), torch.cat(values, 2), attn_mask=mask,
-                                               enable_gqa=True)
-            z = z + attn.o_proj(a.transpose(1, 2).reshape(batch, rows, heads * head_dim))
-            z = z + layer.mlp(layer.post_attention_layernorm(z))
+            for layer, layer_keys, layer_values in zip(layers, keys, values):
+                attn = layer.self_attn
+                h = layer.input_layernorm(z)
+                q = attn.q_proj(h).view(batch, rows, heads, head_dim).transpose(1, 2)
+                k = attn.k_proj(h).view(batch, rows, kv_heads, head_dim).transpose(1, 2)
+                v = attn.v_proj(h).view(batch, rows, kv_heads, head_dim).transpose(1, 2)
+                layer_keys.append(rope(k))
+                layer_values.append(v)
+                a = F.scaled_dot_product_attention(
+                    rope(q), torch.cat(layer_keys, 2), torch.cat(layer_values, 2), attn_mask=mask, enable_gqa=True
+                )
+                z = z + attn.o_proj(a.transpose(1, 2).reshape(batch, rows, heads * head_dim))
+                z = z + layer.mlp(layer.post_attention_layernorm(z))
             outs.append(z)
             # the next pass's row j reads this pass's prediction of row j's feature, made by row j - 1
             inputs = torch.cat((features[:, :1], z[:, :-1]), dim=1)
@@ -137,7 +143,8 @@ def is_feature_drafter(artifact_dir) -> bool:
 def load_feature_drafter(artifact_dir, target_spec: str) -> FeatureDrafterModel:
     """The artifact's drafter with `target_spec`'s embeddings and LM head; DrafterMismatch for another target."""
     config, embed, lm_head, own = drafter_model.checked_artifact(artifact_dir, target_spec)
-    model = FeatureDrafterModel(config["llama"], embed, lm_head, config["draft_vocab"])
+    model = FeatureDrafterModel(config["llama"], embed, lm_head, config["draft_vocab"],
+                                num_layers=config["llama"].get("num_hidden_layers", 1))
     fc = {k.removeprefix("fc."): own.pop(k).float() for k in _FC_KEYS}
     model.fc.load_state_dict(fc)
     drafter_model.load_own_weights(model.lm, own, artifact_dir)

@@ -10,7 +10,8 @@ answer position, with target_probs computed on the fly from the target's logits.
 `--layers feature` trains a feature-level drafter instead (specdec.feature_drafter: one layer fed the target's
 last hidden states, captured from the same forward pass, trained on three unrolled drafting steps). Several
 drafters (`--layers 2,4,feature`) train side by side on the same batches, sharing the target's forward pass; each
-is written to its own artifact (`OUT/L2`, `OUT/L4`, `OUT/feature`). Generated data and checkpoints live in `--work-dir` (default
+is written to its own artifact (`OUT/L2`, `OUT/L4`, `OUT/feature`); `feature2` is a feature drafter of two layers.
+`--gen-devices cuda:0,cuda:1` has several GPUs write the text at once. Generated data and checkpoints live in `--work-dir` (default
 `OUT/train-state`), so `--resume` continues a stopped run. Never trains on ../shared/prompts/chat.jsonl, which is
 for measurement.
 
@@ -69,6 +70,20 @@ TOPICS = [
     # economics and business
     "inflation", "supply and demand", "starting a small business", "marketing", "customer service",
     "stock markets", "insurance", "taxes", "renting versus buying a home", "electric cars",
+    # more of everything: the wider the topics, the less the drafter leans on a few
+    "rainbows", "thunderstorms", "glaciers", "deserts", "the ozone layer", "black and white photography", "owls",
+    "whales", "ants", "mushrooms", "the human skeleton", "muscles", "vitamins", "allergies", "the flu",
+    "microwave ovens", "airplanes", "submarines", "bridges", "skyscrapers", "trains", "GPS",
+    "wind turbines", "solar panels", "recycling plastic", "water purification", "binary trees",
+    "graphs and networks", "APIs", "HTML and CSS", "Docker containers", "keyboard shortcuts", "email spam",
+    "artificial intelligence", "robots", "virtual reality", "ancient Greece", "the Vikings",
+    "the Great Wall of China", "the pyramids", "the French Revolution", "the Cold War", "the Moon landing",
+    "the Internet's history", "tea", "chocolate", "spices", "vegetarian cooking", "meal planning", "knitting",
+    "woodworking", "hiking safety", "swimming", "tennis", "cycling to work", "learning to drive", "parenting",
+    "homework habits", "online shopping", "credit cards", "retirement savings", "volunteering", "voting",
+    "friendship", "kindness", "stress", "procrastination", "habits", "motivation", "creativity", "curiosity",
+    "dancing", "opera", "painting with watercolors", "comic books", "novels", "libraries", "podcasts",
+    "time zones", "calendars", "maps", "languages of the world", "sign language",
 ]
 
 # {topic} is filled in; every style reads as a plain chat request.
@@ -103,7 +118,36 @@ STYLES = [
     "Give me a one-sentence definition of {topic}.",
     "Outline a short presentation on {topic}.",
     "Tell me something surprising about {topic}.",
+    "How do I get started with {topic}?",
+    "What should a beginner know about {topic}?",
+    "Write a short dialogue between two friends talking about {topic}.",
+    "Describe {topic} in one paragraph.",
+    "Give me a checklist for {topic}.",
+    "What are the main parts of {topic}?",
+    "Write a short news headline and summary about {topic}.",
+    "Answer briefly: what is the most important fact about {topic}?",
+    "Write a motivational message about {topic}.",
+    "What are two opposing views on {topic}?",
+    "Explain {topic} using an analogy.",
+    "Write a product description that mentions {topic}.",
 ]
+
+# Prompts naming two topics, a number or a list: comparisons, lists and ordering tasks.
+PAIR_STYLES = [
+    "What is the difference between {topic} and {other}?",
+    "How are {topic} and {other} connected?",
+    "Which is more useful to learn about first, {topic} or {other}? Why?",
+]
+LIST_STYLES = [
+    "Name {n} things related to {topic}.",
+    "List {n} questions a student might ask about {topic}.",
+    "Give me {n} ideas for a project about {topic}.",
+    "Put these words in alphabetical order: {words}.",
+    "Which of these is the odd one out, and why: {words}?",
+    "Write one sentence that uses all of these words: {words}.",
+]
+WORDS = ["apple", "river", "candle", "mountain", "pencil", "tiger", "cloud", "window", "guitar", "bread", "planet",
+         "garden", "bottle", "train", "mirror", "forest", "ladder", "coffee", "violin", "island", "jacket", "lemon"]
 
 CODE_TASKS = [
     "Write a Python function that reverses a string.",
@@ -149,11 +193,14 @@ PASSAGE_TASKS = [
     "Rewrite the following text so a child can understand it:\n\n{passage}",
     "Give the main points of this text as a bulleted list:\n\n{passage}",
     "Suggest a title for this text:\n\n{passage}",
+    "Correct any grammar or spelling mistakes in this text:\n\n{passage}",
+    "Make this text shorter without losing its meaning:\n\n{passage}",
+    "What is the main idea of this text?\n\n{passage}",
 ]
 
 
 def template_prompts(n: int, rng: random.Random) -> list[str]:
-    """n prompts: topics x styles, plus code and arithmetic tasks."""
+    """n prompts: topics x styles, plus code and arithmetic tasks, comparisons, lists and word tasks."""
     prompts = []
     for _ in range(n):
         roll = rng.random()
@@ -162,6 +209,12 @@ def template_prompts(n: int, rng: random.Random) -> list[str]:
         elif roll < 0.14:
             a, b = rng.randint(2, 500), rng.randint(2, 90)
             prompts.append(rng.choice(MATH_TEMPLATES).format(a=a, b=b))
+        elif roll < 0.22:
+            topic, other = rng.sample(TOPICS, 2)
+            prompts.append(rng.choice(PAIR_STYLES).format(topic=topic, other=other))
+        elif roll < 0.30:
+            words = ", ".join(rng.sample(WORDS, rng.randint(3, 6)))
+            prompts.append(rng.choice(LIST_STYLES).format(n=rng.randint(3, 10), topic=rng.choice(TOPICS), words=words))
         else:
             prompts.append(rng.choice(STYLES).format(topic=rng.choice(TOPICS)))
     return prompts
@@ -246,6 +299,30 @@ def build_dataset(target, tokenizer, n: int, gen_tokens: int, batch_size: int, d
     return dataset
 
 
+def _generate_share(target_spec: str, device: str, n: int, gen_tokens: int, batch_size: int, seed: int) -> list[dict]:
+    """One --gen-devices worker (its own process): the target on `device` writes n sequences."""
+    tokenizer = models.load_tokenizer(target_spec)
+    on_gpu = torch.device(device).type == "cuda"
+    target = models.load_hf_model(target_spec, device=device, dtype=torch.bfloat16 if on_gpu else torch.float32)
+    return build_dataset(target, tokenizer, n, gen_tokens, batch_size, torch.device(device), seed)
+
+
+def build_dataset_spread(target_spec: str, devices: list[str], n: int, gen_tokens: int, batch_size: int,
+                         seed: int) -> list[dict]:
+    """build_dataset over several devices at once, one process each with its own share of the prompts and its own
+    seed (so no two shares repeat each other's prompts or draws); shuffled together."""
+    import multiprocessing
+
+    shares = [n // len(devices) + (i < n % len(devices)) for i in range(len(devices))]
+    jobs = [(target_spec, dev, share, gen_tokens, batch_size, seed + 7919 * i)
+            for i, (dev, share) in enumerate(zip(devices, shares))]
+    with multiprocessing.get_context("spawn").Pool(len(devices)) as pool:
+        parts = pool.starmap(_generate_share, jobs)
+    dataset = [ex for part in parts for ex in part]
+    random.Random(seed).shuffle(dataset)
+    return dataset
+
+
 def choose_draft_vocab(dataset: list[dict], size: int, vocab_size: int, always: list[int]) -> list[int] | None:
     """The `size` ids the target says most often in its answers (plus `always`), sorted; None for the full head."""
     if not size or size >= vocab_size:
@@ -279,34 +356,50 @@ def init_layers(num_layers: int, target_layers: int) -> list[int]:
     return [round(i * (target_layers - 1) / (num_layers - 1)) for i in range(num_layers)]
 
 
-FEATURE = "feature"  # a --layers entry: the feature-level drafter of specdec.feature_drafter
+FEATURE = "feature"  # a --layers entry: the feature-level drafter of specdec.feature_drafter (`feature2`: 2 layers)
 
 
 def parse_students(spec: str) -> list:
-    """`--layers 2,4,feature` -> [2, 4, "feature"]."""
+    """`--layers 2,4,feature,feature2` -> [2, 4, "feature", "feature2"]."""
     out = []
     for item in str(spec).split(","):
         item = item.strip()
-        if item:
-            out.append(FEATURE if item == FEATURE else int(item))
+        if not item:
+            continue
+        if item.startswith(FEATURE):
+            count = item[len(FEATURE):]
+            if count and not (count.isdigit() and int(count) >= 1):
+                raise SystemExit(f"--layers: {item!r} is not `feature` or `featureN` (N layers, e.g. feature2)")
+            out.append(item)
+        else:
+            out.append(int(item))
     return out
 
 
+def feature_layers(kind) -> int | None:
+    """Layers of a feature drafter entry ("feature" -> 1, "feature2" -> 2); None for a token-level drafter."""
+    if not (isinstance(kind, str) and kind.startswith(FEATURE)):
+        return None
+    return int(kind[len(FEATURE):] or 1)
+
+
 def student_name(kind) -> str:
-    return FEATURE if kind == FEATURE else f"L{kind}"
+    return kind if feature_layers(kind) else f"L{kind}"
 
 
 def new_student(target, num_layers, embed, lm_head, draft_vocab):
     """A drafter to train (its layers started from the target's) and the target layers it started from."""
-    if num_layers == FEATURE:
+    layers = feature_layers(num_layers)
+    if layers:
         from specdec.feature_drafter import FeatureDrafterModel
 
         cfg = target.config.to_dict()
         for key in drafter_model.CHECKPOINT_ONLY_KEYS:
             cfg.pop(key, None)
-        student = FeatureDrafterModel(cfg, embed, lm_head, draft_vocab)
+        student = FeatureDrafterModel(cfg, embed, lm_head, draft_vocab, num_layers=layers)
         student.init_from_target(target)
-        return student, [target.config.num_hidden_layers - 1]
+        total = target.config.num_hidden_layers
+        return student, list(range(total - layers, total))
     cfg = target.config.to_dict()
     cfg["num_hidden_layers"] = num_layers
     for key in drafter_model.CHECKPOINT_ONLY_KEYS:
@@ -434,7 +527,8 @@ def add_parser(subparsers, summary: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--layers", default="2",
         help="drafter layers, or `feature` for a feature-level (EAGLE-style) drafter that reads the target's hidden "
-             "states; a comma list (2,4,feature) trains several side by side on the same batches",
+             "states (`feature2`: with two layers); a comma list (2,4,feature) trains several side by side on the "
+             "same batches",
     )
     p.add_argument("--passes", type=int, default=3,
                    help="feature drafter: drafting steps unrolled in training, each fed the previous one's prediction")
@@ -452,6 +546,11 @@ def add_parser(subparsers, summary: str) -> argparse.ArgumentParser:
     p.add_argument("--data-prompts", type=int, default=4096, help="prompts the target answers")
     p.add_argument("--gen-tokens", type=int, default=256, help="max new tokens per answer")
     p.add_argument("--gen-batch-size", type=int, default=256, help="prompts per generate call")
+    p.add_argument(
+        "--gen-devices", default="",
+        help="comma list of devices that write the training text at once, one process each (e.g. cuda:0,cuda:1); "
+             "default: --device alone",
+    )
     p.add_argument("--draft-vocab", type=int, default=16384, help="reduced draft head size (0 = full vocabulary)")
     p.add_argument("--save-every", type=int, default=250, help="checkpoint and write artifacts every N steps")
     p.add_argument("--seed", type=int, default=0)
@@ -487,9 +586,16 @@ def run(args) -> int:
         print(f"reusing {len(dataset)} generated sequences from {data_file}", file=sys.stderr)
         gen_seconds = 0.0
     else:
-        dataset = build_dataset(
-            target, tokenizer, args.data_prompts, args.gen_tokens, args.gen_batch_size, device, args.seed
-        )
+        gen_devices = [d.strip() for d in args.gen_devices.split(",") if d.strip()] or [args.device]
+        if len(gen_devices) > 1:
+            dataset = build_dataset_spread(
+                args.target, gen_devices, args.data_prompts, args.gen_tokens, args.gen_batch_size, args.seed
+            )
+        else:
+            target.to(gen_devices[0])
+            dataset = build_dataset(target, tokenizer, args.data_prompts, args.gen_tokens, args.gen_batch_size,
+                                    torch.device(gen_devices[0]), args.seed)
+            target.to(device)
         torch.save(dataset, data_file)
         gen_seconds = time.perf_counter() - gen_started
     # 2% held out (at least one sequence) to report agreement on text the drafter never trained on
@@ -554,7 +660,7 @@ def run(args) -> int:
                 "train_seconds": round(train_seconds, 1), "final": final,
                 "held_out": (held_out or [None] * len(sizes))[sizes.index(n)],
             }
-            feature = n == FEATURE
+            feature = bool(feature_layers(n))
             if feature:
                 training["passes"] = args.passes
             drafter_model.save_drafter(

@@ -103,15 +103,15 @@ def test_tiny_cpu_training_run_writes_an_artifact_that_loads(tmp_path):
     out = tmp_path / "drafter"
     code = cli.main(
         [
-            "train-drafter", "--out", str(out), "--layers", "1,feature", "--steps", "2", "--batch-size", "2",
+            "train-drafter", "--out", str(out), "--layers", "1,feature2", "--steps", "2", "--batch-size", "2",
             "--data-prompts", "4", "--gen-tokens", "4", "--gen-batch-size", "4", "--draft-vocab", "256",
-            "--max-len", "48", "--warmup", "1", "--device", "cpu",
+            "--max-len", "48", "--warmup", "1", "--device", "cpu", "--gen-devices", "cpu,cpu",
         ]
     )
     assert code == 0
     from specdec.feature_drafter import load_feature_drafter
 
-    layers, feature = out / "L1", out / "feature"  # two kinds trained side by side on the same batches
+    layers, feature = out / "L1", out / "feature2"  # two kinds trained side by side on the same batches
     for artifact in (layers, feature):
         config = drafter_model.read_config(artifact)
         assert config["training"]["steps"] == 2 and config["training"]["final"]
@@ -120,5 +120,8 @@ def test_tiny_cpu_training_run_writes_an_artifact_that_loads(tmp_path):
     assert model.draft_vocab.shape == (256,)
     drafter = load_feature_drafter(feature, models.DEFAULT_TARGET)
     assert drafter.draft_vocab.shape == (256,) and drafter_model.read_config(feature)["kind"] == "feature"
+    assert len(drafter.lm.model.layers) == 2
+    # two generating processes (--gen-devices cpu,cpu) wrote the data: 2 prompts each
+    assert len(torch.load(out / "train-state" / "data.pt")) == 4
     # a checkpoint to resume from was written beside the artifact's training state
     assert (out / "train-state" / "checkpoint.pt").is_file()

@@ -22,10 +22,10 @@ LLAMA = dict(
 VOCAB = 96
 
 
-def _model(draft_vocab=None, seed=0) -> FeatureDrafterModel:
+def _model(draft_vocab=None, seed=0, num_layers=1) -> FeatureDrafterModel:
     torch.manual_seed(seed)
     embed, head = torch.randn(VOCAB, 64) * 0.5, torch.randn(VOCAB, 64) * 0.5
-    model = FeatureDrafterModel(LLAMA, embed, head, draft_vocab)
+    model = FeatureDrafterModel(LLAMA, embed, head, draft_vocab, num_layers=num_layers)
     with torch.no_grad():  # no zero-initialized parameter may hide a wiring mistake
         for p in model.parameters():
             if p.requires_grad:
@@ -33,9 +33,9 @@ def _model(draft_vocab=None, seed=0) -> FeatureDrafterModel:
     return model.eval()
 
 
-@pytest.mark.parametrize("start", [1, 5, 17])
-def test_drafting_steps_equal_the_unrolled_training_passes(start):
-    model = _model()
+@pytest.mark.parametrize("start,num_layers", [(1, 1), (5, 1), (17, 1), (5, 2)])
+def test_drafting_steps_equal_the_unrolled_training_passes(start, num_layers):
+    model = _model(num_layers=num_layers)
     T, passes = 24, 3
     ids = torch.randint(0, VOCAB, (1, T))
     features = torch.randn(1, T, 64)
@@ -64,9 +64,10 @@ def test_batched_rows_equal_rows_alone():
         torch.testing.assert_close(together[i], alone[0], atol=1e-4, rtol=1e-4)
 
 
-def test_artifact_round_trip_and_target_check(tmp_path, monkeypatch):
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_artifact_round_trip_and_target_check(tmp_path, monkeypatch, num_layers):
     draft_vocab = sorted(torch.randperm(VOCAB)[:40].tolist())
-    model = _model(draft_vocab)
+    model = _model(draft_vocab, num_layers=num_layers)
     embed, head = model.lm.model.embed_tokens.weight, model.lm.lm_head.weight
     full_head = torch.zeros(VOCAB, 64)
     full_head[draft_vocab] = head.detach()
