@@ -89,10 +89,10 @@ def main(argv=None) -> int:
     }
     shapes = {}
     for spec in args.drafters:
-        if is_feature_drafter(spec):  # one layer fed the target's hidden states: its runner's step
+        if is_feature_drafter(spec):  # layer(s) fed the target's hidden states: its runner's step
             model = load_feature_drafter(spec, args.target)
             fns[spec] = feature_step_fn(model, device, dtype, args.context)
-            shapes[spec] = (1, int(model.lm.lm_head.weight.shape[0]))
+            shapes[spec] = (len(model.lm.model.layers), int(model.lm.lm_head.weight.shape[0]))
             continue
         if drafter_model.is_drafter_artifact(spec):
             hf = drafter_model.load_drafter(spec, args.target)
