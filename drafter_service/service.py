@@ -100,6 +100,12 @@ def next_draft_length(current: int, drafted: int, accepted: int, k_max: int) -> 
     return max(1, accepted + 1)
 
 
+def allowed_draft_length(verdict, k: int) -> int:
+    """The session's draft length, capped by the verifier's VerifyResponse.max_draft_tokens: a busy verifier asks
+    for empty blocks (plain decode steps) until its load falls."""
+    return min(k, verdict.max_draft_tokens) if verdict.HasField("max_draft_tokens") else k
+
+
 async def _usable_ahead(ahead: asyncio.Future, block, verdict, k: int) -> Draft | None:
     """The proactive draft, if the verdict accepted the whole block and its bonus is the drafter's guess."""
     committed = list(verdict.update.token_ids)
@@ -192,9 +198,10 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
             yield drafter_pb2.DraftResponse(update=verdict.update, wire_bytes=wire_bytes)
             draft: Draft | None = None
             while not verdict.update.finish_reason:
+                k_now = allowed_draft_length(verdict, k)
                 if draft is None:
                     draft = await self.batcher.propose(
-                        DraftRequest(spec.session_id, context_tokens, k, sampling, generator,
+                        DraftRequest(spec.session_id, context_tokens, k_now, sampling, generator,
                                      features and features.rows)
                     )
                 block = verifier_pb2.DraftBlock(
@@ -207,7 +214,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                         block.distributions.add(token_ids=ids, probs=probs)
                 sending = asyncio.ensure_future(link.send_block(block))
                 ahead = None
-                if self.proactive and draft.tokens:
+                if self.proactive and draft.tokens and k_now:
                     k_ahead = next_draft_length(k, len(draft.tokens), len(draft.tokens), k_max)
                     ahead = asyncio.ensure_future(self.batcher.propose(DraftRequest(
                         spec.session_id, context_tokens + draft.tokens, k_ahead + 1, sampling, generator,
@@ -224,7 +231,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                 if features is not None:
                     features.add(verdict)
                 yield drafter_pb2.DraftResponse(update=verdict.update, wire_bytes=wire_bytes)
-                draft = await _usable_ahead(ahead, block, verdict, k) if ahead else None
+                draft = await _usable_ahead(ahead, block, verdict, allowed_draft_length(verdict, k)) if ahead else None
             opened = False  # the verifier closes finished sessions itself
         except SpecdecError as exc:
             error = exc

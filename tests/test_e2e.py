@@ -257,6 +257,45 @@ def test_cancelled_requests_free_their_kv_at_once(cluster):
         assert client.complete(prompt="Hi", max_new_tokens=3)
 
 
+def test_a_busy_verifier_asks_speculating_sessions_for_empty_blocks(cluster, tokenizer):
+    """More sessions than drafts pay for on this device (1 on CPU): every verdict asks for empty blocks
+    (max_draft_tokens = 0), an empty block is a plain decode step of one token, a session alone again gets no limit,
+    and a seeded sampled session never gets one (its output must not depend on load)."""
+    import asyncio
+
+    from drafter_service.link import VerifierLink
+
+    ids = tokenizer.encode("Write a list of colors:")
+
+    def spec(session_id, **sampling):
+        return session_pb2.SessionSpec(session_id=session_id, prompt_ids=ids, max_new_tokens=16, **sampling)
+
+    async def run():
+        link = VerifierLink(cluster["verifier"].address)
+        try:
+            alone = await link.open(spec("busy-a"))
+            assert not alone.HasField("max_draft_tokens")
+            second = await link.open(spec("busy-b"))
+            assert second.HasField("max_draft_tokens") and second.max_draft_tokens == 0
+            seeded = await link.open(spec("busy-c", temperature=0.7, seed=5))
+            assert not seeded.HasField("max_draft_tokens")
+            step = await link.send_block(verifier_pb2.DraftBlock(
+                session_id="busy-a", committed_length=alone.update.committed_length))
+            assert len(step.update.token_ids) == 1 and step.accepted == 0
+            assert step.HasField("max_draft_tokens") and step.max_draft_tokens == 0
+            link.close_session("busy-b")
+            link.close_session("busy-c")
+            await asyncio.sleep(0.5)  # the closes reach the verifier
+            step = await link.send_block(verifier_pb2.DraftBlock(
+                session_id="busy-a", committed_length=step.update.committed_length))
+            assert not step.HasField("max_draft_tokens")  # alone again: draft as much as pays
+            link.close_session("busy-a")
+        finally:
+            await link.aclose()
+
+    asyncio.run(run())
+
+
 @pytest.fixture(scope="module")
 def small_drafter_dir(tmp_path_factory, hf_target, tokenizer):
     """A plain Hugging Face model with the target's tokenizer: the target cut to its first 20 of 30 layers."""

@@ -28,11 +28,27 @@ log = logging.getLogger(__name__)
 SPECULATION_MAX_SESSIONS = {"cpu": 1, "cuda": 8}
 
 
+def draft_limit(settings, sessions_in_flight: int, max_sessions: int) -> int | None:
+    """VerifyResponse.max_draft_tokens for a session: 0 while this verifier holds more than `max_sessions`
+    sessions (0 = no advice), else none. Seeded sampled sessions are never limited: with a seed, the output must
+    be the same whatever the load, and where drafts stop changes which random draws a sampled session makes."""
+    if settings.sampling.temperature > 0 and settings.seed is not None:
+        return None
+    return 0 if 0 < max_sessions < sessions_in_flight else None
+
+
 class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
-    def __init__(self, scheduler: Scheduler, model_name: str, max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT):
+    def __init__(self, scheduler: Scheduler, model_name: str, max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT,
+                 speculation_max_sessions: int | None = None):
+        """speculation_max_sessions: with more sessions than this in flight, drafts cost this verifier more than
+        they save (advised to routers, and to drafters with each verdict); None = the measured default for the
+        engine's device (SPECULATION_MAX_SESSIONS), 0 = no advice."""
         self.scheduler = scheduler
         self.model_name = model_name
         self.max_new_tokens_limit = max_new_tokens_limit
+        if speculation_max_sessions is None:
+            speculation_max_sessions = SPECULATION_MAX_SESSIONS.get(scheduler.engine.device.type, 0)
+        self.speculation_max_sessions = speculation_max_sessions
 
     async def GetModelInfo(self, request, context):
         s = self.scheduler
@@ -42,7 +58,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
             max_sequence_length=s.max_sequence_length,
             max_draft_tokens=s.max_draft_tokens,
             eos_token_ids=sorted(s.eos_ids),
-            speculation_max_sessions=SPECULATION_MAX_SESSIONS.get(s.engine.device.type, 0),
+            speculation_max_sessions=self.speculation_max_sessions,
         )
 
     async def Decode(self, request, context):
@@ -109,6 +125,8 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
                     if step_span is not None:
                         telemetry.end_span(step_span, attributes={"specdec.accepted_tokens": accepted,
                                                                   "specdec.batch_rows": result.batch_rows})
+                limit = draft_limit(result.session.settings, len(self.scheduler.sessions),
+                                    self.speculation_max_sessions)
                 if result.session.finish != FINISH_NONE:
                     self.scheduler.close(session_id)
                     end_span(session_id)
@@ -116,6 +134,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
                     verifier_pb2.VerifyResponse(
                         session_id=session_id, update=update_of(result.session, result.tokens), accepted=accepted,
                         features=b"" if result.features is None else result.features.numpy().tobytes(),
+                        max_draft_tokens=limit,
                     )
                 )
             except SpecdecError as exc:
