@@ -376,11 +376,15 @@ class Scheduler:
         picked: list[int],  # the rows of the pass that `works` are
     ) -> list[tuple[int, int]]:
         """A constant number of tensor ops per tick, whatever the batch: one argmax over the whole pass, one gather
-        into [rows, k + 1] (padding repeats a row's last position), one host copy of the drafts, one sync."""
+        into [rows, k + 1] (padding repeats a row's last position), one host copy of the drafts, one sync. With no
+        drafts in the pass (decode steps, a chunk's every step), just the argmax and one copy."""
         dev = flat.device
         argmax = flat.argmax(-1)  # [sum of (n + 1)]
         offsets = [0, *itertools.accumulate(sizes[:-1])]  # where each row of the pass starts in `flat`
         k = max(len(w.draft_tokens) for w in works)
+        if k == 0:  # plain decode steps: the argmax is the verdict; one kernel and one copy instead of ~10 and two
+            tokens = argmax.tolist()
+            return [(0, tokens[offsets[i]]) for i in picked]
         index = torch.tensor([[offsets[i] + min(j, sizes[i] - 1) for j in range(k + 1)] for i in picked])
         draft_tokens = torch.tensor([w.draft_tokens + [0] * (k - len(w.draft_tokens)) for w in works],
                                     dtype=torch.long).view(len(works), k)
