@@ -2,9 +2,10 @@
 
 Random weights of the shipped feature drafter's shape (the default target's layer, a 16,384-row draft head), so it
 needs no model files. Checks that graph replays give the eager pass's logits and predicted features, over a
-drafting sequence (catch-up rows of a verdict, then one-token steps), and times one drafting step both ways.
+drafting sequence (catch-up rows of a verdict, then one-token steps), and times one drafting step both ways, and a
+whole 5-token greedy draft stepped from the host against `draft_greedy` (all steps on the device).
 
-    python bench/feature_runner_gpu.py --device cuda:0 --json $OUT/feature_runner.json
+    python bench/feature_runner_gpu.py --device cuda:0 --json $OUT/feature_runner.json   (--device cpu: a dry run, eager only)
 """
 
 from __future__ import annotations
@@ -39,8 +40,14 @@ def main(argv=None) -> int:
     vocab, draft = 49152, 16384
     model = FeatureDrafterModel(SHAPE, torch.randn(vocab, 576) * 0.05, torch.randn(vocab, 576) * 0.05,
                                 sorted(torch.randperm(vocab)[:draft].tolist()))
-    runners = {graphs: FeatureRunner(model, device, torch.bfloat16, 4, 1024, cuda_graphs=graphs)
-               for graphs in (False, True)}
+    on_gpu = device.type == "cuda"  # on a CPU only the eager runner (a dry run of this script)
+    runners = {graphs: FeatureRunner(model, device, torch.bfloat16 if on_gpu else torch.float32, 4, 1024,
+                                     cuda_graphs=graphs) for graphs in ((False, True) if on_gpu else (False,))}
+
+    def sync():
+        if on_gpu:
+            torch.cuda.synchronize(device)
+
     prefix = torch.randint(0, vocab, (args.context,)).tolist()
     feats = torch.randn(args.context, 576)
     verdict_tokens, verdict_feats = torch.randint(0, vocab, (3,)).tolist(), torch.randn(3, 576)
@@ -61,24 +68,49 @@ def main(argv=None) -> int:
                 steps.append((logits, h))
                 position += 3
         outs[graphs] = steps
-    for (le, he), (lg, hg) in zip(outs[False], outs[True]):
+    for (le, he), (lg, hg) in zip(outs[False], outs.get(True, outs[False])):
         worst["logits"] = max(worst["logits"], float((le - lg).abs().max()))
         worst["features"] = max(worst["features"], float((he.float() - hg.float()).abs().max()))
         agree.append(bool(le.argmax() == lg.argmax()))
     timing = {}
     for graphs, runner in runners.items():
-        h = torch.randn(1, 576, device=device, dtype=torch.bfloat16)
+        h = torch.randn(1, 576, device=device, dtype=runner.engine.dtype)
         times = []
         for i in range(args.repeats + 10):
-            torch.cuda.synchronize(device)
+            sync()
             started = time.perf_counter()
             runner.step([Row(2, args.context, [11])], [h])
-            torch.cuda.synchronize(device)
+            sync()
             if i >= 10:
                 times.append((time.perf_counter() - started) * 1e3)
         timing["graphs" if graphs else "eager"] = round(statistics.median(times), 4)
-    result = {"device": torch.cuda.get_device_name(device), "context": args.context,
-              "drafting_step_ms": timing, "max_abs_diff": worst, "argmax_agreement": sum(agree) / len(agree)}
+    # a whole greedy draft of 5 tokens: one host sync per step (the loop the drafter ran before) against
+    # draft_greedy (every step on the device, one copy at the end); both must draft the same tokens
+    drafts, per_draft = {}, {}
+    for graphs, runner in runners.items():
+        h = torch.randn(1, 576, device=device, dtype=runner.engine.dtype)
+        for name in ("per_step_sync", "on_device"):
+            times = []
+            for i in range(args.repeats + 10):
+                sync()
+                started = time.perf_counter()
+                if name == "on_device":
+                    tokens = runner.draft_greedy([Row(2, args.context, [11])], [h], 5)[0]
+                else:
+                    logits, hh, tokens = *runner.step([Row(2, args.context, [11])], [h]), []
+                    for j in range(5):
+                        tokens.append(int(model.draft_vocab[int(logits.argmax())]))
+                        if j < 4:
+                            logits, hh = runner.step([Row(2, args.context + 1 + j, [tokens[-1]])], [hh])
+                sync()
+                if i >= 10:
+                    times.append((time.perf_counter() - started) * 1e3)
+            label = f"{'graphs' if graphs else 'eager'}_{name}"
+            per_draft[label] = round(statistics.median(times), 4)
+            drafts[label] = tokens
+    result = {"device": torch.cuda.get_device_name(device) if on_gpu else "cpu", "context": args.context,
+              "drafting_step_ms": timing, "max_abs_diff": worst, "argmax_agreement": sum(agree) / len(agree),
+              "five_token_draft_ms": per_draft, "five_token_drafts_equal": len({tuple(t) for t in drafts.values()}) == 1}
     print(json.dumps(result, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")

@@ -219,6 +219,13 @@ class FeatureDrafter:
             self._rows[r.session_id] = r.context[1 : n + 1]
             forced.append(r.context[n + 1 :])
             positions.append(n)
+        steps = max(r.k for r in live)
+        if (all(r.sampling.greedy for r in live) and not any(forced)
+                and all(len(r.context) + steps < self.runner.cache.max_len for r in live)):
+            # the common case: greedy, nothing guessed to feed first: every step on the device, one copy at the end
+            for r, tokens in zip(live, self.runner.draft_greedy(rows, feats, steps)):
+                drafts[r.session_id] = Draft(tokens[: r.k], [([], [])] * r.k)
+            return [drafts[r.session_id] for r in requests]
         while live:
             logits, predicted = self.runner.step(rows, feats)
             next_live, next_rows, next_feats = [], [], []

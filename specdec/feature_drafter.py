@@ -166,6 +166,7 @@ class FeatureRunner:
         self.fc_weight = model.fc.weight.detach().to(self.engine.device, dtype)
         self.fc_bias = model.fc.bias.detach().to(self.engine.device, dtype)
         self.draft_vocab = model.draft_vocab
+        self._vocab_index = None if model.draft_vocab is None else model.draft_vocab.to(self.engine.device)
         self.cache = self.engine.new_cache(num_slots, max_len)
         self.hidden_size = model.config.hidden_size
         if cuda_graphs is None:
@@ -196,15 +197,57 @@ class FeatureRunner:
         dev = self.engine.device
         batch, width = len(rows), max(len(r.tokens) for r in rows)
         kv_len = max(r.start + len(r.tokens) for r in rows)
-        if self._graphs is not None and batch <= self.MAX_GRAPH_BATCH and width <= self.MAX_GRAPH_WIDTH:
-            h, logits = self._replay(rows, features, batch, width, kv_len)
-        else:
-            h, logits = self._pass(*self._inputs(rows, features, batch, width), kv_len)
+        h, logits = self._forward(lambda b, w: self._inputs(rows, features, b, w), batch, width, kv_len)
         b = torch.arange(batch, device=dev)
         t = torch.tensor([len(r.tokens) - 1 for r in rows], device=dev)
         return logits[b, t].float(), h[b, t]
 
-    def _replay(self, rows, features, batch: int, width: int, kv_len: int):
+    @torch.inference_mode()
+    def draft_greedy(self, rows: list[Row], features: list[torch.Tensor], steps: int) -> list[list[int]]:
+        """`steps` greedy draft tokens (target ids) after each row, all on the device: `step` over the rows, then
+        steps - 1 one-token passes, each fed the previous pass's argmax and predicted feature without a trip to
+        the host; one copy of the drafts at the end instead of one sync per step. The same tokens as calling
+        `step` and taking argmaxes one step at a time (tested)."""
+        dev = self.engine.device
+        logits, h = self.step(rows, features)
+        picks = [logits.argmax(-1)]  # draft-vocabulary indices [batch]
+        batch = len(rows)
+        first = [r.start + len(r.tokens) for r in rows]  # the position of each row's first drafted token
+        slots = torch.tensor([r.slot for r in rows], device=dev)
+        positions = torch.tensor(first, device=dev)
+        vocab = self._vocab_index
+        for i in range(steps - 1):
+            tokens = picks[-1] if vocab is None else vocab[picks[-1]]
+            inputs = self._device_inputs(tokens, positions + i, slots, h)
+            out_h, out_logits = self._forward(inputs, batch, 1, max(first) + i + 1)
+            h = out_h[:batch, 0]
+            picks.append(out_logits[:batch, 0].argmax(-1))
+        drafted = torch.stack(picks, dim=1)  # [batch, steps]
+        if vocab is not None:
+            drafted = vocab[drafted]
+        return drafted.tolist()
+
+    def _device_inputs(self, tokens, positions, slots, feats):
+        """Padded inputs, as `_inputs` makes them, for one token per row from device tensors (no host values):
+        rows past len(tokens) are padding, writing to the scratch slot."""
+        scratch, n = self.cache.scratch, tokens.shape[0]
+
+        def make(batch: int, width: int) -> list[torch.Tensor]:
+            pad = batch - n
+            padded_slots = F.pad(slots, (0, pad), value=scratch)
+            padded_positions = F.pad(positions, (0, pad))
+            write_pos = torch.where(padded_slots == scratch, 0, padded_positions)
+            padded_feats = F.pad(feats.to(self.engine.dtype), (0, 0, 0, pad))[:, None]
+            return [F.pad(tokens, (0, pad))[:, None], padded_positions[:, None], padded_slots, write_pos,
+                    padded_slots, padded_feats]
+
+        return make
+
+    def _forward(self, inputs, batch: int, width: int, kv_len: int):
+        """(h, logits) [batch', width', ...] of a pass whose padded inputs inputs(batch', width') makes: a CUDA graph
+        replay of the (batch, width, kv length) bucket where there is one, else the eager pass."""
+        if self._graphs is None or batch > self.MAX_GRAPH_BATCH or width > self.MAX_GRAPH_WIDTH:
+            return self._pass(*inputs(batch, width), kv_len)
         key = (_bucket(batch), _bucket(width), min(_bucket(kv_len, floor=128), self.cache.max_len))
         with torch.cuda.device(self.engine.device):
             entry = self._graphs.get(key)
@@ -212,9 +255,9 @@ class FeatureRunner:
                 entry = self._graphs[key] = self._capture(*key)
             if entry is None:  # this runner's graphs failed their check: eager from now on
                 self._graphs = None
-                return self._pass(*self._inputs(rows, features, batch, width), kv_len)
+                return self._pass(*inputs(batch, width), kv_len)
             graph, buffers, outputs = entry
-            for buffer, value in zip(buffers, self._inputs(rows, features, key[0], key[1])):
+            for buffer, value in zip(buffers, inputs(key[0], key[1])):
                 buffer.copy_(value, non_blocking=True)
             graph.replay()
             return outputs
