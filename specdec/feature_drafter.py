@@ -3,12 +3,12 @@
 A token-level drafter sees only tokens, so it must redo what the target already computed. A feature drafter is
 handed the target's last-layer output f_p at every committed position p (before the final norm: what the LM head
 reads, after the norm) and learns to predict the next one. Its row for token x_{p+1} takes
-z = fc([rms(embed(x_{p+1})), rms(f_p)]) through its decoder layer(s) (one by default) to h_{p+1} ~ f_{p+1} (rms: scaled to unit root
-mean square, so the token's embedding is not drowned by the few huge dimensions of a Llama's last hidden state);
-the target's final norm and LM head (rows of the reduced draft vocabulary) turn h into a distribution for
-x_{p+2}. Drafting further feeds h back in
-place of the feature the target has not computed yet. Rows sit at KV index and RoPE position p (one less than the
-token's), so index 0 holds x_1's row: a slot never reads a position its session did not write.
+z = fc([rms(embed(x_{p+1})), rms(f_p)]) through its decoder layer(s) (one by default) to h_{p+1} ~ f_{p+1}
+(rms: scaled to unit root mean square, so the token's embedding is not drowned by the few huge dimensions of a
+Llama's last hidden state); the target's final norm and LM head (rows of the reduced draft vocabulary) turn h into
+a distribution for x_{p+2}. Drafting further feeds h back in place of the feature the target has not computed yet.
+Rows sit at KV index and RoPE position p (one less than the token's), so index 0 holds x_1's row: a slot never
+reads a position its session did not write.
 
 Training (`specdec train-drafter --layers feature`) runs `FeatureDrafterModel.unrolled`: pass 1 reads the target's
 features, pass d > 1 reads pass d - 1's predictions, each with the attention pattern that drafting step d sees

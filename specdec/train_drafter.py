@@ -11,9 +11,9 @@ answer position, with target_probs computed on the fly from the target's logits.
 last hidden states, captured from the same forward pass, trained on three unrolled drafting steps). Several
 drafters (`--layers 2,4,feature`) train side by side on the same batches, sharing the target's forward pass; each
 is written to its own artifact (`OUT/L2`, `OUT/L4`, `OUT/feature`); `feature2` is a feature drafter of two layers.
-`--gen-devices cuda:0,cuda:1` has several GPUs write the text at once. Generated data and checkpoints live in `--work-dir` (default
-`OUT/train-state`), so `--resume` continues a stopped run. Never trains on ../shared/prompts/chat.jsonl, which is
-for measurement.
+`--gen-devices cuda:0,cuda:1` has several GPUs write the text at once. Generated data and checkpoints live in
+`--work-dir` (default `OUT/train-state`), so `--resume` continues a stopped run. Never trains on
+../shared/prompts/chat.jsonl, which is for measurement.
 
 This module owns the data recipe and the training loop; the artifact format is specdec.drafter_model's.
 """
@@ -214,7 +214,8 @@ def template_prompts(n: int, rng: random.Random) -> list[str]:
             prompts.append(rng.choice(PAIR_STYLES).format(topic=topic, other=other))
         elif roll < 0.30:
             words = ", ".join(rng.sample(WORDS, rng.randint(3, 6)))
-            prompts.append(rng.choice(LIST_STYLES).format(n=rng.randint(3, 10), topic=rng.choice(TOPICS), words=words))
+            style = rng.choice(LIST_STYLES)
+            prompts.append(style.format(n=rng.randint(3, 10), topic=rng.choice(TOPICS), words=words))
         else:
             prompts.append(rng.choice(STYLES).format(topic=rng.choice(TOPICS)))
     return prompts
