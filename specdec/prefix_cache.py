@@ -28,7 +28,7 @@ from specdec.prefix_hash import BLOCK_TOKENS, block_hashes
 class PrefixCache:
     """features: also keep, per block, the target's hidden states of its 16 tokens (float16, on the host) when a
     saver has them, so sessions of feature-level drafters, which need the hidden state of every prompt token, can
-    restore a prefix too (`restore(..., with_features=True)` stops at the first block saved without them)."""
+    restore a prefix too (`restore_with_features` stops at the first block saved without them)."""
 
     def __init__(self, shape: LlamaShape, num_blocks: int, device, dtype, seed: bytes,
                  on_change: Callable[[list[str], list[str]], None] | None = None, features: bool = False):
@@ -48,10 +48,16 @@ class PrefixCache:
     def held(self) -> list[str]:
         return list(self._index)
 
-    def restore(self, cache: KVCache, slot: int, tokens: list[int], with_features: bool = False):
-        """Copies the longest cached prefix of tokens into the slot; returns how many tokens need no prefill. With
-        with_features: only blocks that have their hidden states count, and the return is (that count, their hidden
-        states [count, hidden] float16 on the host, or None for 0)."""
+    def restore(self, cache: KVCache, slot: int, tokens: list[int]) -> int:
+        """Copies the longest cached prefix of tokens into the slot; returns how many tokens need no prefill."""
+        return self._restore(cache, slot, tokens, with_features=False)[0]
+
+    def restore_with_features(self, cache: KVCache, slot: int, tokens: list[int]) -> tuple[int, torch.Tensor | None]:
+        """`restore` for a session that wants hidden states: only blocks cached with theirs count; returns that
+        count and their hidden states [count, hidden] (float16, host), or (0, None)."""
+        return self._restore(cache, slot, tokens, with_features=True)
+
+    def _restore(self, cache: KVCache, slot: int, tokens: list[int], with_features: bool):
         hashes = block_hashes(tokens, self.seed)
         found = 0
         for h in hashes:
@@ -61,7 +67,7 @@ class PrefixCache:
         self.lookups += len(hashes)
         self.hits += found
         if not found:
-            return (0, None) if with_features else 0
+            return 0, None
         ids = [self._index[h] for h in hashes[:found]]
         blocks = torch.tensor(ids, device=self.keys[0].device)
         n = found * BLOCK_TOKENS
@@ -72,9 +78,7 @@ class PrefixCache:
         self._touch(hashes[:found])
         # At least one token is always recomputed: the prefill needs the last prompt token's logits.
         n = min(n, len(tokens) - 1)
-        if with_features:
-            return n, self.features[ids].reshape(-1, self.features.shape[-1])[:n]
-        return n
+        return n, self.features[ids].reshape(-1, self.features.shape[-1])[:n] if with_features else None
 
     def save(self, cache: KVCache, slot: int, tokens: list[int], kv_length: int,
              features: torch.Tensor | None = None) -> None:

@@ -179,8 +179,8 @@ def test_prefix_blocks_serve_hidden_states_only_once_saved_with_them(engine):
     cache = PrefixCache(engine.shape, 8, engine.device, engine.dtype, model_seed("test"), features=True)
     cache.save(kv, 0, tokens, len(tokens) - 1)  # by a session without hidden states
     assert cache.restore(kv, 1, tokens) == 32
-    assert cache.restore(kv, 1, tokens, with_features=True) == (0, None)
+    assert cache.restore_with_features(kv, 1, tokens) == (0, None)
     cache.save(kv, 0, tokens, len(tokens) - 1, hidden)  # the same blocks, now with them
-    n, rows = cache.restore(kv, 1, tokens, with_features=True)
+    n, rows = cache.restore_with_features(kv, 1, tokens)
     assert n == 32
     torch.testing.assert_close(rows.float(), hidden[:32].float(), atol=0.05, rtol=0.01)

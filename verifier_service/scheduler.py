@@ -299,7 +299,7 @@ class Scheduler:
         for w in works:
             start, rows = 0, None
             if cache and w.session.settings.return_features:
-                start, rows = cache.restore(self.cache, w.session.slot, w.session.tokens, with_features=True)
+                start, rows = cache.restore_with_features(self.cache, w.session.slot, w.session.tokens)
             elif cache:
                 start = cache.restore(self.cache, w.session.slot, w.session.tokens)
             starts.append(start)
