@@ -19,6 +19,7 @@ from specdec import compute, telemetry
 from specdec.errors import InvalidInput, SpecdecError, Unavailable
 from specdec.proto import drafter_pb2, drafter_pb2_grpc, verifier_pb2
 from specdec.sampling import SamplingConfig
+from specdec.server import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,18 @@ def next_draft_length(current: int, drafted: int, accepted: int, k_max: int) -> 
     if accepted == drafted:
         return min(k_max, current + 1)
     return max(1, accepted + 1)
+
+
+# The open verdict of a feature drafter's session carries the hidden state of every prompt token (float16): keep
+# it well inside gRPC's message limit (specdec.server). The default target needs 1.15 KB per token (29k tokens
+# fit); an 8B target 8 KB per token, so prompts past ~4k tokens draft nothing rather than break the shared stream.
+MAX_FEATURE_BYTES = MAX_MESSAGE_BYTES // 2
+
+
+def wants_features(drafter, prompt_tokens: int) -> bool:
+    """Whether a session asks the verifier for hidden states: the drafter reads them, and the prompt's fit in one
+    verdict (MAX_FEATURE_BYTES). A session without them gets empty drafts: plain decode steps."""
+    return drafter.wants_features and prompt_tokens * drafter.hidden_size * 2 <= MAX_FEATURE_BYTES
 
 
 def allowed_draft_length(verdict, k: int) -> int:
@@ -185,7 +198,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
         error = None
         self.sessions_in_flight += 1
         opened = False
-        features = _Features(drafter) if drafter.wants_features else None
+        features = _Features(drafter) if wants_features(drafter, len(spec.prompt_ids)) else None
         spec.return_features = features is not None
         try:
             await self.batcher.open(spec.session_id)

@@ -20,10 +20,10 @@ from grpc_reflection.v1alpha import reflection
 log = logging.getLogger(__name__)
 
 # Candidate blocks and verdicts are small, but prompts sent as token ids can be long.
-_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 SERVER_OPTIONS = [
-    ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     # Long-lived drafter<->verifier streams cross idle periods; keepalives notice a dead peer in seconds.
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),

@@ -1,4 +1,5 @@
-"""The drafter tier's batcher: a session opened right after another closed gets the slot the close gives back."""
+"""The drafter tier's service pieces: a session opened right after another closed gets the slot the close gives back;
+feature sessions ask for hidden states only while the prompt's fit one verdict."""
 
 from __future__ import annotations
 
@@ -35,3 +36,20 @@ def test_open_waits_for_closes_under_way():
         return batcher.drafter.holder
 
     assert asyncio.run(main()) == "b"
+
+
+def test_feature_sessions_ask_for_hidden_states_only_while_the_prompts_fit_one_verdict():
+    """The open verdict carries every prompt token's hidden state: past half gRPC's message limit a session drafts
+    nothing instead of sending a verdict too large for the stream all sessions of the pair share."""
+    from types import SimpleNamespace
+
+    from drafter_service.service import MAX_FEATURE_BYTES, wants_features
+    from specdec.server import MAX_MESSAGE_BYTES
+
+    assert MAX_FEATURE_BYTES < MAX_MESSAGE_BYTES
+    eight_b = SimpleNamespace(wants_features=True, hidden_size=4096)  # 8 KB per token in float16
+    assert wants_features(eight_b, 4000)
+    assert not wants_features(eight_b, 5000)  # 41 MB
+    default = SimpleNamespace(wants_features=True, hidden_size=576)
+    assert wants_features(default, 16384)  # the default target's longest sessions always fit
+    assert not wants_features(SimpleNamespace(wants_features=False, hidden_size=576), 10)
