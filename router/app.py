@@ -32,7 +32,7 @@ async def start_router(
     verifiers: list[str],
     drafters: list[str],
     model: str = models.DEFAULT_TARGET,
-    max_draft_tokens: int = 5,
+    max_draft_tokens: int = -1,
     max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT,
     grace: float = 30.0,
     redis_url: str | None = None,

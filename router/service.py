@@ -47,14 +47,15 @@ class RouterServicer(generation_pb2_grpc.GenerationServicer):
         tokenizer,
         verifiers: Pool,
         drafters: Pool,
-        default_draft_tokens: int = 5,
+        default_draft_tokens: int = -1,
         max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT,
         locator: Locator | None = None,
         chooser: Chooser | None = None,
         speculation_max_sessions: int = 0,
     ):
-        """speculation_max_sessions: a verifier with this many sessions in flight gets new sessions without a
-        drafter (0 = no limit; -1 = the limit the verifiers advise in GetModelInfo): under load drafts cost the
+        """default_draft_tokens: k for requests that leave it unset (-1 = the verifiers' advice in GetModelInfo,
+        else 5). speculation_max_sessions: a verifier with this many sessions in flight gets new sessions without
+        a drafter (0 = no limit; -1 = the limit the verifiers advise in GetModelInfo): under load drafts cost the
         verifier more than they save."""
         self.tokenizer = tokenizer
         self.locator = locator or Locator()
@@ -136,9 +137,7 @@ class RouterServicer(generation_pb2_grpc.GenerationServicer):
             check_prompt_ids(prompt, info.vocab_size, info.max_sequence_length)
         except SpecdecError as exc:
             await context.abort(exc.code, str(exc))
-        k = self.default_draft_tokens
-        if request.speculation.HasField("max_draft_tokens"):
-            k = min(request.speculation.max_draft_tokens, info.max_draft_tokens)
+        k = self._draft_tokens(request, info)
         streamer = TextStreamer(self.tokenizer, list(sampling.stop))
         usage = generation_pb2.Usage(prompt_tokens=len(prompt))
         timeout = context.time_remaining()
@@ -252,6 +251,15 @@ class RouterServicer(generation_pb2_grpc.GenerationServicer):
                     pod.in_flight -= 1
                 telemetry.end_span(attempt, failure)
         raise Unavailable(f"the session failed on {_MAX_ATTEMPTS} pods in a row; retry later")
+
+    def _draft_tokens(self, request, info) -> int:
+        """k for a request: its own max_draft_tokens (capped by the verifier's), else this router's default, else
+        the verifiers' advice for their device (GetModelInfo.draft_tokens), else 5."""
+        if request.speculation.HasField("max_draft_tokens"):
+            return min(request.speculation.max_draft_tokens, info.max_draft_tokens)
+        if self.default_draft_tokens >= 0:
+            return self.default_draft_tokens
+        return info.draft_tokens or 5
 
     def _speculate(self, k: int, sampling, verifier: Pod) -> bool:
         """Whether to attach a drafter. A saturated verifier decodes new sessions alone, except seeded sampled

@@ -113,7 +113,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     flag(serve, "--drafter-model", default=DEFAULT_DRAFTER,
          help="drafter SPEC: a trained drafter, `ngram`, or a small model with the target's tokenizer")
     flag(serve, "--device", default="cpu", help="torch device for both models, e.g. cpu or cuda:0")
-    flag(serve, "--max-draft-tokens", default=5, type=int, help="default draft block length k")
+    flag(serve, "--max-draft-tokens", default=-1, type=int,
+         help="default draft block length k (-1: the verifier's advice for its device, 3 on CPU, 5 on CUDA)")
     _verifier_flags(serve)
     serve.set_defaults(func=cmd_serve_all)
     roles = serve.add_subparsers(dest="role", metavar="ROLE")
@@ -132,7 +133,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     flag(r, "--kube-namespace", default=None,
          help="namespace of those Services (default: this pod's own namespace, else `default`)")
     flag(r, "--model", default=DEFAULT_TARGET, help="target SPEC whose tokenizer and chat template to use")
-    flag(r, "--max-draft-tokens", default=5, type=int, help="default draft block length k")
+    flag(r, "--max-draft-tokens", default=-1, type=int,
+         help="default draft block length k (-1: the verifiers' advice for their device, 3 on CPU, 5 on CUDA)")
     flag(r, "--max-new-tokens-limit", default=4096, type=int, help="largest max_new_tokens a request may ask")
     _locality_flags(r)
     flag(r, "--routing", default="locality", choices=("locality", "round-robin", "random"),
@@ -239,7 +241,8 @@ def cmd_serve_all(args) -> int:
                 "the shipped drafter belongs to %s; drafting for %s with ngram (train one: specdec train-drafter)",
                 DEFAULT_TARGET, args.model)
             drafter_model = "ngram"
-        drafter = await start_drafter("127.0.0.1", 0, drafter_model, args.device, args.max_draft_tokens,
+        drafter = await start_drafter("127.0.0.1", 0, drafter_model, args.device,
+                                      args.max_draft_tokens if args.max_draft_tokens > 0 else 5,
                                       grace=args.grace, target=args.model)
         router = await start_router(
             args.host, args.port, [verifier.address], [drafter.address], args.model, args.max_draft_tokens,

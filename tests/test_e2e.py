@@ -270,6 +270,10 @@ def test_a_busy_verifier_asks_speculating_sessions_for_empty_blocks(cluster, tok
     def spec(session_id, **sampling):
         return session_pb2.SessionSpec(session_id=session_id, prompt_ids=ids, max_new_tokens=16, **sampling)
 
+    with grpc.insecure_channel(cluster["verifier"].address) as channel:  # the advice the rule follows, for routers too
+        info = verifier_pb2_grpc.VerifierServiceStub(channel).GetModelInfo(verifier_pb2.GetModelInfoRequest())
+    assert (info.speculation_max_sessions, info.draft_tokens) == (1, 3)  # measured on CPUs (docs/benchmarks.md)
+
     async def run():
         link = VerifierLink(cluster["verifier"].address)
         try:

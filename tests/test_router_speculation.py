@@ -52,3 +52,18 @@ def test_by_default_the_verifiers_advice_sets_the_limit():
     assert not router._speculate(5, sampling(), SimpleNamespace(in_flight=2))
     router._info = verifier_pb2.GetModelInfoResponse()  # a verifier that gives none
     assert router._speculate(5, sampling(), SimpleNamespace(in_flight=50))
+
+
+def test_draft_length_follows_the_request_then_the_router_then_the_verifiers_advice():
+    from specdec.proto import verifier_pb2
+
+    info = verifier_pb2.GetModelInfoResponse(max_draft_tokens=16, draft_tokens=3)
+    asked = generation_pb2.GenerateRequest(speculation=generation_pb2.SpeculationParams(max_draft_tokens=7))
+    unset = generation_pb2.GenerateRequest()
+    assert servicer(4)._draft_tokens(asked, info) == 7  # the request's own k
+    assert servicer(4)._draft_tokens(generation_pb2.GenerateRequest(
+        speculation=generation_pb2.SpeculationParams(max_draft_tokens=40)), info) == 16  # capped by the verifier
+    by_router = RouterServicer(None, Pool([]), Pool([]), default_draft_tokens=6)
+    assert by_router._draft_tokens(unset, info) == 6
+    assert servicer(4)._draft_tokens(unset, info) == 3  # default: the verifiers' advice for their device
+    assert servicer(4)._draft_tokens(unset, verifier_pb2.GetModelInfoResponse(max_draft_tokens=16)) == 5  # none

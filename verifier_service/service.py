@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 # drafters (docs/benchmarks.md): on the CPU (2 cores shared by the tiers) it gained 1.08-1.10x for 1 user and lost
 # 2x at 2 users; on an H200 it gained 1.11x at 4 users and lost at 16 (0.69x).
 SPECULATION_MAX_SESSIONS = {"cpu": 1, "cuda": 8}
+# Draft length that paid best for one user with the default drafter (docs/benchmarks.md): on the CPU, where verifying
+# 6 tokens costs 1.6x one, k = 2-3 gave 1.23-1.24x speculation off against 1.12x for k = 5 (same run); on an H200,
+# where a 6-token verify costs 1.2x one, k = 5 is what was measured.
+ADVISED_DRAFT_TOKENS = {"cpu": 3, "cuda": 5}
 
 
 def draft_limit(settings, sessions_in_flight: int, max_sessions: int) -> int | None:
@@ -59,6 +63,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
             max_draft_tokens=s.max_draft_tokens,
             eos_token_ids=sorted(s.eos_ids),
             speculation_max_sessions=self.speculation_max_sessions,
+            draft_tokens=min(ADVISED_DRAFT_TOKENS.get(s.engine.device.type, 0), s.max_draft_tokens),
         )
 
     async def Decode(self, request, context):
