@@ -81,6 +81,12 @@ def _verifier_flags(p: argparse.ArgumentParser) -> None:
          "nothing else waits (fewer hand-offs and messages per token; 0 = one token per tick)")
     flag(p, "--prefix-cache-blocks", default=256, type=int,
          help="prefix cache size in 16-token KV blocks (0 = off); the memory budget of reused prompts")
+    flag(p, "--advise-speculation-max-sessions", default=-1, type=int,
+         help="sessions in flight past which drafts cost this verifier more than they save, advised to routers "
+         "and drafters (-1: measured default for the device, 1 on CPU, 8 on CUDA; 0: no advice)")
+    flag(p, "--advise-draft-tokens", default=-1, type=int,
+         help="draft length advised to routers for requests that leave it unset (-1: measured default for the "
+         "device, 3 on CPU, 5 on CUDA; 0: no advice)")
 
 
 def _locality_flags(p: argparse.ArgumentParser) -> None:
@@ -234,6 +240,7 @@ def cmd_serve_all(args) -> int:
         verifier = await start_verifier(
             "127.0.0.1", 0, args.model, args.device, args.max_sessions, args.max_sequence_length, args.max_block,
             args.grace, args.prefix_cache_blocks, store=store, decode_chunk_ms=args.decode_chunk_ms,
+            advise=(args.advise_speculation_max_sessions, args.advise_draft_tokens),
         )
         drafter_model = args.drafter_model
         if drafter_model == DEFAULT_DRAFTER and args.model != DEFAULT_TARGET:
@@ -326,6 +333,7 @@ def cmd_serve_verifier(args) -> int:
         args.host, args.port, args.model, args.device, args.max_sessions, args.max_sequence_length, args.max_block,
         args.grace, args.prefix_cache_blocks, redis_url=args.redis_url, advertise=args.advertise,
         locality_ttl=args.locality_ttl, redis_timeout=args.redis_timeout, decode_chunk_ms=args.decode_chunk_ms,
+        advise=(args.advise_speculation_max_sessions, args.advise_draft_tokens),
     ), args)
 
 

@@ -1,5 +1,5 @@
-"""The router's choice to attach a drafter: speculation yields to a saturated verifier, except where the output
-would depend on it (seeded sampling)."""
+"""The router's choice to attach a drafter and of k, and the advice verifiers give it: speculation yields to a
+saturated verifier, except where the output would depend on it (seeded sampling)."""
 
 from __future__ import annotations
 
@@ -67,3 +67,22 @@ def test_draft_length_follows_the_request_then_the_router_then_the_verifiers_adv
     assert by_router._draft_tokens(unset, info) == 6
     assert servicer(4)._draft_tokens(unset, info) == 3  # default: the verifiers' advice for their device
     assert servicer(4)._draft_tokens(unset, verifier_pb2.GetModelInfoResponse(max_draft_tokens=16)) == 5  # none
+
+
+def test_the_verifiers_advice_is_its_devices_measured_default_unless_an_operator_sets_it():
+    import asyncio
+
+    from specdec.proto import verifier_pb2
+    from verifier_service.service import VerifierServicer
+
+    def info(device: str, **advice) -> verifier_pb2.GetModelInfoResponse:
+        scheduler = SimpleNamespace(engine=SimpleNamespace(device=SimpleNamespace(type=device)), vocab_size=10,
+                                    max_sequence_length=64, max_draft_tokens=16, eos_ids={2})
+        servicer = VerifierServicer(scheduler, "m", **advice)
+        return asyncio.run(servicer.GetModelInfo(verifier_pb2.GetModelInfoRequest(), None))
+
+    assert (info("cpu").speculation_max_sessions, info("cpu").draft_tokens) == (1, 3)
+    assert (info("cuda").speculation_max_sessions, info("cuda").draft_tokens) == (8, 5)
+    tuned = info("cuda", speculation_max_sessions=32, draft_tokens=40)  # an operator's own crossover
+    assert (tuned.speculation_max_sessions, tuned.draft_tokens) == (32, 16)  # k capped by the longest block
+    assert info("cpu", speculation_max_sessions=0, draft_tokens=0).draft_tokens == 0  # no advice

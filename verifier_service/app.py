@@ -64,8 +64,10 @@ async def start_verifier(
     locality_ttl: float = 30.0,
     redis_timeout: float = 0.05,
     decode_chunk_ms: float = 10.0,
+    advise: tuple[int, int] = (-1, -1),
 ) -> GrpcServer:
-    """`store`: an in-process locality store (all-in-one); `redis_url` makes a Redis one; neither: no hints."""
+    """`store`: an in-process locality store (all-in-one); `redis_url` makes a Redis one; neither: no hints.
+    `advise`: (speculation_max_sessions, draft_tokens) advised to routers and drafters; -1 = measured device default."""
     server = GrpcServer("verifier", host, port, grace)
     if redis_url:
         from specdec.locality import RedisStore
@@ -95,7 +97,8 @@ async def start_verifier(
 
     server.add(
         verifier_pb2_grpc.add_VerifierServiceServicer_to_server,
-        VerifierServicer(scheduler, model),
+        VerifierServicer(scheduler, model, speculation_max_sessions=None if advise[0] < 0 else advise[0],
+                         draft_tokens=None if advise[1] < 0 else advise[1]),
         verifier_pb2.DESCRIPTOR.services_by_name["VerifierService"].full_name,
         on_drain,
         in_flight=lambda: len(scheduler.sessions),

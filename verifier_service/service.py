@@ -43,16 +43,20 @@ def draft_limit(settings, sessions_in_flight: int, max_sessions: int) -> int | N
 
 class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
     def __init__(self, scheduler: Scheduler, model_name: str, max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT,
-                 speculation_max_sessions: int | None = None):
+                 speculation_max_sessions: int | None = None, draft_tokens: int | None = None):
         """speculation_max_sessions: with more sessions than this in flight, drafts cost this verifier more than
-        they save (advised to routers, and to drafters with each verdict); None = the measured default for the
-        engine's device (SPECULATION_MAX_SESSIONS), 0 = no advice."""
+        they save (advised to routers, and to drafters with each verdict); draft_tokens: the draft length advised to
+        routers. None = the measured default for the engine's device (SPECULATION_MAX_SESSIONS,
+        ADVISED_DRAFT_TOKENS), 0 = no advice."""
         self.scheduler = scheduler
         self.model_name = model_name
         self.max_new_tokens_limit = max_new_tokens_limit
         if speculation_max_sessions is None:
             speculation_max_sessions = SPECULATION_MAX_SESSIONS.get(scheduler.engine.device.type, 0)
         self.speculation_max_sessions = speculation_max_sessions
+        if draft_tokens is None:
+            draft_tokens = ADVISED_DRAFT_TOKENS.get(scheduler.engine.device.type, 0)
+        self.draft_tokens = min(draft_tokens, scheduler.max_draft_tokens)
 
     async def GetModelInfo(self, request, context):
         s = self.scheduler
@@ -63,7 +67,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
             max_draft_tokens=s.max_draft_tokens,
             eos_token_ids=sorted(s.eos_ids),
             speculation_max_sessions=self.speculation_max_sessions,
-            draft_tokens=min(ADVISED_DRAFT_TOKENS.get(s.engine.device.type, 0), s.max_draft_tokens),
+            draft_tokens=self.draft_tokens,
         )
 
     async def Decode(self, request, context):
