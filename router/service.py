@@ -31,6 +31,7 @@ from specdec.proto import (
     verifier_pb2,
     verifier_pb2_grpc,
 )
+from specdec.sampling import output_depends_on_drafts
 from specdec.validation import DEFAULT_MAX_NEW_TOKENS_LIMIT, check_prompt_ids, check_sampling
 
 log = logging.getLogger(__name__)
@@ -270,7 +271,7 @@ class RouterServicer(generation_pb2_grpc.GenerationServicer):
         if limit < 0:  # the verifiers' own advice (GetModelInfo), known once any request has asked for it
             limit = self._info.speculation_max_sessions if self._info is not None else 0
         saturated = 0 < limit <= verifier.in_flight
-        return not saturated or (sampling.temperature > 0 and sampling.HasField("seed"))
+        return not saturated or output_depends_on_drafts(sampling.temperature, sampling.HasField("seed"))
 
     def _finished_on(self, verifier: Pod, session_id: str, tokens: list[int]) -> None:
         """The verifier now holds this conversation's blocks (the last token's KV is never computed)."""

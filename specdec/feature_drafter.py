@@ -165,7 +165,6 @@ class FeatureRunner:
         self.engine = LlamaEngine(model.lm, device, dtype, cuda_graphs=False)
         self.fc_weight = model.fc.weight.detach().to(self.engine.device, dtype)
         self.fc_bias = model.fc.bias.detach().to(self.engine.device, dtype)
-        self.draft_vocab = model.draft_vocab
         self._vocab_index = None if model.draft_vocab is None else model.draft_vocab.to(self.engine.device)
         self.cache = self.engine.new_cache(num_slots, max_len)
         self.hidden_size = model.config.hidden_size

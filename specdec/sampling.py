@@ -22,6 +22,14 @@ class SamplingConfig:
         return self.temperature == 0.0
 
 
+def output_depends_on_drafts(temperature: float, seeded: bool) -> bool:
+    """Whether drafting decisions may change a session's output: a seeded sampled session's tokens depend on which
+    random draws verification makes, and those depend on its blocks. Its output must be the same whatever the
+    load, so load-based choices (attaching a drafter, limiting drafts) leave it alone; greedy output never depends
+    on drafts, and unseeded sampling has no fixed output to keep."""
+    return temperature > 0 and seeded
+
+
 def probs_from_logits(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
     """logits [..., vocab] -> probabilities [..., vocab] of the same dtype as logits."""
     if config.greedy:

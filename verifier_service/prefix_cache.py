@@ -9,6 +9,8 @@ KV is worth saving. Every method runs on the torch thread (specdec.compute). Gai
 
 from __future__ import annotations
 
+import torch
+
 from specdec import prefix_cache
 from specdec.engine import KVCache
 
@@ -35,6 +37,4 @@ class PrefixCache(prefix_cache.PrefixCache):
 
 def _features(session):
     """The hidden states of the session's committed tokens (one per token but the newest), if it kept them."""
-    import torch
-
     return torch.cat(session.features) if session.features else None

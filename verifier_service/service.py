@@ -16,6 +16,7 @@ from specdec import telemetry
 from specdec.convert import settings_from_spec, update_of
 from specdec.errors import SpecdecError
 from specdec.proto import verifier_pb2, verifier_pb2_grpc
+from specdec.sampling import output_depends_on_drafts
 from specdec.validation import DEFAULT_MAX_NEW_TOKENS_LIMIT
 from verifier_service.scheduler import DraftDistribution, Scheduler
 from verifier_service.session import FINISH_NONE
@@ -34,9 +35,8 @@ ADVISED_DRAFT_TOKENS = {"cpu": 3, "cuda": 5}
 
 def draft_limit(settings, sessions_in_flight: int, max_sessions: int) -> int | None:
     """VerifyResponse.max_draft_tokens for a session: 0 while this verifier holds more than `max_sessions`
-    sessions (0 = no advice), else none. Seeded sampled sessions are never limited: with a seed, the output must
-    be the same whatever the load, and where drafts stop changes which random draws a sampled session makes."""
-    if settings.sampling.temperature > 0 and settings.seed is not None:
+    sessions (0 = no advice), else none. Seeded sampled sessions are never limited (output_depends_on_drafts)."""
+    if output_depends_on_drafts(settings.sampling.temperature, settings.seed is not None):
         return None
     return 0 if 0 < max_sessions < sessions_in_flight else None
 
@@ -51,12 +51,11 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         self.scheduler = scheduler
         self.model_name = model_name
         self.max_new_tokens_limit = max_new_tokens_limit
-        if speculation_max_sessions is None:
-            speculation_max_sessions = SPECULATION_MAX_SESSIONS.get(scheduler.engine.device.type, 0)
-        self.speculation_max_sessions = speculation_max_sessions
-        if draft_tokens is None:
-            draft_tokens = ADVISED_DRAFT_TOKENS.get(scheduler.engine.device.type, 0)
-        self.draft_tokens = min(draft_tokens, scheduler.max_draft_tokens)
+        device = scheduler.engine.device.type
+        self.speculation_max_sessions = (SPECULATION_MAX_SESSIONS.get(device, 0) if speculation_max_sessions is None
+                                         else speculation_max_sessions)
+        advised = ADVISED_DRAFT_TOKENS.get(device, 0) if draft_tokens is None else draft_tokens
+        self.draft_tokens = min(advised, scheduler.max_draft_tokens)
 
     async def GetModelInfo(self, request, context):
         s = self.scheduler
