@@ -203,6 +203,29 @@ class LlamaEngine:
             return logits, sizes, x[every_b, every_t]
         return logits, sizes
 
+    @torch.inference_mode()
+    def decode_greedy(self, cache: KVCache, rows: list[Row], steps: int) -> list[list[int]]:
+        """`steps` greedy decode steps for every row at once: each row is one token (a session's last committed
+        one, at its start position), and each step's argmax is fed back as the next step's token on the device.
+        Returns each row's `steps` tokens; one host synchronization in all, where a loop of `forward_flat`
+        calls copies inputs in (a pageable host-to-device copy waits for the device) and reads the argmax back
+        every step. The caller owns stopping: tokens after an EOS are simply not committed, and the KV they
+        wrote lies past the session's length, so the next pass overwrites it. Every position written,
+        start .. start + steps - 1, must lie inside the cache."""
+        if any(len(r.tokens) != 1 for r in rows) or steps < 1:
+            raise ValueError("decode_greedy takes rows of one token each and at least one step")
+        if self._graphs is not None and self._graphs.accepts(len(rows), 1):
+            return self._graphs.decode_greedy(cache, rows, steps)
+        inputs = [t.to(self.device) for t in _pack(rows, len(rows), 1, cache.scratch)]
+        single = rows[0].slot if len(rows) == 1 else None
+        first = max(r.start for r in rows) + 1
+        kv_lens = iter(range(first, first + steps))
+
+        def step():  # the pass forward_flat makes for these rows, at the exact KV length of each step
+            return self._head(self._layers(cache, *inputs, next(kv_lens), single))
+
+        return _greedy_steps(step, inputs, steps, cache.scratch).tolist()
+
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(_rms_norm(x, self.final_norm, self.shape.rms_norm_eps), self.lm_head)
 
@@ -290,6 +313,20 @@ def _pack(rows: list[Row], batch: int, width: int, scratch: int):
     return tokens, positions, write_slots.reshape(-1), write_pos.reshape(-1), slots
 
 
+def _greedy_steps(step, inputs, steps: int, scratch: int) -> torch.Tensor:
+    """Runs `step()` (a decode pass over the packed `inputs`, returning logits [batch, width, vocab]) `steps`
+    times, feeding each row's argmax back through `inputs` in place: tokens [batch, steps] on the device."""
+    tokens, positions, write_slots, write_pos, _ = inputs
+    out = torch.empty(tokens.shape[0], steps, dtype=torch.long, device=tokens.device)
+    for i in range(steps):
+        out[:, i] = step()[:, 0].argmax(-1)
+        # the next step's inputs: each row's new token one position on (padding stays padding)
+        tokens[:, 0] = out[:, i]
+        positions += 1
+        write_pos.copy_(torch.where(write_slots == scratch, 0, positions.reshape(-1)))
+    return out
+
+
 def _bucket(n: int, floor: int = 1) -> int:
     return max(floor, 1 << (n - 1).bit_length())
 
@@ -339,6 +376,28 @@ class _GraphRunner:
                 buffer.copy_(value, non_blocking=True)
             graph.replay()
             return outputs
+
+    def decode_greedy(self, cache: KVCache, rows: list[Row], steps: int) -> list[list[int]]:
+        """LlamaEngine.decode_greedy on one graph: its inputs copied in once, then `steps` replays, each followed
+        by the argmax and the in-place update of the graph's own input buffers, all queued without waiting, so
+        the device runs the steps back to back while the host queues the next."""
+        batch, width = _bucket(len(rows), self.floor), self.floor
+        length = min(_bucket(max(r.start for r in rows) + steps, floor=128), cache.max_len)
+        key = (id(cache), batch, width, length)
+        with torch.cuda.device(self.engine.device):
+            entry = self.graphs.get(key)
+            if entry is None:
+                entry = self.graphs[key] = self._capture(cache, batch, width, length)
+            graph, buffers, (_, logits) = entry
+            for buffer, value in zip(buffers, _pack(rows, batch, width, cache.scratch)):
+                buffer.copy_(value, non_blocking=True)
+
+            def step():
+                graph.replay()
+                return logits
+
+            out = _greedy_steps(step, buffers, steps, cache.scratch)
+            return out[: len(rows)].tolist()
 
     def _capture(self, cache: KVCache, batch: int, width: int, length: int):
         engine = self.engine

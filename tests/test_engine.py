@@ -131,6 +131,55 @@ def test_bucketed_padded_pass_equals_the_exact_pass():
             assert torch.allclose(padded_cache.keys[layer][slot, :, :n], exact_cache.keys[layer][slot, :, :n], atol=1e-6)
 
 
+def _decode_one_step_at_a_time(engine, cache, rows, steps):
+    out = [[] for _ in rows]
+    for _ in range(steps):
+        logits = engine.forward(cache, rows)
+        rows = [Row(r.slot, r.start + 1, [int(l[-1].argmax())]) for r, l in zip(rows, logits)]
+        for tokens, row in zip(out, rows):
+            tokens.append(row.tokens[0])
+    return out
+
+
+def _prefilled(engine, prompts):
+    cache = engine.new_cache(len(prompts) + 1, 64)
+    logits = engine.forward(cache, [Row(i, 0, p) for i, p in enumerate(prompts)])
+    return cache, [Row(i, len(p), [int(l[-1].argmax())]) for i, (p, l) in enumerate(zip(prompts, logits))]
+
+
+def test_decode_greedy_equals_one_step_at_a_time():
+    """Several greedy steps in one call, argmax fed back on the device: the same tokens and the same KV as a loop
+    of single passes, for a ragged batch and for one row (which reads its slot as a view)."""
+    engine = LlamaEngine(tiny_model("qwen3", seed=7))
+    for prompts in ([list(range(5, 14)), list(range(20, 41)), [7, 8, 9]], [list(range(30, 42))]):
+        (loop_cache, rows), (chunk_cache, _) = _prefilled(engine, prompts), _prefilled(engine, prompts)
+        expected = _decode_one_step_at_a_time(engine, loop_cache, rows, 9)
+        assert len({t for tokens in expected for t in tokens}) > 3  # a real continuation, not one repeated token
+        assert engine.decode_greedy(chunk_cache, rows, 9) == expected
+        for layer in range(len(engine.layers)):
+            for row in rows:
+                n = row.start + 9
+                assert torch.equal(chunk_cache.keys[layer][row.slot, :, :n], loop_cache.keys[layer][row.slot, :, :n])
+
+
+def test_decode_greedy_on_padded_buffers_equals_one_step_at_a_time():
+    """What the CUDA-graph path of decode_greedy does, on the CPU: rows padded to a batch bucket and a width of 2
+    (a compiled graph's floor), one fixed KV length for every step, the packed buffers advanced in place."""
+    from specdec.engine import _greedy_steps
+
+    engine = LlamaEngine(tiny_model("llama", seed=8))
+    prompts = [list(range(3, 3 + n)) for n in (6, 15, 11)]
+    (loop_cache, rows), (padded_cache, _) = _prefilled(engine, prompts), _prefilled(engine, prompts)
+    expected = _decode_one_step_at_a_time(engine, loop_cache, rows, 8)
+    buffers = list(_pack(rows, 4, 2, padded_cache.scratch))
+
+    def step():
+        with torch.inference_mode():
+            return engine._head(engine._layers(padded_cache, *buffers, 64))
+
+    assert _greedy_steps(step, buffers, 8, padded_cache.scratch)[:3].tolist() == expected
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.data())
 def test_pack_lays_out_rows_and_padding(data):

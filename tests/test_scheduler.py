@@ -209,3 +209,26 @@ def test_chunked_decode_gives_the_same_tokens_in_fewer_ticks(engine, eos, refere
     assert mixed == expected and mixed_updates > 10  # the other session's blocks share its ticks
     sampled = SamplingConfig(temperature=0.8)
     assert run(decode(0, sampled, seed=3))[0] == run(decode(60_000, sampled, seed=3))[0]
+
+
+def test_greedy_chunk_stops_at_eos_and_length(engine, eos, references):
+    """A greedy chunk decodes past a session's end on the device; what it commits stops at the EOS (not sent) or
+    at max_new_tokens, exactly where one step per tick stops."""
+    from verifier_service.session import FINISH_EOS, FINISH_LENGTH
+
+    ids, expected = references[PROMPTS[2]]
+    stop_at = next(i for i in range(4, len(expected)) if expected[i] not in expected[:i])
+
+    async def decode(eos_ids, max_new_tokens):
+        scheduler = _scheduler(engine, frozenset(eos_ids), max_sessions=1, max_sequence_length=128)
+        scheduler.decode_chunk_ms = 60_000
+        result = await scheduler.open(SessionSettings("d", ids, max_new_tokens, GREEDY))
+        tokens = list(result.tokens)
+        while result.session.finish == FINISH_NONE:
+            result = await scheduler.step("d", len(result.session.tokens), [], chunk=True)
+            tokens += result.tokens
+        await scheduler.stop()
+        return tokens, result.session.finish, len(result.session.tokens)
+
+    assert run(decode({expected[stop_at]}, 20)) == (expected[:stop_at], FINISH_EOS, len(ids) + stop_at + 1)
+    assert run(decode(eos, 13)) == (expected[:13], FINISH_LENGTH, len(ids) + 13)
