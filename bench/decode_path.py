@@ -23,7 +23,9 @@ interleaved, prompt by prompt (2, 1, 3, 4, 5), so a machine that changes speed m
 `--warmup` untimed passes over every prompt and layer come first (they capture the CUDA graphs of every
 KV-length bucket, and compile).
 All torch work of this process runs on specdec.compute's one torch thread, as in the servers. Greedy; every layer
-must produce layer 2's tokens (checked and reported).
+must produce layer 2's tokens (checked and reported). Beside the layers (`--chunk-steps N`, default 8): the same
+steps through engine.decode_greedy, N steps a call, as the verifier's greedy decode chunks run them: the engine
+without the host between steps.
 
 CPU (the figures in docs/benchmarks.md):
     .venv/bin/python bench/decode_path.py --max-new-tokens 32 --prompt-count 3 --repeats 3 \\
@@ -132,6 +134,24 @@ def engine_steps(engine, cache, prompt_ids: list[int], tokens: list[int]) -> Run
         cache.release(slot)
 
 
+def engine_chunks(engine, cache, prompt_ids: list[int], tokens: list[int], chunk: int) -> Run:
+    """Beside the layers: after an untimed prefill, the same decode steps as layer 1 through engine.decode_greedy,
+    `chunk` steps a call (what the scheduler's greedy decode chunks run), each call's tokens read back: the
+    engine's per-token time without the host between steps."""
+    slot = cache.allocate()
+    try:
+        engine.forward(cache, [Row(slot, 0, list(prompt_ids))])
+        out, steps = [tokens[0]], len(tokens) - 1
+        _sync(engine.device)
+        start = time.perf_counter()
+        while len(out) <= steps:
+            n = min(chunk, steps + 1 - len(out))
+            out += engine.decode_greedy(cache, [Row(slot, len(prompt_ids) + len(out) - 1, [out[-1]])], n)[0]
+        return Run(out, None, time.perf_counter() - start, steps)
+    finally:
+        cache.release(slot)
+
+
 # -- layers 3 to 5: streams of committed tokens ----------------------------------------------------------------------
 async def timed_stream(open_stream, ids_of) -> Run:
     """Times a stream of messages carrying committed tokens. open_stream() starts the call (timed from there);
@@ -226,6 +246,9 @@ class DecodePath:
         engine, cache = self.scheduler.engine, self.scheduler.cache
         runs = {"loop": await compute.run(engine_loop, engine, cache, prompt_ids, n, self.scheduler.eos_ids)}
         runs["engine"] = await compute.run(engine_steps, engine, cache, prompt_ids, runs["loop"].tokens)
+        if self.args.chunk_steps:
+            runs["chunks"] = await compute.run(engine_chunks, engine, cache, prompt_ids, runs["loop"].tokens,
+                                               self.args.chunk_steps)
         request = decode_request(self._session_id(), prompt_ids, n)
         runs["scheduler"] = await timed_stream(lambda: self.servicer.Decode(request, _InProcessContext()),
                                                lambda m: m.update.token_ids)
@@ -304,6 +327,20 @@ def print_table(rows: list[dict]) -> None:
         print(f"(layer 1 by CUDA events: {device:.3f} ms/token)")
 
 
+
+def summarize_chunks(results: list[dict[str, Run]], chunk: int) -> dict | None:
+    per_prompt = [r["chunks"].ms_per_token for r in results if "chunks" in r and r["chunks"].ms_per_token]
+    if not per_prompt:
+        return None
+    ms = statistics.median(per_prompt)
+    row = {"chunk_steps": chunk, "ms_per_token": round(ms, 3), "tokens_per_s": round(1000 / ms, 1),
+           "ms_per_token_range": [round(min(per_prompt), 3), round(max(per_prompt), 3)],
+           "tokens_equal_to_loop": all(r["chunks"].tokens == r["loop"].tokens for r in results)}
+    print(f"(beside the layers: engine.decode_greedy, {chunk} steps a call: {ms:.3f} ms/token, "
+          f"{1000 / ms:.1f} tokens/s, same tokens as layer 2: {'yes' if row['tokens_equal_to_loop'] else 'NO'})")
+    return row
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="JSONL prompt set ({messages: [...]} a line)")
@@ -318,6 +355,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=1,
                         help="timed passes over the prompts (medians are over every prompt of every pass)")
     parser.add_argument("--out", default=None, help="output directory (default out/decode-path-TIMESTAMP)")
+    parser.add_argument("--chunk-steps", type=int, default=8,
+                        help="also time engine.decode_greedy this many steps a call, beside the layers (0 = skip)")
     parser.add_argument("--decode-chunk-ms", type=float, default=10.0,
                         help="the verifier's --decode-chunk-ms for layers 3-5 (0 = one token per tick)")
     args = parser.parse_args()
@@ -338,6 +377,7 @@ def main() -> int:
     results = asyncio.run(measure(args, out, prompts, prompt_ids))
     rows = summarize(results)
     print_table(rows)
+    chunks = summarize_chunks(results, args.chunk_steps)
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -347,6 +387,7 @@ def main() -> int:
         "settings": vars(args),
         "prompt_tokens": [len(ids) for ids in prompt_ids],
         "layers": rows,
+        "engine_chunks": chunks,
         "runs": [{name: asdict(run) for name, run in runs.items()} for runs in results],
     }
     (out / "decode_path.json").write_text(json.dumps(report, indent=2))
