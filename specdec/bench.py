@@ -274,7 +274,8 @@ def run(args) -> int:
             routers = {m: args.address for m in modes}
         else:
             print("starting verifier...", flush=True)
-            verifier = start_verifier_process(args.target, args.verifier_device, max(levels),
+            slots = max(*levels, min(args.warmup, 4))  # the warm-up's concurrency too
+            verifier = start_verifier_process(args.target, args.verifier_device, slots,
                                               args.max_sequence_length, args.prefix_cache_blocks, out / "verifier.log")
             started.append(verifier)
             for mode in modes:
@@ -285,7 +286,7 @@ def run(args) -> int:
                     print(f"starting {mode} drafter...", flush=True)
                     drafter = ServerProcess("drafter", "--model", spec, "--target", args.target,
                                             "--device", args.drafter_device,
-                                            "--max-sessions", str(max(levels)),
+                                            "--max-sessions", str(slots),
                                             *(["--prefix-cache-blocks", str(args.prefix_cache_blocks)]
                                               if spec != "ngram" else []),
                                             log=out / f"drafter-{mode.replace('/', '_')}.log")

@@ -204,18 +204,20 @@ class LlamaEngine:
         return logits, sizes
 
     @torch.inference_mode()
-    def decode_greedy(self, cache: KVCache, rows: list[Row], steps: int) -> list[list[int]]:
-        """`steps` greedy decode steps for every row at once: each row is one token (a session's last committed
-        one, at its start position), and each step's argmax is fed back as the next step's token on the device.
-        Returns each row's `steps` tokens; one host synchronization in all, where a loop of `forward_flat`
-        calls copies inputs in (a pageable host-to-device copy waits for the device) and reads the argmax back
-        every step. The caller owns stopping: tokens after an EOS are simply not committed, and the KV they
-        wrote lies past the session's length, so the next pass overwrites it. Every position written,
-        start .. start + steps - 1, must lie inside the cache."""
+    def decode_greedy(self, cache: KVCache, rows: list[Row], steps: int, more=None) -> list[list[int]]:
+        """Up to `steps` greedy decode steps for every row at once: each row is one token (a session's last
+        committed one, at its start position), and each step's argmax is fed back as the next step's token on
+        the device. more(i), when given, is asked before step i > 0 is queued and ends the run early when it says
+        no (the scheduler's "other work arrived; time is up"). Returns each row's tokens, as many as steps ran;
+        the host reads them once, where a loop of `forward_flat` calls copies inputs in (a pageable
+        host-to-device copy waits for the device) and reads the argmax back every step. The caller owns
+        stopping at EOS: tokens after it are simply not committed, and the KV they wrote lies past the session's
+        length, so the next pass overwrites it. Every position written, start .. start + steps - 1, must lie
+        inside the cache."""
         if any(len(r.tokens) != 1 for r in rows) or steps < 1:
             raise ValueError("decode_greedy takes rows of one token each and at least one step")
         if self._graphs is not None and self._graphs.accepts(len(rows), 1):
-            return self._graphs.decode_greedy(cache, rows, steps)
+            return self._graphs.decode_greedy(cache, rows, steps, more)
         inputs = [t.to(self.device) for t in _pack(rows, len(rows), 1, cache.scratch)]
         single = rows[0].slot if len(rows) == 1 else None
         first = max(r.start for r in rows) + 1
@@ -224,7 +226,7 @@ class LlamaEngine:
         def step():  # the pass forward_flat makes for these rows, at the exact KV length of each step
             return self._head(self._layers(cache, *inputs, next(kv_lens), single))
 
-        return _greedy_steps(step, inputs, steps, cache.scratch).tolist()
+        return _greedy_steps(step, inputs, steps, cache.scratch, more).tolist()
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(_rms_norm(x, self.final_norm, self.shape.rms_norm_eps), self.lm_head)
@@ -313,18 +315,32 @@ def _pack(rows: list[Row], batch: int, width: int, scratch: int):
     return tokens, positions, write_slots.reshape(-1), write_pos.reshape(-1), slots
 
 
-def _greedy_steps(step, inputs, steps: int, scratch: int) -> torch.Tensor:
-    """Runs `step()` (a decode pass over the packed `inputs`, returning logits [batch, width, vocab]) `steps`
-    times, feeding each row's argmax back through `inputs` in place: tokens [batch, steps] on the device."""
+_LOOKAHEAD = 2  # decode_greedy queues at most this many steps ahead of the device
+
+
+def _greedy_steps(step, inputs, steps: int, scratch: int, more=None) -> torch.Tensor:
+    """Runs `step()` (a decode pass over the packed `inputs`, returning logits [batch, width, vocab]) up to `steps`
+    times, feeding each row's argmax back through `inputs` in place: tokens [batch, steps run] on the device.
+    more(i), when given, is asked before queuing step i > 0 and stops the run when it says no; on CUDA the host
+    stays at most _LOOKAHEAD steps ahead of the device (it waits on an event, which drains nothing), so what more()
+    sees is at most that many steps old and stopping takes effect within as many steps."""
     tokens, positions, write_slots, write_pos, _ = inputs
     out = torch.empty(tokens.shape[0], steps, dtype=torch.long, device=tokens.device)
-    for i in range(steps):
-        out[:, i] = step()[:, 0].argmax(-1)
+    done: list = []  # on CUDA: an event after each queued step
+    ran = 0
+    while ran < steps and (ran == 0 or more is None or more(ran)):
+        out[:, ran] = step()[:, 0].argmax(-1)
         # the next step's inputs: each row's new token one position on (padding stays padding)
-        tokens[:, 0] = out[:, i]
+        tokens[:, 0] = out[:, ran]
         positions += 1
         write_pos.copy_(torch.where(write_slots == scratch, 0, positions.reshape(-1)))
-    return out
+        ran += 1
+        if tokens.is_cuda:
+            done.append(torch.cuda.Event())
+            done[-1].record()
+            if len(done) > _LOOKAHEAD:
+                done.pop(0).synchronize()
+    return out[:, :ran]
 
 
 def _bucket(n: int, floor: int = 1) -> int:
@@ -377,10 +393,10 @@ class _GraphRunner:
             graph.replay()
             return outputs
 
-    def decode_greedy(self, cache: KVCache, rows: list[Row], steps: int) -> list[list[int]]:
-        """LlamaEngine.decode_greedy on one graph: its inputs copied in once, then `steps` replays, each followed
-        by the argmax and the in-place update of the graph's own input buffers, all queued without waiting, so
-        the device runs the steps back to back while the host queues the next."""
+    def decode_greedy(self, cache: KVCache, rows: list[Row], steps: int, more=None) -> list[list[int]]:
+        """LlamaEngine.decode_greedy on one graph: its inputs copied in once, then up to `steps` replays, each
+        followed by the argmax and the in-place update of the graph's own input buffers, queued without reading
+        anything back, so the device runs the steps back to back while the host queues the next."""
         batch, width = _bucket(len(rows), self.floor), self.floor
         length = min(_bucket(max(r.start for r in rows) + steps, floor=128), cache.max_len)
         key = (id(cache), batch, width, length)
@@ -396,7 +412,7 @@ class _GraphRunner:
                 graph.replay()
                 return logits
 
-            out = _greedy_steps(step, buffers, steps, cache.scratch)
+            out = _greedy_steps(step, buffers, steps, cache.scratch, more)
             return out[: len(rows)].tolist()
 
     def _capture(self, cache: KVCache, batch: int, width: int, length: int):

@@ -156,6 +156,9 @@ def test_decode_greedy_equals_one_step_at_a_time():
         expected = _decode_one_step_at_a_time(engine, loop_cache, rows, 9)
         assert len({t for tokens in expected for t in tokens}) > 3  # a real continuation, not one repeated token
         assert engine.decode_greedy(chunk_cache, rows, 9) == expected
+        asked = []
+        stopped = engine.decode_greedy(chunk_cache, rows, 9, more=lambda i: asked.append(i) or i < 4)
+        assert stopped == [tokens[:4] for tokens in expected] and asked == [1, 2, 3, 4]  # stops when told
         for layer in range(len(engine.layers)):
             for row in rows:
                 n = row.start + 9

@@ -232,3 +232,25 @@ def test_greedy_chunk_stops_at_eos_and_length(engine, eos, references):
 
     assert run(decode({expected[stop_at]}, 20)) == (expected[:stop_at], FINISH_EOS, len(ids) + stop_at + 1)
     assert run(decode(eos, 13)) == (expected[:13], FINISH_LENGTH, len(ids) + 13)
+
+
+def test_greedy_chunk_yields_to_queued_work(engine, eos, references):
+    """A greedy decode chunk ends within a step or two of other work being queued (here a new session's prompt),
+    so a long chunk never makes a newcomer wait for it; what it committed is still the greedy continuation."""
+    ids, expected = references[PROMPTS[0]]
+
+    async def main():
+        scheduler = _scheduler(engine, eos, max_sessions=2, max_sequence_length=128)
+        scheduler.decode_chunk_ms = 60_000
+        first = await scheduler.open(SessionSettings("a", ids, 20, GREEDY))
+        chunk = asyncio.ensure_future(scheduler.step("a", len(first.session.tokens), [], chunk=True))
+        await asyncio.sleep(0.15)  # the chunk is running on the torch thread (a step here takes ~20-40 ms)
+        newcomer = await scheduler.open(SessionSettings("b", ids, 5, GREEDY))
+        result = await chunk
+        await scheduler.stop()
+        return first.tokens + result.tokens, newcomer.tokens
+
+    tokens, newcomer = run(main())
+    # with 60 s of budget and 19 tokens of room, only the queued prompt could end the chunk this early
+    assert 2 < len(tokens) < 20 and tokens == expected[: len(tokens)]
+    assert newcomer == expected[:1]

@@ -32,6 +32,7 @@ from verifier_service.session import FINISH_LENGTH, FINISH_NONE, Session, Sessio
 
 log = logging.getLogger(__name__)
 
+_MAX_CHUNK_STEPS = 64  # most steps of one greedy decode chunk (8 fit in 10 ms on an H200)
 _PROB_TOLERANCE = 1e-3  # how far a declared draft distribution may sum from 1 (float32 on the wire)
 
 
@@ -96,7 +97,6 @@ class Scheduler:
         self.last_batch_size = 0
         self.metrics = None  # specdec.telemetry.VerifierMetrics when this process serves /metrics
         self._saving: set[asyncio.Task] = set()  # closed sessions whose blocks are being saved
-        self._chunk_step_ms: float | None = None  # per-step time of the last greedy decode chunk
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -281,19 +281,22 @@ class Scheduler:
                 and hasattr(self.engine, "decode_greedy"))
 
     def _greedy_chunk(self, works: list[_Work]) -> list[StepResult]:
-        """A tick of greedy plain decode steps only (speculation off): as many steps as fit in decode_chunk_ms
-        at the last chunk's pace (one at first, or with decode_chunk_ms 0), and no more than the session
-        closest to its length limit may take, in one engine call that feeds each argmax back on the device
+        """A tick of greedy plain decode steps only (speculation off): steps while another fits in
+        decode_chunk_ms and no other work is queued (the rule of _decode_chunk), up to what the session nearest
+        its length limit may take, in one engine call that feeds each argmax back on the device
         (LlamaEngine.decode_greedy). Tokens past a session's EOS are dropped. The same tokens as one step per
         tick (tested), without the host between steps."""
         started = time.perf_counter()
-        room = min(w.session.max_length - len(w.session.tokens) for w in works)
-        steps = 1
-        if self.decode_chunk_ms > 0 and self._chunk_step_ms:
-            steps = max(1, min(room, int(self.decode_chunk_ms / self._chunk_step_ms)))
+
+        def more(done: int) -> bool:  # asked before each step after the first
+            elapsed_ms = (time.perf_counter() - started) * 1e3
+            return not self._queue and elapsed_ms * (done + 1) / done <= self.decode_chunk_ms
+
+        # (a bound for the run, not its length: on a GPU it picks the graph's KV-length bucket)
+        room = min(_MAX_CHUNK_STEPS, *(w.session.max_length - len(w.session.tokens) for w in works))
         rows = [Row(w.session.slot, w.session.kv_length, [w.session.tokens[-1]]) for w in works]
-        tokens = self.engine.decode_greedy(self.cache, rows, steps)
-        self._chunk_step_ms = (time.perf_counter() - started) * 1e3 / steps
+        tokens = self.engine.decode_greedy(self.cache, rows, room, more)
+        steps = len(tokens[0])
         self.verify_passes = [len(works)] * steps
         out = []
         for work, row_tokens in zip(works, tokens):
