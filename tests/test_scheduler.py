@@ -254,3 +254,25 @@ def test_greedy_chunk_yields_to_queued_work(engine, eos, references):
     # with 60 s of budget and 19 tokens of room, only the queued prompt could end the chunk this early
     assert 2 < len(tokens) < 20 and tokens == expected[: len(tokens)]
     assert newcomer == expected[:1]
+
+
+def test_chunks_only_when_every_open_session_is_in_the_tick(engine, eos, references):
+    """Under load, the sessions of a tick are some of those decoding (the rest ask a moment later): a chunk for
+    them would keep the rest out of its passes, so it runs one step; with every open session in, it chunks."""
+    ids, expected = references[PROMPTS[1]]
+
+    async def main():
+        scheduler = _scheduler(engine, eos, max_sessions=2, max_sequence_length=128)
+        scheduler.decode_chunk_ms = 60_000
+        a = await scheduler.open(SessionSettings("a", ids, 20, GREEDY))
+        b = await scheduler.open(SessionSettings("b", ids, 20, GREEDY))
+        alone = await scheduler.step("a", len(a.session.tokens), [], chunk=True)  # b is open but not asking
+        both = await asyncio.gather(scheduler.step("a", len(alone.session.tokens), [], chunk=True),
+                                    scheduler.step("b", len(b.session.tokens), [], chunk=True))
+        await scheduler.stop()
+        return a.tokens + alone.tokens, [r.tokens for r in both], b.tokens
+
+    a_first, (a_more, b_more), b_first = run(main())
+    assert a_first == expected[:2]  # one step while b was out of the tick
+    assert len(a_more) > 1 and a_first + a_more == expected[: 2 + len(a_more)]
+    assert len(b_more) > 1 and b_first + b_more == expected[: 1 + len(b_more)]

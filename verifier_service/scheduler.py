@@ -252,7 +252,11 @@ class Scheduler:
             for (i, w), res in zip(prefills, self._prefill([w for _, w in prefills], deliver)):
                 results[i] = res
         self.verify_passes = []
-        if blocks and not prefills and all(self._greedy_chunk_ok(w) for _, w in blocks):
+        # A chunk (several steps in one tick) only when every open session is in this tick: a chunk of some of
+        # them keeps the others, whose requests arrive a moment later, out of its passes (measured: the whole
+        # stack on an H200 at 64 users made 1,509-1,684 tokens/s that way against 2,266-2,307 one step a tick)
+        chunk = not prefills and len(blocks) == len(self.sessions) and all(w.chunk for _, w in blocks)
+        if blocks and chunk and all(self._greedy_chunk_ok(w) for _, w in blocks):
             for (i, _), res in zip(blocks, self._greedy_chunk([w for _, w in blocks])):
                 results[i] = res
         elif blocks:
@@ -260,7 +264,7 @@ class Scheduler:
                 for (i, w), res in zip(group, self._verify([w for _, w in group])):
                     results[i] = res
                 self.verify_passes.append(len(group))
-            if not prefills and all(w.chunk for _, w in blocks):
+            if chunk:
                 self._decode_chunk(blocks, results, started)
         return [results[i] for i in range(len(batch))]
 
@@ -277,8 +281,7 @@ class Scheduler:
 
     def _greedy_chunk_ok(self, work: _Work) -> bool:
         settings = work.session.settings
-        return (work.chunk and settings.sampling.greedy and not settings.return_features
-                and hasattr(self.engine, "decode_greedy"))
+        return settings.sampling.greedy and not settings.return_features and hasattr(self.engine, "decode_greedy")
 
     def _greedy_chunk(self, works: list[_Work]) -> list[StepResult]:
         """A tick of greedy plain decode steps only (speculation off): steps while another fits in
