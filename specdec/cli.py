@@ -77,8 +77,8 @@ def _verifier_flags(p: argparse.ArgumentParser) -> None:
     flag(p, "--max-sequence-length", default=2048, type=int, help="context per session (prompt + generated)")
     flag(p, "--max-block", default=16, type=int, help="longest draft block the verifier accepts")
     flag(p, "--decode-chunk-ms", default=10.0, type=float,
-         help="speculation off: keep decoding a tick's sessions while another step fits in this many ms and "
-         "nothing else waits (fewer hand-offs and messages per token; 0 = one token per tick)")
+         help="speculation off, every open session in the tick: keep decoding while another step fits in this "
+         "many ms and nothing else waits (fewer hand-offs and messages per token; 0 = one token per tick)")
     flag(p, "--prefix-cache-blocks", default=256, type=int,
          help="prefix cache size in 16-token KV blocks (0 = off); the memory budget of reused prompts")
     flag(p, "--advise-speculation-max-sessions", default=-1, type=int,
