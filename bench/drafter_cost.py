@@ -3,7 +3,8 @@
 cost_ratio = median over interleaved rounds of (drafter decode step time) / (target decode step time), batch 1, one
 new token after a `--context`-token prefix: the c in the expected speedup tau / (1 + k * c). Also times the target
 verifying k + 1 tokens, the step a drafter's k tokens replace. Feature drafters (specdec.feature_drafter) are timed
-on their runner's drafting step (one token, a predicted feature). Run it on each device the drafter will serve on:
+on their runner's drafting step (one token, a predicted feature), and per token of a whole k-token greedy draft on
+the device (`draft_greedy`, how they serve greedy sessions: `cost_ratio_greedy_draft`). Run it on each device the drafter will serve on:
 
     python bench/drafter_cost.py --target smollm2-135m-instruct --drafters drafters/smollm2-135m-instruct \
         --device cuda --json out/cost.json
@@ -56,6 +57,17 @@ def feature_step_fn(model, device, dtype, context: int):
     return lambda: runner.step([Row(0, context, [11])], [feature])
 
 
+def feature_draft_fn(model, device, dtype, context: int, k: int):
+    """How a feature drafter serves greedy drafts: k tokens in one `draft_greedy` call (all steps on the device,
+    one host copy); its time / k is the drafting cost per token."""
+    runner = FeatureRunner(model, device, dtype, 1, context + k + 2)
+    hidden = model.config.hidden_size
+    prefix = [(7 * i) % 1000 + 10 for i in range(context)]
+    runner.step([Row(0, 0, prefix)], [torch.randn(context, hidden)])
+    feature = torch.randn(1, hidden, device=device, dtype=dtype)
+    return lambda: runner.draft_greedy([Row(0, context, [11])], [feature], k)
+
+
 def interleaved_ms(fns: dict, device, repeats: int, warmup: int = 5) -> dict[str, list[float]]:
     """Times every step once per round, round after round, so load from other processes hits all alike."""
     for fn in fns.values():
@@ -92,6 +104,7 @@ def main(argv=None) -> int:
         if is_feature_drafter(spec):  # layer(s) fed the target's hidden states: its runner's step
             model = load_feature_drafter(spec, args.target)
             fns[spec] = feature_step_fn(model, device, dtype, args.context)
+            fns[f"{spec}#greedy-draft"] = feature_draft_fn(model, device, dtype, args.context, args.k)
             shapes[spec] = (len(model.lm.model.layers), int(model.lm.lm_head.weight.shape[0]))
             continue
         if drafter_model.is_drafter_artifact(spec):
@@ -121,6 +134,12 @@ def main(argv=None) -> int:
             "cost_ratio": round(statistics.median(d / t for d, t in zip(mine, target_times)), 4),
             "cost_ratio_of_min": round(min(mine) / min(target_times), 4),
         }
+        drafts = times.get(f"{spec}#greedy-draft")
+        if drafts:  # per token of a whole greedy draft, as a feature drafter serves greedy sessions
+            results["drafters"][spec].update({
+                "greedy_draft_ms_per_token": round(statistics.median(drafts) / args.k, 4),
+                "cost_ratio_greedy_draft": round(statistics.median(d / args.k / t for d, t in zip(drafts, target_times)), 4),
+            })
     print(json.dumps(results, indent=1))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
