@@ -75,10 +75,10 @@ class Scheduler:
         prefix_cache: PrefixCache | None = None,
         decode_chunk_ms: float = 10.0,
     ):
-        """decode_chunk_ms: when a tick holds only plain decode steps asked with chunk=True (speculation off) and
-        nothing else is queued, it keeps decoding those sessions while another step fits in this many
-        milliseconds of the tick: one hand-off and one message per chunk instead of per token (greedy sessions
-        in one engine call: see _greedy_chunk). 0 = one step."""
+        """decode_chunk_ms: when a tick holds only plain decode steps asked with chunk=True (speculation off),
+        one for every open session, and nothing else is queued, it keeps decoding those sessions while another
+        step fits in this many milliseconds of the tick: one hand-off and one message per chunk instead of per
+        token (greedy sessions in one engine call: see _greedy_chunk). 0 = one step."""
         self.engine = engine
         self.decode_chunk_ms = decode_chunk_ms
         self.verify_passes: list[int] = []  # rows of each verify pass of the last tick (for the metrics)
