@@ -3,7 +3,8 @@
 Random weights of the shipped feature drafter's shape (the default target's layer, a 16,384-row draft head), so it
 needs no model files. Checks that graph replays give the eager pass's logits and predicted features, over a
 drafting sequence (catch-up rows of a verdict, then one-token steps), and times one drafting step both ways, and a
-whole 5-token greedy draft stepped from the host against `draft_greedy` (all steps on the device).
+whole 5-token draft stepped from the host against the runner's `draft` (all steps on the device), greedy and sampled
+at temperature 0.7.
 
     python bench/feature_runner_gpu.py --device cuda:0 --json $OUT/feature_runner.json   (--device cpu: a dry run, eager only)
 """
@@ -21,7 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from drafter_service.drafters import TOP_N, DraftRequest, _sample  # noqa: E402
 from specdec.engine import Row  # noqa: E402
+from specdec.sampling import SamplingConfig  # noqa: E402
 from specdec.feature_drafter import FeatureDrafterModel, FeatureRunner  # noqa: E402
 
 SHAPE = dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
@@ -87,19 +90,27 @@ def main(argv=None) -> int:
     # a whole greedy draft of 5 tokens: one host sync per step (the loop the drafter ran before) against
     # draft_greedy (every step on the device, one copy at the end); both must draft the same tokens
     drafts, per_draft = {}, {}
+    vocab = model.draft_vocab.tolist()
     for graphs, runner in runners.items():
         h = torch.randn(1, 576, device=device, dtype=runner.engine.dtype)
-        for name in ("per_step_sync", "on_device"):
+        for name in ("per_step_sync", "on_device", "sampled_per_step_sync", "sampled_on_device"):
             times = []
             for i in range(args.repeats + 10):
+                request = DraftRequest("s", [], 5, SamplingConfig(temperature=0.7), torch.Generator().manual_seed(i))
                 sync()
                 started = time.perf_counter()
                 if name == "on_device":
                     tokens = runner.draft_greedy([Row(2, args.context, [11])], [h], 5)[0]
-                else:
+                elif name == "sampled_on_device":
+                    uniforms = torch.rand(1, 5, generator=request.generator, dtype=torch.float64)
+                    tokens = runner.draft([Row(2, args.context, [11])], [h], 5, [0.7], uniforms, TOP_N)[0][0]
+                else:  # the host loop the drafter runs when it must: one sync per step
                     logits, hh, tokens = *runner.step([Row(2, args.context, [11])], [h]), []
                     for j in range(5):
-                        tokens.append(int(model.draft_vocab[int(logits.argmax())]))
+                        if name == "per_step_sync":
+                            tokens.append(int(model.draft_vocab[int(logits.argmax())]))
+                        else:
+                            tokens.append(_sample(logits[0], request, vocab)[0])
                         if j < 4:
                             logits, hh = runner.step([Row(2, args.context + 1 + j, [tokens[-1]])], [hh])
                 sync()
@@ -107,7 +118,8 @@ def main(argv=None) -> int:
                     times.append((time.perf_counter() - started) * 1e3)
             label = f"{'graphs' if graphs else 'eager'}_{name}"
             per_draft[label] = round(statistics.median(times), 4)
-            drafts[label] = tokens
+            if not name.startswith("sampled"):  # sampled drafts differ with the draws: timed, not compared
+                drafts[label] = tokens
     result = {"device": torch.cuda.get_device_name(device) if on_gpu else "cpu", "context": args.context,
               "drafting_step_ms": timing, "max_abs_diff": worst, "argmax_agreement": sum(agree) / len(agree),
               "five_token_draft_ms": per_draft, "five_token_drafts": drafts,

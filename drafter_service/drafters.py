@@ -30,7 +30,7 @@ from specdec.engine import LlamaEngine, Row
 from specdec.errors import Exhausted
 from specdec.hf_engine import TransformersEngine, make_engine
 from specdec.prefix_cache import PrefixCache
-from specdec.sampling import SamplingConfig
+from specdec.sampling import SamplingConfig, draft_picks
 
 TOP_N = 64  # support of a sampled draft distribution sent to the verifier
 
@@ -220,11 +220,18 @@ class FeatureDrafter:
             forced.append(r.context[n + 1 :])
             positions.append(n)
         steps = max(r.k for r in live)
-        if (all(r.sampling.greedy for r in live) and not any(forced)
-                and all(len(r.context) + steps < self.runner.cache.max_len for r in live)):
-            # the common case: greedy, nothing guessed to feed first: every step on the device, one copy at the end
-            for r, tokens in zip(live, self.runner.draft_greedy(rows, feats, steps)):
-                drafts[r.session_id] = Draft(tokens[: r.k], [([], [])] * r.k)
+        if not any(forced) and all(len(r.context) + steps < self.runner.cache.max_len for r in live):
+            # the common case, nothing guessed to feed first: every step on the device, one copy at the end
+            temperatures = [0.0 if r.sampling.greedy else r.sampling.temperature for r in live]
+            uniforms = None
+            if any(temperatures):  # each sampled session's own draws, r.k of them, as the host loop takes them
+                uniforms = torch.zeros(len(live), steps, dtype=torch.float64)
+                for b, r in enumerate(live):
+                    if temperatures[b]:
+                        uniforms[b, : r.k] = torch.rand(r.k, generator=r.generator, dtype=torch.float64)
+            tokens, dists = self.runner.draft(rows, feats, steps, temperatures, uniforms, TOP_N)
+            for b, r in enumerate(live):
+                drafts[r.session_id] = Draft(tokens[b][: r.k], dists[b][: r.k] if dists else [([], [])] * r.k)
             return [drafts[r.session_id] for r in requests]
         while live:
             logits, predicted = self.runner.step(rows, feats)
@@ -276,15 +283,13 @@ def _sample(
 ) -> tuple[int, tuple[list[int], list[float]]]:
     """One sampled draft token from logits [draft vocab], with the distribution it was drawn from (full-vocabulary
     ids). Greedy rows take the batch's argmax instead (_pick)."""
-    top = (logits.double() / request.sampling.temperature).topk(TOP_N)
-    # float32 on the wire: sample from exactly the rounded, renormalized values the verifier will see
-    probs = top.values.softmax(-1).float()
-    probs = probs / probs.sum()
-    index = int(torch.multinomial(probs.double(), 1, generator=request.generator))
-    ids = top.indices.tolist()
+    temperature = torch.tensor([request.sampling.temperature])
+    uniform = torch.rand(1, generator=request.generator, dtype=torch.float64)
+    pick, top_ids, probs = draft_picks(logits[None], temperature, uniform, TOP_N)
+    token, ids = int(pick[0]), top_ids[0].tolist()
     if draft_vocab:
-        ids = [draft_vocab[i] for i in ids]
-    return ids[index], (ids, probs.tolist())
+        token, ids = draft_vocab[token], [draft_vocab[i] for i in ids]
+    return token, (ids, probs[0].tolist())
 
 
 def make_drafter(

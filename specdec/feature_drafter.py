@@ -30,6 +30,7 @@ from torch import nn
 
 from specdec import drafter_model
 from specdec.engine import LlamaEngine, Row, _bucket, _pack
+from specdec.sampling import draft_picks
 
 log = logging.getLogger(__name__)
 
@@ -201,30 +202,57 @@ class FeatureRunner:
         t = torch.tensor([len(r.tokens) - 1 for r in rows], device=dev)
         return logits[b, t].float(), h[b, t]
 
-    @torch.inference_mode()
     def draft_greedy(self, rows: list[Row], features: list[torch.Tensor], steps: int) -> list[list[int]]:
-        """`steps` greedy draft tokens (target ids) after each row, all on the device: `step` over the rows, then
-        steps - 1 one-token passes, each fed the previous pass's argmax and predicted feature without a trip to
-        the host; one copy of the drafts at the end instead of one sync per step. The same tokens as calling
-        `step` and taking argmaxes one step at a time (tested)."""
+        """`draft` for greedy rows: the tokens only."""
+        return self.draft(rows, features, steps)[0]
+
+    @torch.inference_mode()
+    def draft(self, rows: list[Row], features: list[torch.Tensor], steps: int, temperatures: list[float] | None = None,
+              uniforms: torch.Tensor | None = None, top_n: int = 64):
+        """`steps` draft tokens (target ids) after each row, all on the device: `step` over the rows, then steps - 1
+        one-token passes, each fed the previous pass's pick and predicted feature without a trip to the host; one
+        copy at the end instead of one sync per step. The same drafts as calling `step` and picking one step at a
+        time (tested).
+
+        temperatures: per row, 0 = greedy (the argmax); None = every row greedy. Sampled rows draw from their top
+        `top_n` tokens with uniforms [rows, steps] in [0, 1) (the caller's, so a seeded session drafts the same
+        again; specdec.sampling.draft_picks). Returns (tokens [rows][steps], distributions): distributions is
+        None when every row is greedy, else per row and step the declared (target ids, float32 probabilities),
+        ([], []) on greedy rows (a point mass)."""
         dev = self.engine.device
-        logits, h = self.step(rows, features)
-        picks = [logits.argmax(-1)]  # draft-vocabulary indices [batch]
         batch = len(rows)
+        sampled = temperatures is not None and any(t > 0 for t in temperatures)
+        if sampled:
+            temps = torch.tensor(temperatures, dtype=torch.float64, device=dev)
+            uniforms = uniforms.to(dev, torch.float64)
+        logits, h = self.step(rows, features)
         first = [r.start + len(r.tokens) for r in rows]  # the position of each row's first drafted token
         slots = torch.tensor([r.slot for r in rows], device=dev)
         positions = torch.tensor(first, device=dev)
         vocab = self._vocab_index
-        for i in range(steps - 1):
-            tokens = picks[-1] if vocab is None else vocab[picks[-1]]
-            inputs = self._device_inputs(tokens, positions + i, slots, h)
-            out_h, out_logits = self._forward(inputs, batch, 1, max(first) + i + 1)
-            h = out_h[:batch, 0]
-            picks.append(out_logits[:batch, 0].argmax(-1))
-        drafted = torch.stack(picks, dim=1)  # [batch, steps]
-        if vocab is not None:
-            drafted = vocab[drafted]
-        return drafted.tolist()
+        picks, top_ids, top_probs = [], [], []  # per step: draft-vocabulary indices [rows] (and [rows, top_n])
+        for i in range(steps):
+            if i:
+                tokens = picks[-1] if vocab is None else vocab[picks[-1]]
+                inputs = self._device_inputs(tokens, positions + i - 1, slots, h)
+                out_h, out_logits = self._forward(inputs, batch, 1, max(first) + i)
+                h, logits = out_h[:batch, 0], out_logits[:batch, 0]
+            if sampled:
+                pick, ids, probs = draft_picks(logits, temps, uniforms[:, i], top_n)
+                top_ids.append(ids)
+                top_probs.append(probs)
+            else:
+                pick = logits.argmax(-1)
+            picks.append(pick)
+        drafted = torch.stack(picks, dim=1)  # [rows, steps]
+        tokens = (drafted if vocab is None else vocab[drafted]).tolist()
+        if not sampled:
+            return tokens, None
+        ids = torch.stack(top_ids, dim=1)  # [rows, steps, top_n]
+        ids = (ids if vocab is None else vocab[ids]).tolist()
+        probs = torch.stack(top_probs, dim=1).tolist()
+        return tokens, [[(ids[b][i], probs[b][i]) if temperatures[b] > 0 else ([], []) for i in range(steps)]
+                        for b in range(batch)]
 
     def _device_inputs(self, tokens, positions, slots, feats):
         """Padded inputs, as `_inputs` makes them, for one token per row from device tensors (no host values):

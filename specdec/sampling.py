@@ -56,3 +56,21 @@ def sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     # the first id whose cumulative mass exceeds the threshold; ids of zero mass can never be picked
     ids = torch.searchsorted(cdf, threshold, right=True).squeeze(-1)
     return ids.clamp_(max=probs.shape[-1] - 1)
+
+
+def draft_picks(logits: torch.Tensor, temperatures: torch.Tensor, uniforms: torch.Tensor, top_n: int):
+    """A drafter's picks for a batch of rows, on the logits' device. Greedy rows (temperature 0) take the argmax;
+    sampled rows draw once (inverse CDF with `uniforms`) from their tempered distribution truncated to its top_n
+    tokens and renormalized in float32: exactly the values the drafter declares (float32 on the wire), so the q
+    the verifier is told is the q the draw came from.
+
+    logits [batch, vocab]; temperatures [batch] (0 = greedy); uniforms [batch] in [0, 1). Returns picks [batch]
+    (indices into the last dimension of logits), and the declared distributions' indices [batch, top_n] and
+    probabilities [batch, top_n] float32 (meaningless on greedy rows)."""
+    temps = temperatures.to(logits.device, torch.float64)
+    scaled = logits.double() / torch.where(temps > 0, temps, 1.0)[:, None]
+    top = scaled.topk(min(top_n, logits.shape[-1]), dim=-1)
+    probs = top.values.softmax(-1).float()
+    probs = probs / probs.sum(-1, keepdim=True)
+    drawn = top.indices.gather(-1, sample(probs.double(), uniforms.to(logits.device, torch.float64))[:, None])[:, 0]
+    return torch.where(temps > 0, drawn, logits.argmax(-1)), top.indices, probs

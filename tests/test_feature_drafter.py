@@ -184,3 +184,58 @@ def test_prefix_blocks_serve_hidden_states_only_once_saved_with_them(engine):
     n, rows = cache.restore_with_features(kv, 1, tokens)
     assert n == 32
     torch.testing.assert_close(rows.float(), hidden[:32].float(), atol=0.05, rtol=0.01)
+
+
+@pytest.mark.parametrize("draft_vocab", [None, sorted(range(3, VOCAB, 2))], ids=["full-head", "reduced-head"])
+def test_sampled_drafting_on_the_device_equals_step_by_step(draft_vocab):
+    """`draft` with sampled rows (and a greedy one) next to stepping from the host and picking with the same
+    uniforms: the same tokens and the same declared distributions (target ids; probabilities to 1e-6), each
+    drafted token inside its own declared support with probability > 0."""
+    from specdec.sampling import draft_picks
+
+    model = _model(draft_vocab)
+    seqs = [torch.randint(0, VOCAB, (n,)).tolist() for n in (3, 9, 6)]
+    feats = [torch.randn(len(s), 64) for s in seqs]
+    rows = [Row(slot, 0, s) for slot, s in enumerate(seqs)]
+    temperatures, uniforms = [0.7, 0.0, 1.3], torch.rand(3, 4, dtype=torch.float64)
+    tokens, dists = FeatureRunner(model, "cpu", torch.float32, num_slots=3, max_len=64).draft(
+        rows, feats, 4, temperatures, uniforms, top_n=8)
+
+    runner = FeatureRunner(model, "cpu", torch.float32, num_slots=3, max_len=64)
+    vocab = model.draft_vocab
+    logits, h = runner.step(rows, feats)
+    for step in range(4):
+        picks, ids, probs = draft_picks(logits, torch.tensor(temperatures), uniforms[:, step], 8)
+        picked = picks if vocab is None else vocab[picks]
+        ids = ids if vocab is None else vocab[ids]
+        for b, token in enumerate(picked.tolist()):
+            assert tokens[b][step] == token
+            if temperatures[b]:
+                # (the device loop's padded one-token passes round like the host's to ~1e-9, not bit for bit)
+                assert dists[b][step][0] == ids[b].tolist()
+                assert dists[b][step][1] == pytest.approx(probs[b].tolist(), abs=1e-6)
+                support = dict(zip(*dists[b][step]))
+                assert support[token] > 0 and abs(sum(support.values()) - 1) < 1e-6
+            else:
+                assert dists[b][step] == ([], []) and token == (logits[b].argmax() if vocab is None
+                                                                else vocab[logits[b].argmax()])
+        logits, h = runner.step([Row(r.slot, r.start + len(r.tokens) + step, [tokens[b][step]])
+                                 for b, r in enumerate(rows)], [h[b : b + 1] for b in range(len(rows))])
+    assert len({tuple(t) for t in tokens}) > 1
+
+
+def test_draft_picks_draw_each_token_with_its_declared_probability():
+    """Inverse-CDF draws over a grid of uniforms land on each declared token in proportion to its declared
+    probability (within one grid step), never on one declared with probability 0; temperature 0 is the argmax."""
+    from specdec.sampling import draft_picks
+
+    logits = torch.tensor([[2.0, 0.5, -1.0, 1.2, -80.0, 0.0]])
+    grid = (torch.arange(10_000, dtype=torch.float64) + 0.5) / 10_000
+    picks, ids, probs = draft_picks(logits.expand(len(grid), -1), torch.full((len(grid),), 0.9), grid, 5)
+    declared = dict(zip(ids[0].tolist(), probs[0].tolist()))
+    counts = torch.bincount(picks, minlength=6).double() / len(grid)
+    for token, p in declared.items():
+        assert abs(counts[token] - p) <= 1e-4 + 1e-6
+    assert counts[4] == 0 and 4 not in declared  # outside the top 5: never drawn
+    greedy, _, _ = draft_picks(logits, torch.zeros(1), torch.tensor([0.99], dtype=torch.float64), 5)
+    assert greedy.tolist() == [0]
