@@ -12,7 +12,8 @@
 # 2. the same at 64 users with speculation never shed (the verifiers' advice raised to 256 sessions): does
 #    speculation now pay under load, where verifying 6 tokens costs ~1.3x one?
 # 3. one user, speculation off, compiled, layer by layer (bench/decode_path.py): the 800 bar
-# 4. one user across GPUs, off against the default drafter, both compiled
+# 4. the same with torch.compile's max-autotune-no-cudagraphs mode (SPECDEC_COMPILE_MODE): a faster step?
+# 5. one user across GPUs, off against the default drafter, both compiled
 set -u
 target=${TARGET:-smollm2-135m-instruct}
 out=${OUT:-out/gpu-sweep}
@@ -32,5 +33,7 @@ step 150 env SPECDEC_ADVISE_SPECULATION_MAX_SESSIONS=256 python3 -m specdec.cli 
   --modes off,model=$feature --concurrency 64 --requests 128 --max-new-tokens 64 --out "$out/bench-load-unshed"
 step 300 python3 bench/decode_path.py --device cuda:1 --compile yes --target "$target" \
   --max-new-tokens 128 --prompt-count 8 --out "$out/decode-path"
+step 420 env SPECDEC_COMPILE_MODE=max-autotune-no-cudagraphs python3 bench/decode_path.py --device cuda:1 \
+  --compile yes --target "$target" --max-new-tokens 128 --prompt-count 8 --out "$out/decode-path-autotune"
 step 400 env SPECDEC_COMPILE=yes python3 -m specdec.cli bench "${across[@]}" --modes off,model=$feature \
   --concurrency 1 --requests 16 --max-new-tokens 128 --out "$out/bench-one-user-compiled"

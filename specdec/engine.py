@@ -368,7 +368,10 @@ class _GraphRunner:
             from torch import _dynamo
 
             _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
-            self.step = torch.compile(self._eager_step, dynamic=True)
+            # SPECDEC_COMPILE_MODE: torch.compile's mode, e.g. max-autotune-no-cudagraphs (slower to warm up;
+            # the calibration's fastest minimal step used max-autotune); unset = the default mode
+            mode = os.environ.get("SPECDEC_COMPILE_MODE") or None
+            self.step = torch.compile(self._eager_step, dynamic=True, mode=mode)
 
     def _eager_step(self, cache: KVCache, tokens, positions, write_slots, write_pos, slots, length: int):
         x = self.engine._layers(cache, tokens, positions, write_slots, write_pos, slots, length)
