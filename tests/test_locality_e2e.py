@@ -13,7 +13,7 @@ import time
 import grpc
 import pytest
 
-from specdec.prefix_hash import BLOCK_TOKENS, model_namespace
+from specdec.prefix_hash import BLOCK_TOKENS, block_hashes, model_namespace, model_seed
 from specdec.models import DEFAULT_TARGET
 from specdec.proto import generation_pb2, generation_pb2_grpc, session_pb2, verifier_pb2, verifier_pb2_grpc
 from tests.conftest import ServerProcess, free_port
@@ -102,14 +102,26 @@ def test_every_later_turn_lands_on_its_verifier_and_reuses_the_previous_turn(fle
     assert all(t[3] == "locality" for t in with_id + by_hints)
 
 
+def wait_published(redis_client, holder: str, prompt: list[int], timeout: float = 10.0) -> None:
+    """Waits until Redis lists `holder` for every full block of `prompt`: a verifier publishes in the background
+    (every 50 ms, and after Redis comes back, everything it holds first), so on a loaded machine a fixed pause is
+    not enough to know the hints are there."""
+    prefix = f"specdec:{{{model_namespace(DEFAULT_TARGET)}}}:blk:"
+    keys = [prefix + h for h in block_hashes(prompt, model_seed(DEFAULT_TARGET))]
+    deadline = time.monotonic() + timeout
+    while any(redis_client.zscore(k, holder) is None for k in keys) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def seed_and_route(fleet, first_index: int, label: str):
     """Seeds prompts on the verifiers in the order v0, v0, v1, v1 (alternation alone cannot match it)."""
     router, verifiers = fleet["router"].address, fleet["verifiers"]
+    redis_client = fleet["redis"].client()
     results = []
     for i, owner in enumerate([0, 0, 1, 1]):
         prompt = distinct_prompt(first_index + i)
         seed_on(verifiers[owner].address, prompt)
-        time.sleep(0.3)  # the verifier publishes in the background (every 50 ms)
+        wait_published(redis_client, verifiers[owner].address, prompt)
         _, _, last, trailers, _ = generate(router, tokens=generation_pb2.TokenIds(ids=prompt + [7, 8]))
         results.append((verifiers[owner].address, trailers["x-specdec-verifier"], last.usage.cached_prompt_tokens,
                         trailers["x-specdec-routing"]))
