@@ -381,18 +381,11 @@ class _GraphRunner:
         return batch <= self.max_batch and width <= self.max_width
 
     def run(self, cache: KVCache, rows: list[Row], kv_len: int) -> torch.Tensor:
-        batch, width = _bucket(len(rows), self.floor), _bucket(max(len(r.tokens) for r in rows), self.floor)
-        length = min(_bucket(kv_len, floor=128), cache.max_len)
-        key = (id(cache), batch, width, length)
+        width = _bucket(max(len(r.tokens) for r in rows), self.floor)
         # Capture and replay on the engine's own device: the current device of this thread may be another GPU
         # (a drafter and a verifier in one process), and a graph captured on the wrong device is empty.
         with torch.cuda.device(self.engine.device):
-            entry = self.graphs.get(key)
-            if entry is None:
-                entry = self.graphs[key] = self._capture(cache, batch, width, length)
-            graph, buffers, outputs = entry
-            for buffer, value in zip(buffers, _pack(rows, batch, width, cache.scratch)):
-                buffer.copy_(value, non_blocking=True)
+            graph, _, outputs = self._loaded(cache, rows, width, kv_len)
             graph.replay()
             return outputs
 
@@ -400,16 +393,8 @@ class _GraphRunner:
         """LlamaEngine.decode_greedy on one graph: its inputs copied in once, then up to `steps` replays, each
         followed by the argmax and the in-place update of the graph's own input buffers, queued without reading
         anything back, so the device runs the steps back to back while the host queues the next."""
-        batch, width = _bucket(len(rows), self.floor), self.floor
-        length = min(_bucket(max(r.start for r in rows) + steps, floor=128), cache.max_len)
-        key = (id(cache), batch, width, length)
         with torch.cuda.device(self.engine.device):
-            entry = self.graphs.get(key)
-            if entry is None:
-                entry = self.graphs[key] = self._capture(cache, batch, width, length)
-            graph, buffers, (_, logits) = entry
-            for buffer, value in zip(buffers, _pack(rows, batch, width, cache.scratch)):
-                buffer.copy_(value, non_blocking=True)
+            graph, buffers, (_, logits) = self._loaded(cache, rows, self.floor, max(r.start for r in rows) + steps)
 
             def step():
                 graph.replay()
@@ -417,6 +402,18 @@ class _GraphRunner:
 
             out = _greedy_steps(step, buffers, steps, cache.scratch, more)
             return out[: len(rows)].tolist()
+
+    def _loaded(self, cache: KVCache, rows: list[Row], width: int, kv_len: int):
+        """The (graph, input buffers, outputs) of these rows' bucket, captured on first use, with the rows' packed
+        inputs copied into its buffers."""
+        batch, length = _bucket(len(rows), self.floor), min(_bucket(kv_len, floor=128), cache.max_len)
+        key = (id(cache), batch, width, length)
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self.graphs[key] = self._capture(cache, batch, width, length)
+        for buffer, value in zip(entry[1], _pack(rows, batch, width, cache.scratch)):
+            buffer.copy_(value, non_blocking=True)
+        return entry
 
     def _capture(self, cache: KVCache, batch: int, width: int, length: int):
         engine = self.engine

@@ -279,6 +279,12 @@ class Scheduler:
             return [blocks]
         return [plain, drafted]
 
+    def _another_step(self, started: float, done: int) -> bool:
+        """A chunk's rule, after `done` steps of a tick that began at `started`: one more while nothing else is
+        queued and, at the pace so far, it ends within decode_chunk_ms."""
+        elapsed_ms = (time.perf_counter() - started) * 1e3
+        return not self._queue and elapsed_ms * (done + 1) / done <= self.decode_chunk_ms
+
     def _greedy_chunk_ok(self, work: _Work) -> bool:
         settings = work.session.settings
         return settings.sampling.greedy and not settings.return_features and hasattr(self.engine, "decode_greedy")
@@ -292,8 +298,7 @@ class Scheduler:
         started = time.perf_counter()
 
         def more(done: int) -> bool:  # asked before each step after the first
-            elapsed_ms = (time.perf_counter() - started) * 1e3
-            return not self._queue and elapsed_ms * (done + 1) / done <= self.decode_chunk_ms
+            return self._another_step(started, done)
 
         # (a bound for the run, not its length: on a GPU it picks the graph's KV-length bucket)
         room = min(_MAX_CHUNK_STEPS, *(w.session.max_length - len(w.session.tokens) for w in works))
@@ -317,10 +322,7 @@ class Scheduler:
         no other work is queued (queued work waits for this tick: it must not wait long). Each step is the same
         `_verify` of an empty block, so the tokens and the random draws are those of one step per tick."""
         steps = 1
-        while self.decode_chunk_ms > 0:
-            elapsed_ms = (time.perf_counter() - started) * 1e3
-            if elapsed_ms * (steps + 1) / steps > self.decode_chunk_ms or self._queue:
-                return
+        while self._another_step(started, steps):
             live = [(i, w) for i, w in blocks
                     if results[i].session.finish == FINISH_NONE and w.session.id in self.sessions]
             if not live:
