@@ -65,7 +65,7 @@ def ranks_along_path(engine: LlamaEngine, drafter, prompt: list[int], answer: li
     vocabulary."""
     ids = prompt + answer
     cache = engine.new_cache(1, len(ids) + 1)
-    _, _, features = engine.forward_flat(cache, [Row(0, 0, ids)], hidden=True)  # the target's, before its norm
+    _, _, features = engine.forward_flat(cache, [Row(0, 0, ids)], hidden=drafter.taps or True)  # the target's, before its norm
     outs = drafter.unrolled(torch.tensor([ids]), features[None].float(), depth)
     index = None
     if drafter.draft_vocab is not None:  # target id -> draft-vocabulary row (or -1)

@@ -123,6 +123,7 @@ def save_drafter(
     dtype: torch.dtype = torch.float16,
     kind: str = "layers",
     state: dict[str, torch.Tensor] | None = None,
+    taps: list[int] | None = None,
 ) -> Path:
     """Writes the drafter's own weights (layers and final norm, or `state` when given) and its config; the shared
     matrices stay out. kind: "layers" (a LlamaForCausalLM drafter) or "feature" (specdec.feature_drafter)."""
@@ -145,6 +146,8 @@ def save_drafter(
         "draft_vocab": draft_vocab,
         "training": training,
     }
+    if taps:  # a feature drafter reading several target layers' outputs (specdec.feature_drafter)
+        config["taps"] = list(taps)
     partial = out / (WEIGHTS_FILE + ".partial")
     save_file(own, str(partial))
     partial.rename(out / WEIGHTS_FILE)

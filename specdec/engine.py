@@ -13,6 +13,7 @@ This module does not own sampling, verification or scheduling.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -171,12 +172,15 @@ class LlamaEngine:
         return list(logits.split(sizes))
 
     @torch.inference_mode()
-    def forward_flat(self, cache: KVCache, rows: list[Row], hidden: bool = False):
+    def forward_flat(self, cache: KVCache, rows: list[Row], hidden: bool | Sequence[int] = False):
         """`forward` without the split: logits [sum of n, vocab] float32, rows one after the other, and each
         row's n. For callers that reduce every row alike (an argmax) in one kernel instead of one per row.
         hidden: also return the last layer's output before the final norm at every new token of every row [sum of
         len(tokens), hidden_size] (engine dtype, rows one after the other, whatever all_logits says): what a
-        feature-level drafter (specdec.feature_drafter) reads."""
+        feature-level drafter (specdec.feature_drafter) reads. A list of layer indices ending with the last
+        layer's returns those layers' outputs side by side instead [..., len(hidden) * hidden_size] (such passes
+        run eagerly: the CUDA graphs keep the last layer's output only)."""
+        taps = self.inner_taps(hidden)
         batch, width = len(rows), max(len(r.tokens) for r in rows)
         kv_len = max(r.start + len(r.tokens) for r in rows)
         picks = [
@@ -184,15 +188,15 @@ class LlamaEngine:
         ]
         pick_b = torch.tensor([p[0] for p in picks]).to(self.device)
         pick_t = torch.tensor([p[1] for p in picks]).to(self.device)
-        if self._graphs is not None and self._graphs.accepts(batch, width):
+        if self._graphs is not None and self._graphs.accepts(batch, width) and not taps:
             x, all_logits = self._graphs.run(cache, rows, kv_len)
             logits = all_logits[pick_b, pick_t].float()
         else:
             inputs = _pack(rows, batch, width, cache.scratch)
             single = rows[0].slot if batch == 1 else None
-            x = self._layers(cache, *(t.to(self.device) for t in inputs), kv_len, single)
+            x = self._layers(cache, *(t.to(self.device) for t in inputs), kv_len, single, taps)
             # Logits only where a caller reads them: the LM head is a large share of a small model's cost.
-            logits = self._head(x[pick_b, pick_t]).float()  # [n_picks, vocab]
+            logits = self._head(x[pick_b, pick_t, -self.shape.hidden_size :]).float()  # [n_picks, vocab]
         sizes = [len(r.tokens) if r.all_logits else 1 for r in rows]
         if hidden:
             if all(r.all_logits for r in rows):  # (verification) the picks are every token already
@@ -228,6 +232,18 @@ class LlamaEngine:
 
         return _greedy_steps(step, inputs, steps, cache.scratch, more).tolist()
 
+    def inner_taps(self, hidden: bool | Sequence[int]) -> tuple[int, ...]:
+        """The layers before the last whose outputs forward_flat's `hidden` asks for (ValueError for a list that
+        does not end with the last layer or names a layer this model lacks)."""
+        if isinstance(hidden, bool):
+            return ()
+        last = self.shape.num_layers - 1
+        taps = tuple(int(i) for i in hidden)
+        if not taps or taps[-1] != last or any(not 0 <= i < j for i, j in zip(taps, taps[1:])):
+            raise ValueError(f"hidden layers {list(taps)} must be layers of this model (0..{last}) in increasing "
+                             "order, ending with the last")
+        return taps[:-1]
+
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(_rms_norm(x, self.final_norm, self.shape.rms_norm_eps), self.lm_head)
 
@@ -241,14 +257,18 @@ class LlamaEngine:
         slots: torch.Tensor,  # [batch] long
         kv_len: int,  # keys 0..kv_len-1 are read; the same for all rows (masked per row)
         single_slot: int | None = None,  # batch of one: read its slot as a view instead of a gather
+        taps: tuple[int, ...] = (),  # layers whose outputs come before the last's in the result (see _blocks)
     ) -> torch.Tensor:
         """The transformer layers; no host synchronization inside, so the pass can be graph-captured."""
-        return self._blocks(cache, self.embed[tokens], positions, write_slots, write_pos, slots, kv_len, single_slot)
+        return self._blocks(cache, self.embed[tokens], positions, write_slots, write_pos, slots, kv_len, single_slot,
+                            taps)
 
     def _blocks(self, cache: KVCache, x: torch.Tensor, positions, write_slots, write_pos, slots, kv_len: int,
-                single_slot: int | None = None) -> torch.Tensor:
+                single_slot: int | None = None, taps: tuple[int, ...] = ()) -> torch.Tensor:
         """The layers over input states x [batch, width, hidden] (token embeddings, or a feature drafter's
-        fused inputs); the other arguments as in `_layers`. Returns the last layer's output, before the norm."""
+        fused inputs); the other arguments as in `_layers`. Returns the last layer's output, before the norm,
+        after the outputs of the layers in `taps` when given ([batch, width, (len(taps) + 1) * hidden])."""
+        kept = []
         s = self.shape
         batch, width = x.shape[:2]
         dev = x.device
@@ -287,7 +307,9 @@ class LlamaEngine:
             h = _rms_norm(x, layer.post_norm, s.rms_norm_eps)
             gate, up = F.linear(h, layer.gate_up_weight).chunk(2, dim=-1)
             x = x + F.linear(F.silu(gate) * up, layer.down_weight)
-        return x
+            if i in taps:
+                kept.append(x)
+        return torch.cat((*kept, x), dim=-1) if kept else x
 
 
 def _pack(rows: list[Row], batch: int, width: int, scratch: int):

@@ -113,6 +113,7 @@ class _FeatureDrafter:
 
         self.runner = FeatureRunner(model, device, dtype, num_slots, max_len)
         self.draft_vocab = model.draft_vocab
+        self.taps = model.taps  # the target layers it reads (None: the last)
         self.features: dict[int, torch.Tensor] = {}  # slot -> [committed tokens - 1, hidden]: all but the last's
         self.valid: dict[int, int] = {}  # slot -> rows in the drafter's cache made from the target's features
         self._probs = None
@@ -181,8 +182,9 @@ def measure(target_engine, drafter, prompts, k, config, max_new_tokens, eos_ids,
     sessions = [_Session(slot=i, tokens=list(p), prompt_len=len(p)) for i, p in enumerate(prompts)]
     drafter.prefill(sessions)
     observe = getattr(drafter, "observe", None)  # a feature drafter reads the target's hidden states
+    hidden_layers = getattr(drafter, "taps", None) or True  # (or several layers' side by side)
     rows = [Row(s.slot, 0, s.tokens[:-1]) for s in sessions]
-    _, _, hidden = target_engine.forward_flat(cache, rows, hidden=True)
+    _, _, hidden = target_engine.forward_flat(cache, rows, hidden=hidden_layers)
     for s, h in zip(sessions, hidden.split([len(r.tokens) for r in rows])):
         s.target_len = len(s.tokens) - 1
         if observe:
@@ -200,7 +202,7 @@ def measure(target_engine, drafter, prompts, k, config, max_new_tokens, eos_ids,
         rows = [
             Row(s.slot, s.target_len, s.tokens[s.target_len :] + p, all_logits=True) for s, p in zip(active, proposals)
         ]
-        flat, sizes, hidden = target_engine.forward_flat(cache, rows, hidden=True)
+        flat, sizes, hidden = target_engine.forward_flat(cache, rows, hidden=hidden_layers)
         outs, hidden = flat.split(sizes), hidden.split(sizes)
         target_probs = torch.zeros(len(active), k + 1, vocab)  # [batch, k + 1, vocab]
         for b, (out, p) in enumerate(zip(outs, proposals)):

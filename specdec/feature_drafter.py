@@ -43,7 +43,7 @@ class FeatureDrafterModel(nn.Module):
     embeddings and (reduced) LM head; `lm`'s final norm starts as the target's."""
 
     def __init__(self, llama_config: dict, embed: torch.Tensor, lm_head: torch.Tensor, draft_vocab: list[int] | None,
-                 num_layers: int = 1):
+                 num_layers: int = 1, taps: list[int] | None = None):
         super().__init__()
         self.lm = drafter_model.build_drafter(
             {**llama_config, "num_hidden_layers": num_layers}, embed, lm_head, draft_vocab
@@ -51,6 +51,28 @@ class FeatureDrafterModel(nn.Module):
         hidden = self.lm.config.hidden_size
         self.fc = nn.Linear(2 * hidden, hidden, bias=True)
         self.draft_vocab = self.lm.draft_vocab
+        # the target layers whose outputs the drafter reads, in order, the last layer's last (None: that one only);
+        # several are fused into one state of the hidden size (EAGLE-3), started as the last layer's alone
+        self.taps = list(taps) if taps else None
+        self.fuse = None
+        if self.taps and len(self.taps) > 1:
+            self.fuse = nn.Linear(len(self.taps) * hidden, hidden, bias=False)
+            with torch.no_grad():
+                self.fuse.weight.zero_()
+                self.fuse.weight[:, -hidden:] = torch.eye(hidden)
+
+    @property
+    def feature_width(self) -> int:
+        """Width of the target's features this drafter reads: the hidden size times the layers tapped."""
+        return self.lm.config.hidden_size * (len(self.taps) if self.taps else 1)
+
+    def fused(self, features: torch.Tensor) -> torch.Tensor:
+        """The target's features [..., feature_width] -> the drafter's input state [..., hidden]: itself for one
+        layer; for several, each layer's state scaled to unit RMS, then `fuse`."""
+        if self.fuse is None:
+            return features
+        parts = features.unflatten(-1, (len(self.taps), -1))
+        return self.fuse(unit_rms(parts).flatten(-2).to(self.fuse.weight.dtype))
 
     @property
     def config(self):
@@ -93,6 +115,7 @@ class FeatureDrafterModel(nn.Module):
             return t * cos + torch.cat((-t[..., half:], t[..., :half]), dim=-1) * sin
 
         keys, values, outs = [[] for _ in layers], [[] for _ in layers], []  # per layer, one entry per pass
+        features = self.fused(features)
         inputs = features[:, :-1]
         for d in range(passes):
             z = self.fc(torch.cat((embedded, unit_rms(inputs).to(embedded.dtype)), dim=-1))
@@ -119,6 +142,8 @@ class FeatureDrafterModel(nn.Module):
         """What the artifact stores: the layer, the norm (under the LlamaForCausalLM's names) and fc."""
         state = {k: v for k, v in self.lm.state_dict().items() if k.startswith("model.layers.") or k == "model.norm.weight"}
         state.update({f"fc.{k}": v for k, v in self.fc.state_dict().items()})
+        if self.fuse is not None:
+            state["fuse.weight"] = self.fuse.weight
         return state
 
 
@@ -145,9 +170,11 @@ def load_feature_drafter(artifact_dir, target_spec: str) -> FeatureDrafterModel:
     """The artifact's drafter with `target_spec`'s embeddings and LM head; DrafterMismatch for another target."""
     config, embed, lm_head, own = drafter_model.checked_artifact(artifact_dir, target_spec)
     model = FeatureDrafterModel(config["llama"], embed, lm_head, config["draft_vocab"],
-                                num_layers=config["llama"].get("num_hidden_layers", 1))
+                                num_layers=config["llama"].get("num_hidden_layers", 1), taps=config.get("taps"))
     fc = {k.removeprefix("fc."): own.pop(k).float() for k in _FC_KEYS}
     model.fc.load_state_dict(fc)
+    if model.fuse is not None:
+        model.fuse.weight.data.copy_(own.pop("fuse.weight").float())
     drafter_model.load_own_weights(model.lm, own, artifact_dir)
     return model.eval()
 
@@ -169,6 +196,8 @@ class FeatureRunner:
         self._vocab_index = None if model.draft_vocab is None else model.draft_vocab.to(self.engine.device)
         self.cache = self.engine.new_cache(num_slots, max_len)
         self.hidden_size = model.config.hidden_size
+        self.feature_width = model.feature_width
+        self._fuse = None if model.fuse is None else model.fuse.weight.detach().to(self.engine.device, dtype)
         if cuda_graphs is None:
             cuda_graphs = self.engine.device.type == "cuda"
         self._graphs: dict[tuple[int, int, int], tuple] | None = {} if cuda_graphs else None
@@ -186,13 +215,21 @@ class FeatureRunner:
         packed = [t.to(dev) for t in _pack(rows, batch, width, self.cache.scratch)]
         feats = torch.zeros(batch, width, self.hidden_size, device=dev, dtype=self.engine.dtype)
         for b, f in enumerate(features):
-            feats[b, : f.shape[0]] = f.to(dev, self.engine.dtype)
+            feats[b, : f.shape[0]] = self._input_state(f.to(dev, self.engine.dtype))
         return [*packed, feats]
+
+    def _input_state(self, f: torch.Tensor) -> torch.Tensor:
+        """Features [n, feature_width] from the target (fused when the drafter taps several layers), or [n, hidden]
+        predicted by the drafter (as they are)."""
+        if self._fuse is None or f.shape[-1] == self.hidden_size:
+            return f
+        parts = unit_rms(f.unflatten(-1, (-1, self.hidden_size)))
+        return F.linear(parts.flatten(-2), self._fuse)
 
     @torch.inference_mode()
     def step(self, rows: list[Row], features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """rows[b].tokens at KV positions rows[b].start.., each with the feature in features[b] [n_b, hidden]
-        (any device). Returns, for each row's last token, draft logits [batch, draft vocab] float32 and the
+        """rows[b].tokens at KV positions rows[b].start.., each with the feature in features[b] [n_b, hidden] (any
+        device; [n_b, feature_width] for the target's own when the drafter taps several layers). Returns, for each row's last token, draft logits [batch, draft vocab] float32 and the
         predicted feature [batch, hidden]: the input feature of the token drafted after it."""
         dev = self.engine.device
         batch, width = len(rows), max(len(r.tokens) for r in rows)

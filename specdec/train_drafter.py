@@ -357,20 +357,31 @@ def init_layers(num_layers: int, target_layers: int) -> list[int]:
     return [round(i * (target_layers - 1) / (num_layers - 1)) for i in range(num_layers)]
 
 
-FEATURE = "feature"  # a --layers entry: the feature-level drafter of specdec.feature_drafter (`feature2`: 2 layers)
+# --layers entries for the feature-level drafters of specdec.feature_drafter: `feature` reads the target's last
+# layer, `fused` several layers' (--fuse-layers; EAGLE-3); `feature2` / `fused2`: with 2 layers of its own
+FEATURE, FUSED = "feature", "fused"
+
+
+def _feature_kind(item) -> str | None:
+    if isinstance(item, str):
+        for kind in (FEATURE, FUSED):
+            if item.startswith(kind):
+                return kind
+    return None
 
 
 def parse_students(spec: str) -> list:
-    """`--layers 2,4,feature,feature2` -> [2, 4, "feature", "feature2"]."""
+    """`--layers 2,4,feature,feature2,fused` -> [2, 4, "feature", "feature2", "fused"]."""
     out = []
     for item in str(spec).split(","):
         item = item.strip()
         if not item:
             continue
-        if item.startswith(FEATURE):
-            count = item[len(FEATURE):]
+        kind = _feature_kind(item)
+        if kind:
+            count = item[len(kind):]
             if count and not (count.isdigit() and int(count) >= 1):
-                raise SystemExit(f"--layers: {item!r} is not `feature` or `featureN` (N layers, e.g. feature2)")
+                raise SystemExit(f"--layers: {item!r} is not `{kind}` or `{kind}N` (N layers, e.g. {kind}2)")
             out.append(item)
         else:
             out.append(int(item))
@@ -378,26 +389,48 @@ def parse_students(spec: str) -> list:
 
 
 def feature_layers(kind) -> int | None:
-    """Layers of a feature drafter entry ("feature" -> 1, "feature2" -> 2); None for a token-level drafter."""
-    if not (isinstance(kind, str) and kind.startswith(FEATURE)):
-        return None
-    return int(kind[len(FEATURE):] or 1)
+    """Layers of a feature drafter entry ("feature" -> 1, "fused2" -> 2); None for a token-level drafter."""
+    prefix = _feature_kind(kind)
+    return int(kind[len(prefix):] or 1) if prefix else None
+
+
+def fuse_layers(spec: str, target_layers: int) -> list[int]:
+    """`--fuse-layers`: "auto" is a low, a middle and the last layer (EAGLE-3's choice: 2, L / 2, L - 1); else a
+    comma list of layer indices, which must end with the last layer."""
+    last = target_layers - 1
+    if spec == "auto":
+        return sorted({min(2, last), target_layers // 2, last})
+    taps = [int(i) for i in spec.split(",") if i.strip()]
+    if not taps or taps[-1] != last or any(not 0 <= a < b for a, b in zip(taps, taps[1:])):
+        raise SystemExit(f"--fuse-layers {spec!r}: increasing layer indices of the target (0..{last}), the last last")
+    return taps
 
 
 def student_name(kind) -> str:
     return kind if feature_layers(kind) else f"L{kind}"
 
 
-def new_student(target, num_layers, embed, lm_head, draft_vocab):
-    """A drafter to train (its layers started from the target's) and the target layers it started from."""
+def new_student(target, num_layers, embed, lm_head, draft_vocab, taps=None, init_from=None, target_spec=None):
+    """A drafter to train (its layers started from the target's, or for a feature drafter from the feature drafter
+    artifact `init_from`) and where it started from (target layers, or the artifact)."""
     layers = feature_layers(num_layers)
     if layers:
-        from specdec.feature_drafter import FeatureDrafterModel
+        from specdec.feature_drafter import FeatureDrafterModel, load_feature_drafter
 
         cfg = target.config.to_dict()
         for key in drafter_model.CHECKPOINT_ONLY_KEYS:
             cfg.pop(key, None)
-        student = FeatureDrafterModel(cfg, embed, lm_head, draft_vocab, num_layers=layers)
+        fused = _feature_kind(num_layers) == FUSED
+        student = FeatureDrafterModel(cfg, embed, lm_head, draft_vocab, num_layers=layers, taps=taps if fused else None)
+        if init_from:  # its layers, norm and fc; a fused drafter's `fuse` starts by passing the last layer through
+            base = load_feature_drafter(init_from, target_spec)
+            if base.config.num_hidden_layers != layers or base.taps:
+                raise SystemExit(f"--init-from {init_from}: a feature drafter of {layers} layer(s) reading the last "
+                                 f"layer is needed for {num_layers!r}")
+            student.lm.model.layers.load_state_dict(base.lm.model.layers.state_dict())
+            student.lm.model.norm.load_state_dict(base.lm.model.norm.state_dict())
+            student.fc.load_state_dict(base.fc.state_dict())
+            return student, str(init_from)
         student.init_from_target(target)
         total = target.config.num_hidden_layers
         return student, list(range(total - layers, total))
@@ -439,20 +472,40 @@ def lr_at(step: int, progress: float, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def target_batch(target, ids, mask, vocab_index) -> dict:
+def target_batch(target, ids, mask, vocab_index, taps=()) -> dict:
     """The target's side of a batch: probabilities (over the draft vocabulary) and top token at every masked
-    position, and its last hidden states before the final norm [batch, T, hidden] for feature drafters."""
-    captured = {}
-    hook = target.model.norm.register_forward_hook(lambda _m, inputs, _out: captured.__setitem__("x", inputs[0]))
+    position, its last hidden states before the final norm [batch, T, hidden] for feature drafters, and the
+    outputs of the layers in `taps` ({layer: [batch, T, hidden]}) for fused ones."""
+    captured, hooks = {}, []
+
+    def keep(name):
+        def hook(_module, inputs, output):
+            out = inputs[0] if name == "last" else output
+            captured[name] = out[0] if isinstance(out, tuple) else out
+        return hook
+
+    hooks.append(target.model.norm.register_forward_hook(keep("last")))
+    for i in taps:
+        hooks.append(target.model.layers[i].register_forward_hook(keep(i)))
     try:
         hidden = target.model(input_ids=ids).last_hidden_state[mask]  # [n_answer, hidden], after the norm
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     logits = target.lm_head(hidden).float()  # [n_answer, vocab]
     probs = logits.softmax(-1)
     if vocab_index is not None:
         probs = probs[:, vocab_index]  # [n_answer, draft_vocab]: mass outside is unreachable
-    return {"probs": probs, "top": logits.argmax(-1), "features": captured["x"]}
+    layers = {i: captured[i] for i in taps}
+    layers[target.config.num_hidden_layers - 1] = captured["last"]
+    return {"probs": probs, "top": logits.argmax(-1), "features": captured["last"], "layers": layers}
+
+
+def student_features(student, tgt: dict) -> torch.Tensor:
+    """What a feature drafter reads from the target's side of a batch: the last layer's states, or its taps'."""
+    if not student.taps:
+        return tgt["features"]
+    return torch.cat([tgt["layers"][i] for i in student.taps], dim=-1)
 
 
 def student_loss(student, ids, mask, tgt: dict, vocab_index, passes: int) -> tuple[torch.Tensor, list[float]]:
@@ -476,11 +529,10 @@ def student_loss(student, ids, mask, tgt: dict, vocab_index, passes: int) -> tup
     from specdec.feature_drafter import unit_rms
 
     rows_mask = mask[:, 1:]
-    features = tgt["features"]
-    next_features = unit_rms(features[:, 1:].float())
+    next_features = unit_rms(tgt["features"][:, 1:].float())
     j = torch.arange(rows_mask.shape[1], device=ids.device)[None]
     total, agree = 0.0, []
-    for d, z in enumerate(student.unrolled(ids, features, passes)):
+    for d, z in enumerate(student.unrolled(ids, student_features(student, tgt), passes)):
         valid = rows_mask & (j >= d)  # drafting step d + 1 needs d earlier rows
         picked = valid[rows_mask]
         if not picked.any():
@@ -495,7 +547,8 @@ def student_loss(student, ids, mask, tgt: dict, vocab_index, passes: int) -> tup
 
 
 @torch.no_grad()
-def held_out_metrics(target, students, held_out, vocab_index, batch_size, max_len, device, autocast, passes) -> list[dict]:
+def held_out_metrics(target, students, held_out, vocab_index, batch_size, max_len, device, autocast, passes,
+                     taps=()) -> list[dict]:
     """Per student: mean loss and top-1 agreement with the target (per drafting step for a feature drafter) on
     sequences it never trained on."""
     sums = [{"loss": 0.0, "agree": None} for _ in students]
@@ -504,7 +557,7 @@ def held_out_metrics(target, students, held_out, vocab_index, batch_size, max_le
     for _ in range(max(1, len(held_out) // max(1, batch_size))):
         ids, mask = next(stream)
         ids, mask = ids.to(device), mask.to(device)
-        tgt = target_batch(target, ids, mask, vocab_index)
+        tgt = target_batch(target, ids, mask, vocab_index, taps)
         count += 1
         for acc, student in zip(sums, students):
             with autocast:
@@ -528,9 +581,15 @@ def add_parser(subparsers, summary: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--layers", default="2",
         help="drafter layers, or `feature` for a feature-level (EAGLE-style) drafter that reads the target's hidden "
-             "states (`feature2`: with two layers); a comma list (2,4,feature) trains several side by side on the "
-             "same batches",
+             "states (`feature2`: with two layers), or `fused` for one that reads several of the target's layers "
+             "(--fuse-layers; EAGLE-3); a comma list (2,4,feature,fused) trains several side by side on the same "
+             "batches",
     )
+    p.add_argument("--fuse-layers", default="auto",
+                   help="`fused` drafters: the target layers they read, comma-separated, the last last (default "
+                        "auto: a low, a middle and the last layer, as EAGLE-3)")
+    p.add_argument("--init-from", help="start feature drafters from this feature drafter artifact (same target and "
+                                      "layer count) instead of the target's last layers")
     p.add_argument("--passes", type=int, default=3,
                    help="feature drafter: drafting steps unrolled in training, each fed the previous one's prediction")
     p.add_argument("--steps", type=int, default=2000, help="optimizer steps (upper bound with --max-minutes)")
@@ -612,9 +671,12 @@ def run(args) -> int:
         file=sys.stderr,
     )
 
+    taps = fuse_layers(args.fuse_layers, target.config.num_hidden_layers)
+    # the target layers (besides the last) whose outputs the batches keep: those `fused` students read
+    batch_taps = tuple(taps[:-1]) if any(_feature_kind(n) == FUSED for n in sizes) else ()
     students, sources, optimizers = [], [], []
     for n in sizes:
-        student, src = new_student(target, n, embed, lm_head, draft_vocab)
+        student, src = new_student(target, n, embed, lm_head, draft_vocab, taps, args.init_from, args.target)
         student.to(device).train()
         students.append(student)
         sources.append(src)
@@ -667,7 +729,7 @@ def run(args) -> int:
             drafter_model.save_drafter(
                 artifact_dir(n), student, target=args.target_name or args.target, target_hash_hex=target_hash,
                 draft_vocab=draft_vocab, training=training, kind="feature" if feature else "layers",
-                state=student.own_state() if feature else None,
+                state=student.own_state() if feature else None, taps=student.taps if feature else None,
             )
 
     if args.total_minutes:
@@ -693,7 +755,7 @@ def run(args) -> int:
         ids, mask = next(stream)
         ids, mask = ids.to(device), mask.to(device)
         with torch.no_grad():
-            tgt = target_batch(target, ids, mask, vocab_index)
+            tgt = target_batch(target, ids, mask, vocab_index, batch_taps)
         postfix = {}
         for n, student, optimizer in zip(sizes, students, optimizers):
             for group in optimizer.param_groups:
@@ -719,7 +781,7 @@ def run(args) -> int:
     held = []
     if held_out:
         held = held_out_metrics(target, students, held_out, vocab_index, args.batch_size, args.max_len, device, autocast,
-                                args.passes)
+                                args.passes, batch_taps)
     for n, metrics in zip(sizes, held):
         print(f"{student_name(n)} held-out ({len(held_out)} sequences): loss {metrics['loss']:.3f}, agreement "
               + " / ".join(f"{a:.1%}" for a in metrics["agree"]), file=sys.stderr)

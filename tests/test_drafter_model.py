@@ -125,3 +125,32 @@ def test_tiny_cpu_training_run_writes_an_artifact_that_loads(tmp_path):
     assert len(torch.load(out / "train-state" / "data.pt")) == 4
     # a checkpoint to resume from was written beside the artifact's training state
     assert (out / "train-state" / "checkpoint.pt").is_file()
+
+
+def test_fused_drafter_trains_from_a_feature_drafter_and_starts_as_it(tmp_path):
+    """`--layers feature,fused --init-from DIR`: both start from the artifact's weights; the fused drafter reads
+    three target layers and starts out passing the last one's state through, so before any step it drafts exactly
+    what the artifact does; after training it loads with its taps."""
+    from specdec.feature_drafter import load_feature_drafter
+    from specdec.train_drafter import fuse_layers
+
+    base = "drafters/smollm2-135m-instruct-feature"
+    common = ["--data-prompts", "2", "--gen-tokens", "4", "--gen-batch-size", "2", "--draft-vocab", "256",
+              "--batch-size", "2", "--max-len", "48", "--warmup", "1", "--device", "cpu", "--init-from", base,
+              "--layers", "feature,fused"]
+    assert cli.main(["train-drafter", "--out", str(tmp_path / "s0"), "--steps", "0", *common]) == 0
+    shipped = load_feature_drafter(base, models.DEFAULT_TARGET)
+    taps = fuse_layers("auto", 30)
+    assert taps == [2, 15, 29]
+    fused = load_feature_drafter(tmp_path / "s0" / "fused", models.DEFAULT_TARGET)
+    assert fused.taps == taps and drafter_model.read_config(tmp_path / "s0" / "fused")["taps"] == taps
+    ids, feats = torch.randint(0, 49152, (1, 12)), torch.randn(1, 12, 3 * 576) * 3
+    with torch.no_grad():
+        expected = shipped.unrolled(ids, feats[..., -576:], 2)
+        for a, b in zip(fused.unrolled(ids, feats, 2), expected):
+            torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+    assert cli.main(["train-drafter", "--out", str(tmp_path / "s2"), "--steps", "2", *common]) == 0
+    trained = load_feature_drafter(tmp_path / "s2" / "fused", models.DEFAULT_TARGET)
+    assert not torch.equal(trained.fuse.weight, fused.fuse.weight)  # it trained
+    with pytest.raises(SystemExit, match="last"):
+        fuse_layers("2,15", 30)

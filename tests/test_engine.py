@@ -66,6 +66,28 @@ def test_engine_matches_transformers_on_the_real_target(hf_target, tokenizer):
     assert got.argmax(-1).tolist() == expected.argmax(-1).tolist()
 
 
+def test_hidden_layers_are_transformers_hidden_states_side_by_side():
+    """forward_flat(hidden=[i, ..., last]): each listed layer's output at every new token (what a `fused` feature
+    drafter reads), the last layer's before the final norm; the logits are those of the plain pass."""
+    model = tiny_model("llama")
+    engine = LlamaEngine(model)
+    ids = torch.randint(0, 97, (12,), generator=torch.Generator().manual_seed(2)).tolist()
+    with torch.no_grad():
+        states = model(torch.tensor([ids]), output_hidden_states=True).hidden_states  # embeddings, then layers
+    cache = engine.new_cache(1, 32)
+    logits, _, hidden = engine.forward_flat(cache, [Row(0, 0, ids[:7])], hidden=[0, 2])
+    plain, _, last = engine.forward_flat(engine.new_cache(1, 32), [Row(0, 0, ids[:7])], hidden=True)
+    torch.testing.assert_close(logits, plain)
+    assert hidden.shape == (7, 128)
+    torch.testing.assert_close(hidden[:, :64], states[1][0, :7], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(hidden[:, 64:], last)
+    _, _, more = engine.forward_flat(cache, [Row(0, 7, ids[7:])], hidden=[1, 2])  # a later pass reads the cache
+    torch.testing.assert_close(more[:, :64], states[2][0, 7:], atol=1e-4, rtol=1e-4)
+    for wrong in ([0, 1], [2, 0, 2], [], [0, 3]):  # not ending with the last layer, unordered, none, no such layer
+        with pytest.raises(ValueError, match="the last"):
+            engine.forward_flat(cache, [Row(0, 0, ids[:3])], hidden=wrong)
+
+
 def test_batched_forward_equals_each_row_alone():
     model = tiny_model("llama", seed=3)
     engine = LlamaEngine(model)

@@ -22,10 +22,10 @@ LLAMA = dict(
 VOCAB = 96
 
 
-def _model(draft_vocab=None, seed=0, num_layers=1) -> FeatureDrafterModel:
+def _model(draft_vocab=None, seed=0, num_layers=1, taps=None) -> FeatureDrafterModel:
     torch.manual_seed(seed)
     embed, head = torch.randn(VOCAB, 64) * 0.5, torch.randn(VOCAB, 64) * 0.5
-    model = FeatureDrafterModel(LLAMA, embed, head, draft_vocab, num_layers=num_layers)
+    model = FeatureDrafterModel(LLAMA, embed, head, draft_vocab, num_layers=num_layers, taps=taps)
     with torch.no_grad():  # no zero-initialized parameter may hide a wiring mistake
         for p in model.parameters():
             if p.requires_grad:
@@ -33,12 +33,15 @@ def _model(draft_vocab=None, seed=0, num_layers=1) -> FeatureDrafterModel:
     return model.eval()
 
 
-@pytest.mark.parametrize("start,num_layers", [(1, 1), (5, 1), (17, 1), (5, 2)])
-def test_drafting_steps_equal_the_unrolled_training_passes(start, num_layers):
-    model = _model(num_layers=num_layers)
+@pytest.mark.parametrize("start,num_layers,taps", [(1, 1, None), (5, 1, None), (17, 1, None), (5, 2, None),
+                                                   (5, 1, [1, 4, 7])])
+def test_drafting_steps_equal_the_unrolled_training_passes(start, num_layers, taps):
+    """(taps: a `fused` drafter, reading three target layers' states side by side and drafting on from its own
+    predictions of the last layer's)"""
+    model = _model(num_layers=num_layers, taps=taps)
     T, passes = 24, 3
     ids = torch.randint(0, VOCAB, (1, T))
-    features = torch.randn(1, T, 64)
+    features = torch.randn(1, T, model.feature_width)
     with torch.no_grad():
         unrolled = model.unrolled(ids, features, passes)  # pass d, row j: [1, T - 1, 64]
     runner = FeatureRunner(model, "cpu", torch.float32, num_slots=2, max_len=64)
@@ -90,20 +93,21 @@ def test_greedy_drafting_on_the_device_equals_step_by_step(draft_vocab):
     assert len({tuple(t) for t in fused}) > 1  # the rows drafted different things: a real check
 
 
-@pytest.mark.parametrize("num_layers", [1, 2])
-def test_artifact_round_trip_and_target_check(tmp_path, monkeypatch, num_layers):
+@pytest.mark.parametrize("num_layers,taps", [(1, None), (2, None), (1, [3, 7])])
+def test_artifact_round_trip_and_target_check(tmp_path, monkeypatch, num_layers, taps):
     draft_vocab = sorted(torch.randperm(VOCAB)[:40].tolist())
-    model = _model(draft_vocab, num_layers=num_layers)
+    model = _model(draft_vocab, num_layers=num_layers, taps=taps)
     embed, head = model.lm.model.embed_tokens.weight, model.lm.lm_head.weight
     full_head = torch.zeros(VOCAB, 64)
     full_head[draft_vocab] = head.detach()
     drafter_model.save_drafter(tmp_path / "d", model, target="tiny", target_hash_hex=drafter_model.target_hash(
         embed, full_head), draft_vocab=draft_vocab, training={}, dtype=torch.float32, kind="feature",
-        state=model.own_state())
+        state=model.own_state(), taps=model.taps)
     assert is_feature_drafter(tmp_path / "d")
     monkeypatch.setattr(drafter_model, "target_head_weights", lambda spec: (embed.detach(), full_head))
     loaded = load_feature_drafter(tmp_path / "d", "tiny")
-    ids, features = torch.randint(0, VOCAB, (1, 9)), torch.randn(1, 9, 64)
+    ids, features = torch.randint(0, VOCAB, (1, 9)), torch.randn(1, 9, model.feature_width)
+    assert loaded.taps == taps
     with torch.no_grad():
         for a, b in zip(model.unrolled(ids, features, 2), loaded.unrolled(ids, features, 2)):
             torch.testing.assert_close(a, b)
