@@ -70,6 +70,14 @@ def part_parity_and_timing(spec: str, results: dict, compile_too: bool = False) 
                     "argmax_agree": float((a.argmax(-1) == b.argmax(-1)).float().mean()),
                     "first_call_s": round(time.perf_counter() - started, 1),  # capture (and compilation)
                 }
+                # a fused feature drafter's pass: three layers' outputs side by side (graphs captured for the list)
+                taps = [2, eager.shape.num_layers // 2, eager.shape.num_layers - 1]
+                _, _, ha = eager.forward_flat(caches[0], rows, hidden=taps)
+                lb, _, hb = other.forward_flat(caches[1], rows, hidden=taps)
+                parity[f"{name}_batch{batch}_width{width}"].update({
+                    "taps_hidden_max_rel_diff": float((ha.float() - hb.float()).abs().max() / ha.float().abs().max()),
+                    "taps_logits_vs_plain_pass_max_abs_diff": float((lb - b).abs().max()),
+                })
             print(json.dumps(parity), flush=True)
     results["parity_graph_vs_eager_bf16"] = parity
     print(json.dumps(parity), flush=True)

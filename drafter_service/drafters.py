@@ -14,7 +14,8 @@ Three kinds, chosen once by `make_drafter`:
   drafts are the same with the cache on and off.
 
 - `feature`: a feature-level drafter artifact (specdec.feature_drafter, EAGLE style): one layer fed the target's
-  hidden states, which the verifier sends with each verdict; greedy and sampled drafts as for `model`.
+  hidden states, which the verifier sends with each verdict (a fused drafter's: those of the several target layers
+  it taps, side by side); greedy and sampled drafts as for `model`.
 
 `propose` takes every session with pending work at once (batched drafting). A drafter's per-session state is
 rolled back to what the context says is committed; nothing else is trusted. This module knows nothing about gRPC.
@@ -42,8 +43,9 @@ class DraftRequest:
     k: int
     sampling: SamplingConfig
     generator: torch.Generator | None = None
-    # feature drafters: the target's last hidden states [n, hidden] of context tokens 0..n-1 (n <= len(context) - 1:
-    # the newest committed token has none yet, and a proactive draft's guessed tokens have none)
+    # feature drafters: the target's hidden states [n, feature_width] of context tokens 0..n-1 (the last layer's, or
+    # a fused drafter's taps' side by side; n <= len(context) - 1: the newest committed token has none yet, and a
+    # proactive draft's guessed tokens have none)
     features: torch.Tensor | None = None
 
 
@@ -171,9 +173,10 @@ class ModelDrafter:
 
 class FeatureDrafter:
     """A feature-level drafter (specdec.feature_drafter): drafts from the target's hidden states, which the verifier
-    sends with each verdict (SessionSpec.return_features). Rows made from the target's features are kept across
-    drafts; rows made from the drafter's own predictions never are. Context tokens past the features (a proactive
-    draft's guesses) are fed in order with predicted features before drafting starts."""
+    sends with each verdict (SessionSpec.return_features; for a fused drafter, those of the layers its model taps:
+    SessionSpec.feature_layers). Rows made from the target's features are kept across drafts; rows made from the
+    drafter's own predictions never are. Context tokens past the features (a proactive draft's guesses) are fed in
+    order with predicted features before drafting starts."""
 
     kind = "feature"
     wants_features = True
@@ -185,7 +188,10 @@ class FeatureDrafter:
         max_len = min(max_sequence_length, model.config.max_position_embeddings)
         self.runner = FeatureRunner(model, device, dtype, max_sessions, max_len)
         self.draft_vocab = None if model.draft_vocab is None else model.draft_vocab.tolist()
-        self.hidden_size = model.config.hidden_size
+        # the target layers whose outputs it reads (SessionSpec.feature_layers; empty: the last only) and the width
+        # of the features the verifier sends for them
+        self.feature_layers = list(model.taps or [])
+        self.feature_width = self.runner.feature_width
         self._slots: dict[str, int] = {}
         self._rows: dict[str, list[int]] = {}  # tokens of the slot's rows made from the target's features
 

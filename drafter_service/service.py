@@ -104,13 +104,14 @@ def next_draft_length(current: int, drafted: int, accepted: int, k_max: int) -> 
 # The open verdict of a feature drafter's session carries the hidden state of every prompt token (float16): keep
 # it well inside gRPC's message limit (specdec.server). The default target needs 1.15 KB per token (29k tokens
 # fit); an 8B target 8 KB per token, so prompts past ~4k tokens draft nothing rather than break the shared stream.
+# A fused drafter reads several layers' states a token (3.5 KB on the default target with three).
 MAX_FEATURE_BYTES = MAX_MESSAGE_BYTES // 2
 
 
 def wants_features(drafter, prompt_tokens: int) -> bool:
     """Whether a session asks the verifier for hidden states: the drafter reads them, and the prompt's fit in one
     verdict (MAX_FEATURE_BYTES). A session without them gets empty drafts: plain decode steps."""
-    return drafter.wants_features and prompt_tokens * drafter.hidden_size * 2 <= MAX_FEATURE_BYTES
+    return drafter.wants_features and prompt_tokens * drafter.feature_width * 2 <= MAX_FEATURE_BYTES
 
 
 def allowed_draft_length(verdict, k: int) -> int:
@@ -134,22 +135,23 @@ async def _usable_ahead(ahead: asyncio.Future, block, verdict, k: int) -> Draft 
 
 class _Features:
     """A session's copy of the target's hidden states (VerifyResponse.features), one row per committed token but
-    the newest, for a feature-level drafter; grown in place (capacity doubles), handed out as a view.
+    the newest, of the drafter's feature_width (several layers' side by side for a fused drafter); grown in place
+    (capacity doubles), handed out as a view.
 
     `add` runs on the torch thread (specdec.compute), never on the event loop's: torch's float16 kernels on that
     thread left a process's later decoding ~25% slower for good on an AVX-512 CPU (docs/benchmarks.md)."""
 
     def __init__(self, drafter):
-        self.hidden_size = drafter.hidden_size
-        self._buffer = torch.empty(0, self.hidden_size, dtype=torch.float16)
+        self.width = drafter.feature_width
+        self._buffer = torch.empty(0, self.width, dtype=torch.float16)
         self.count = 0
 
     def add(self, verdict) -> None:
         if not verdict.features:
             return
-        new = torch.frombuffer(bytearray(verdict.features), dtype=torch.float16).view(-1, self.hidden_size)
+        new = torch.frombuffer(bytearray(verdict.features), dtype=torch.float16).view(-1, self.width)
         if self.count + new.shape[0] > self._buffer.shape[0]:
-            grown = torch.empty(max(2 * self._buffer.shape[0], self.count + new.shape[0]), self.hidden_size,
+            grown = torch.empty(max(2 * self._buffer.shape[0], self.count + new.shape[0]), self.width,
                                 dtype=torch.float16)
             grown[: self.count] = self._buffer[: self.count]
             self._buffer = grown
@@ -203,6 +205,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
         opened = False
         features = _Features(drafter) if wants_features(drafter, len(spec.prompt_ids)) else None
         spec.return_features = features is not None
+        spec.feature_layers[:] = drafter.feature_layers if features is not None else []
         try:
             await self.batcher.open(spec.session_id)
             verdict = await link.open(spec)

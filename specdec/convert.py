@@ -16,7 +16,7 @@ def settings_from_spec(spec: session_pb2.SessionSpec, max_new_tokens_limit: int)
     )
     seed = spec.seed if spec.HasField("seed") else None
     return SessionSettings(spec.session_id, list(spec.prompt_ids), spec.max_new_tokens, sampling, seed,
-                           return_features=spec.return_features)
+                           return_features=spec.return_features, feature_layers=tuple(spec.feature_layers))
 
 
 def update_of(session: Session, tokens: list[int]) -> session_pb2.SessionUpdate:

@@ -178,8 +178,8 @@ class LlamaEngine:
         hidden: also return the last layer's output before the final norm at every new token of every row [sum of
         len(tokens), hidden_size] (engine dtype, rows one after the other, whatever all_logits says): what a
         feature-level drafter (specdec.feature_drafter) reads. A list of layer indices ending with the last
-        layer's returns those layers' outputs side by side instead [..., len(hidden) * hidden_size] (such passes
-        run eagerly: the CUDA graphs keep the last layer's output only)."""
+        layer's returns those layers' outputs side by side instead [..., len(hidden) * hidden_size] (with CUDA
+        graphs, from graphs captured for that list)."""
         taps = self.inner_taps(hidden)
         batch, width = len(rows), max(len(r.tokens) for r in rows)
         kv_len = max(r.start + len(r.tokens) for r in rows)
@@ -188,8 +188,8 @@ class LlamaEngine:
         ]
         pick_b = torch.tensor([p[0] for p in picks]).to(self.device)
         pick_t = torch.tensor([p[1] for p in picks]).to(self.device)
-        if self._graphs is not None and self._graphs.accepts(batch, width) and not taps:
-            x, all_logits = self._graphs.run(cache, rows, kv_len)
+        if self._graphs is not None and self._graphs.accepts(batch, width):
+            x, all_logits = self._graphs.run(cache, rows, kv_len, taps)
             logits = all_logits[pick_b, pick_t].float()
         else:
             inputs = _pack(rows, batch, width, cache.scratch)
@@ -370,7 +370,8 @@ def _bucket(n: int, floor: int = 1) -> int:
 
 
 class _GraphRunner:
-    """CUDA graphs of the decode/verify pass, one per (batch, width, kv length) bucket, captured on first use.
+    """CUDA graphs of the decode/verify pass, one per (batch, width, kv length) bucket, captured on first use (and
+    per list of inner layers whose outputs a pass also returns: LlamaEngine.forward_flat's `hidden`).
 
     Each graph owns static input buffers; a replay copies the packed inputs in and returns its logits buffer
     [batch, width, vocab]. Padding rows and tokens write to the cache's scratch slot, so they are harmless.
@@ -381,7 +382,7 @@ class _GraphRunner:
         self.max_batch = max_batch
         self.max_width = max_width
         self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[tuple[int, int, int, int], tuple] = {}
+        self.graphs: dict[tuple, tuple] = {}
         self.step = self._eager_step
         # Buckets of at least 2 rows and 2 tokens: torch.compile specializes sizes 0 and 1, so this keeps every
         # bucket on the one dynamic compilation (a padded row or token costs next to nothing here).
@@ -395,19 +396,20 @@ class _GraphRunner:
             mode = os.environ.get("SPECDEC_COMPILE_MODE") or None
             self.step = torch.compile(self._eager_step, dynamic=True, mode=mode)
 
-    def _eager_step(self, cache: KVCache, tokens, positions, write_slots, write_pos, slots, length: int):
-        x = self.engine._layers(cache, tokens, positions, write_slots, write_pos, slots, length)
-        return x, self.engine._head(x)
+    def _eager_step(self, cache: KVCache, tokens, positions, write_slots, write_pos, slots, length: int,
+                    taps: tuple[int, ...] = ()):
+        x = self.engine._layers(cache, tokens, positions, write_slots, write_pos, slots, length, taps=taps)
+        return x, self.engine._head(x[..., -self.engine.shape.hidden_size :])
 
     def accepts(self, batch: int, width: int) -> bool:
         return batch <= self.max_batch and width <= self.max_width
 
-    def run(self, cache: KVCache, rows: list[Row], kv_len: int) -> torch.Tensor:
+    def run(self, cache: KVCache, rows: list[Row], kv_len: int, taps: tuple[int, ...] = ()) -> torch.Tensor:
         width = _bucket(max(len(r.tokens) for r in rows), self.floor)
         # Capture and replay on the engine's own device: the current device of this thread may be another GPU
         # (a drafter and a verifier in one process), and a graph captured on the wrong device is empty.
         with torch.cuda.device(self.engine.device):
-            graph, _, outputs = self._loaded(cache, rows, width, kv_len)
+            graph, _, outputs = self._loaded(cache, rows, width, kv_len, taps)
             graph.replay()
             return outputs
 
@@ -425,25 +427,25 @@ class _GraphRunner:
             out = _greedy_steps(step, buffers, steps, cache.scratch, more)
             return out[: len(rows)].tolist()
 
-    def _loaded(self, cache: KVCache, rows: list[Row], width: int, kv_len: int):
+    def _loaded(self, cache: KVCache, rows: list[Row], width: int, kv_len: int, taps: tuple[int, ...] = ()):
         """The (graph, input buffers, outputs) of these rows' bucket, captured on first use, with the rows' packed
         inputs copied into its buffers."""
         batch, length = _bucket(len(rows), self.floor), min(_bucket(kv_len, floor=128), cache.max_len)
-        key = (id(cache), batch, width, length)
+        key = (id(cache), batch, width, length, taps)
         entry = self.graphs.get(key)
         if entry is None:
-            entry = self.graphs[key] = self._capture(cache, batch, width, length)
+            entry = self.graphs[key] = self._capture(cache, batch, width, length, taps)
         for buffer, value in zip(entry[1], _pack(rows, batch, width, cache.scratch)):
             buffer.copy_(value, non_blocking=True)
         return entry
 
-    def _capture(self, cache: KVCache, batch: int, width: int, length: int):
+    def _capture(self, cache: KVCache, batch: int, width: int, length: int, taps: tuple[int, ...]):
         engine = self.engine
         dev = engine.device
         buffers = [t.to(dev) for t in _pack([], batch, width, cache.scratch)]
 
         def step():
-            return self.step(cache, *buffers, length)
+            return self.step(cache, *buffers, length, taps)
 
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -460,7 +462,7 @@ class _GraphRunner:
         graph.replay()
         # (Against the same function run outside the graph: a compiled pass fuses, so it rounds differently from
         # the eager one, and both verify and decode use the one pass, so the output stays the engine's own.)
-        if not torch.allclose(logits.float(), self.step(cache, *buffers, length)[1].float(), rtol=1e-2, atol=1e-2):
+        if not torch.allclose(logits.float(), step()[1].float(), rtol=1e-2, atol=1e-2):
             raise RuntimeError(f"CUDA graph for batch {batch}, width {width}, kv length {length} does not match "
                                "the eager pass; run with cuda_graphs=False and report this")
         return graph, buffers, outputs

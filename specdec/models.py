@@ -27,13 +27,16 @@ _ALIASES = {
 }
 
 
-# The drafters trained for the default target ship in the repository (see their MODEL_CARD.md files): a
-# feature-level one (reads the target's hidden states; the default) and a 2-layer token-level one.
-DEFAULT_DRAFTER = "smollm2-135m-instruct-feature-drafter"
+# The drafters trained for the default target ship in the repository (see their MODEL_CARD.md files): a fused
+# feature-level one (reads three of the target's layers' hidden states; the default), its predecessor reading the
+# last layer only, and a 2-layer token-level one.
+DEFAULT_DRAFTER = "smollm2-135m-instruct-fused-drafter"
+FEATURE_DRAFTER = "smollm2-135m-instruct-feature-drafter"
 TOKEN_DRAFTER = "smollm2-135m-instruct-drafter"
 _DRAFTER_ALIASES = {
     # alias -> (artifact directory relative to the source tree, the target it belongs to)
-    DEFAULT_DRAFTER: ("drafters/smollm2-135m-instruct-feature", DEFAULT_TARGET),
+    DEFAULT_DRAFTER: ("drafters/smollm2-135m-instruct-fused", DEFAULT_TARGET),
+    FEATURE_DRAFTER: ("drafters/smollm2-135m-instruct-feature", DEFAULT_TARGET),
     TOKEN_DRAFTER: ("drafters/smollm2-135m-instruct", DEFAULT_TARGET),
 }
 _SOURCE_ROOT = Path(__file__).resolve().parents[1]

@@ -26,9 +26,9 @@ from specdec.prefix_hash import BLOCK_TOKENS, block_hashes
 
 
 class PrefixCache:
-    """features: also keep, per block, the target's hidden states of its 16 tokens (float16, on the host) when a
-    saver has them, so sessions of feature-level drafters, which need the hidden state of every prompt token, can
-    restore a prefix too (`restore_with_features` stops at the first block saved without them)."""
+    """features: also keep, per block, the target's last-layer hidden states of its 16 tokens (float16, on the host)
+    when a saver has them, so sessions of feature-level drafters, which need the hidden state of every prompt token,
+    can restore a prefix too (`restore_with_features` stops at the first block saved without them)."""
 
     def __init__(self, shape: LlamaShape, num_blocks: int, device, dtype, seed: bytes,
                  on_change: Callable[[list[str], list[str]], None] | None = None, features: bool = False):

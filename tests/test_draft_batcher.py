@@ -47,9 +47,12 @@ def test_feature_sessions_ask_for_hidden_states_only_while_the_prompts_fit_one_v
     from specdec.server import MAX_MESSAGE_BYTES
 
     assert MAX_FEATURE_BYTES < MAX_MESSAGE_BYTES
-    eight_b = SimpleNamespace(wants_features=True, hidden_size=4096)  # 8 KB per token in float16
+    eight_b = SimpleNamespace(wants_features=True, feature_width=4096)  # 8 KB per token in float16
     assert wants_features(eight_b, 4000)
     assert not wants_features(eight_b, 5000)  # 41 MB
-    default = SimpleNamespace(wants_features=True, hidden_size=576)
+    default = SimpleNamespace(wants_features=True, feature_width=576)
     assert wants_features(default, 16384)  # the default target's longest sessions always fit
-    assert not wants_features(SimpleNamespace(wants_features=False, hidden_size=576), 10)
+    assert not wants_features(SimpleNamespace(wants_features=False, feature_width=576), 10)
+    fused = SimpleNamespace(wants_features=True, feature_width=3 * 4096)  # a fused drafter reading three layers
+    assert wants_features(fused, 1300)
+    assert not wants_features(fused, 1400)  # 34 MB: each token's three layers count

@@ -15,36 +15,46 @@ from specdec.engine import LlamaEngine, Row
 
 SHIPPED = Path(__file__).resolve().parent.parent / "drafters" / models.DEFAULT_TARGET
 SHIPPED_FEATURE = SHIPPED.parent / f"{models.DEFAULT_TARGET}-feature"
+SHIPPED_FUSED = SHIPPED.parent / f"{models.DEFAULT_TARGET}-fused"
 
 
-@pytest.mark.parametrize("artifact", [SHIPPED, SHIPPED_FEATURE], ids=["token", "feature"])
+@pytest.mark.parametrize("artifact", [SHIPPED, SHIPPED_FEATURE, SHIPPED_FUSED], ids=["token", "feature", "fused"])
 def test_shipped_drafters_are_artifacts_within_size_budget(artifact):
     assert drafter_model.is_drafter_artifact(artifact)
     assert (artifact / drafter_model.WEIGHTS_FILE).stat().st_size <= 30 * 1024 * 1024
     assert drafter_model.read_config(artifact)["target"] == models.DEFAULT_TARGET
 
 
-def test_the_default_drafter_is_the_shipped_feature_drafter():
-    from specdec.feature_drafter import is_feature_drafter
+def test_the_default_drafter_is_the_shipped_fused_drafter():
+    from specdec.feature_drafter import is_feature_drafter, load_feature_drafter
 
     path, target = models.resolve_drafter(models.DEFAULT_DRAFTER)
-    assert Path(path).resolve() == SHIPPED_FEATURE.resolve() and target == models.DEFAULT_TARGET
-    assert is_feature_drafter(path)
+    assert Path(path).resolve() == SHIPPED_FUSED.resolve() and target == models.DEFAULT_TARGET
+    assert is_feature_drafter(path) and load_feature_drafter(path, target).taps == [2, 15, 29]
+    path, _ = models.resolve_drafter(models.FEATURE_DRAFTER)
+    assert Path(path).resolve() == SHIPPED_FEATURE.resolve()
 
 
-def test_shipped_feature_drafter_loads_and_drafts_from_the_targets_hidden_states(engine):
+@pytest.mark.parametrize("artifact", [SHIPPED_FEATURE, SHIPPED_FUSED], ids=["feature", "fused"])
+def test_shipped_feature_drafters_load_and_draft_from_the_targets_hidden_states(engine, artifact):
     from specdec.feature_drafter import FeatureRunner, load_feature_drafter
 
-    model = load_feature_drafter(SHIPPED_FEATURE, models.DEFAULT_TARGET)
+    model = load_feature_drafter(artifact, models.DEFAULT_TARGET)
     runner = FeatureRunner(model, "cpu", torch.float32, 1, 64)
     tokens = [1, 504, 3458, 314, 253, 2, 1, 9690, 198]
-    _, _, hidden = engine.forward_flat(engine.new_cache(1, 64), [Row(0, 0, tokens[:-1])], hidden=True)
+    _, _, hidden = engine.forward_flat(engine.new_cache(1, 64), [Row(0, 0, tokens[:-1])], hidden=model.taps or True)
+    assert hidden.shape == (len(tokens) - 1, model.feature_width)
     logits, predicted = runner.step([Row(0, 0, tokens[1:])], [hidden])
     assert logits.shape == (1, model.draft_vocab.shape[0]) and torch.isfinite(logits).all()
     # the features matter: the same tokens with the hidden states zeroed draft from different logits
     runner_zero = FeatureRunner(model, "cpu", torch.float32, 1, 64)
     zeroed, _ = runner_zero.step([Row(0, 0, tokens[1:])], [torch.zeros_like(hidden)])
     assert (logits - zeroed).abs().max() > 1.0
+    if model.taps:  # and a fused drafter reads the inner layers too, not the last alone
+        inner_zeroed = hidden.clone()
+        inner_zeroed[:, : -model.config.hidden_size] = 0
+        runner_inner = FeatureRunner(model, "cpu", torch.float32, 1, 64)
+        assert (logits - runner_inner.step([Row(0, 0, tokens[1:])], [inner_zeroed])[0]).abs().max() > 0.1
 
 
 def test_plain_model_directory_is_not_a_drafter_artifact(tmp_path):

@@ -393,3 +393,42 @@ def test_feature_drafter_reads_the_verifiers_hidden_states_and_stays_lossless(cl
     finally:
         router.stop()
         drafter.stop()
+
+
+@pytest.fixture(scope="module")
+def fused_drafter_dir(tmp_path_factory):
+    """The shipped feature drafter made a fused one reading the target's layers 2, 15 and 29, as train-drafter
+    --layers fused --init-from starts one: its fuse passes the last layer's state through, so it drafts what the
+    shipped drafter does, from the last of the three layers the verifier sends it side by side."""
+    from specdec import drafter_model, models
+    from specdec.feature_drafter import FeatureDrafterModel, load_feature_drafter
+    from tests.conftest import ROOT
+
+    shipped_dir = ROOT / "drafters" / "smollm2-135m-instruct-feature"
+    shipped = load_feature_drafter(shipped_dir, models.DEFAULT_TARGET)
+    config, embed, lm_head, _ = drafter_model.checked_artifact(shipped_dir, models.DEFAULT_TARGET)
+    model = FeatureDrafterModel(config["llama"], embed, lm_head, config["draft_vocab"],
+                                num_layers=shipped.config.num_hidden_layers, taps=[2, 15, 29])
+    model.lm.model.layers.load_state_dict(shipped.lm.model.layers.state_dict())
+    model.lm.model.norm.load_state_dict(shipped.lm.model.norm.state_dict())
+    model.fc.load_state_dict(shipped.fc.state_dict())
+    directory = tmp_path_factory.mktemp("fused-drafter")
+    drafter_model.save_drafter(directory, model, target=models.DEFAULT_TARGET, training={},
+                               draft_vocab=config["draft_vocab"], target_hash_hex=config["target_hash"],
+                               kind="feature", state=model.own_state(), taps=model.taps)
+    return directory
+
+
+def test_fused_drafter_reads_several_layers_states_and_stays_lossless(cluster, fused_drafter_dir, chat_prompts):
+    """The drafter asks the verifier for its taps' states (SessionSpec.feature_layers) and reads them side by side."""
+    drafter = ServerProcess("drafter", "--model", str(fused_drafter_dir))
+    router = ServerProcess("router", "--verifier", cluster["verifier"].address, "--drafter", drafter.address)
+    try:
+        with Client(router.address) as client:
+            greedy, sampled = check_lossless_and_seeded(client, chat_prompts[3:4], 20, "A short poem about rain:", 5, 12)
+        # zero when the verifier sends the last layer's states only: the drafter's sessions fail, the router decodes
+        assert greedy[0].accepted_draft_tokens > 0
+        assert sampled.draft_tokens > 0
+    finally:
+        router.stop()
+        drafter.stop()

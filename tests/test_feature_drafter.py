@@ -190,6 +190,139 @@ def test_prefix_blocks_serve_hidden_states_only_once_saved_with_them(engine):
     torch.testing.assert_close(rows.float(), hidden[:32].float(), atol=0.05, rtol=0.01)
 
 
+TAPS = [2, 15, 29]  # a fused drafter's on the real target (30 layers): a low, a middle and the last layer
+
+
+async def _feature_session(scheduler, session_id, ids, layers, drafts, max_new=12):
+    """Opens a session that wants `layers`' hidden states (None: the last layer's, as before feature_layers) and
+    steps it to the end with drafts(context); returns its tokens, the features of all its verdicts, the prompt
+    tokens it restored from the prefix cache and each verdict's pass size."""
+    from specdec.sampling import SamplingConfig
+    from verifier_service.session import FINISH_NONE, SessionSettings
+
+    settings = SessionSettings(session_id, ids, max_new, SamplingConfig(), return_features=True,
+                               feature_layers=tuple(layers or ()))
+    result = await scheduler.open(settings)
+    features, passes = [result.features], [result.batch_rows]
+    assert result.features.shape[0] == len(ids)
+    while result.session.finish == FINISH_NONE:
+        tokens = list(result.session.tokens)
+        result = await scheduler.step(session_id, len(tokens), drafts(tokens))
+        assert result.features.shape[0] == result.accepted + 1
+        features.append(result.features)
+        passes.append(result.batch_rows)
+    tokens = list(result.session.tokens)
+    scheduler.close(session_id)
+    return tokens, torch.cat(features), result.session.stats.cached_prompt_tokens, passes
+
+
+def _expected_features(engine, tokens, layers):
+    """The target's features of every committed token but the newest, from one plain pass over them."""
+    _, _, expected = engine.forward_flat(engine.new_cache(1, 256), [Row(0, 0, tokens[:-1])], hidden=layers or True)
+    return expected
+
+
+def test_sessions_of_one_pass_each_get_their_own_layers(engine, eos, tokenizer):
+    """A last-layer session and two fused ones tapping different layers, in the same passes (one prefill, then
+    verify passes; the engine asked once for the union of their layers): each gets exactly its own layers' outputs
+    side by side, those of a plain pass over its tokens, and the last-layer session the same features as alone."""
+    import asyncio
+
+    from verifier_service.scheduler import Scheduler
+
+    prompts = ["The three primary colors of light are red, green and blue. The three primary colors of",
+               "One, two, three, four, five, six, seven, eight, nine, ten. One, two, three, four, five,",
+               "Monday, Tuesday, Wednesday, Thursday, Friday. Monday, Tuesday, Wednesday, Thursday,"]
+    layers = [None, TAPS, [10, 29]]
+
+    async def main():
+        scheduler = Scheduler(engine, eos, max_sessions=3, max_sequence_length=256)
+        scheduler.start()
+        out = await asyncio.gather(*(
+            _feature_session(scheduler, f"s{i}", tokenizer.encode(p), taps, lambda ctx: ctx[-3:])
+            for i, (p, taps) in enumerate(zip(prompts, layers))))
+        await scheduler.stop()
+        return out
+
+    hidden = engine.shape.hidden_size
+    for (tokens, features, _, passes), taps in zip(asyncio.run(main()), layers):
+        assert passes[0] == 3 and passes.count(3) >= 2  # the prefill and a verify pass had all three
+        expected = _expected_features(engine, tokens, taps)
+        assert features.shape == expected.shape == (len(tokens) - 1, len(taps or [0]) * hidden)
+        torch.testing.assert_close(features.float(), expected.float(), atol=0.05, rtol=0.01)  # sent as float16
+
+
+def test_the_prefix_cache_serves_hidden_states_to_last_layer_sessions_only(engine, eos, tokenizer):
+    """The prefix cache keeps the last layer's hidden states: a fused session restores no prefix (it would lack its
+    other layers' states) yet saves its blocks with its last layer's, which a later last-layer session restores
+    with them; every session's features are a plain pass's."""
+    import asyncio
+
+    from specdec.prefix_hash import model_seed
+    from verifier_service.prefix_cache import PrefixCache
+    from verifier_service.scheduler import Scheduler
+
+    ids = tokenizer.encode("The three primary colors of light are red, green and blue. The three primary colors of")
+    order = [("fused", TAPS), ("last", None), ("fused-again", TAPS)]
+
+    async def main():
+        cache = PrefixCache(engine.shape, 64, engine.device, engine.dtype, model_seed("test"), features=True)
+        scheduler = Scheduler(engine, eos, max_sessions=2, max_sequence_length=256, prefix_cache=cache)
+        scheduler.start()
+        out = [await _feature_session(scheduler, sid, ids, taps, lambda ctx: [], max_new=6) for sid, taps in order]
+        await scheduler.stop()
+        return out
+
+    runs = asyncio.run(main())
+    full_blocks = len(ids) // 16 * 16
+    assert full_blocks >= 16 and [cached for _, _, cached, _ in runs] == [0, full_blocks, 0]
+    for (tokens, features, _, _), (_, taps) in zip(runs, order):
+        assert tokens == runs[0][0]
+        torch.testing.assert_close(features.float(), _expected_features(engine, tokens, taps).float(), atol=0.05,
+                                   rtol=0.01)
+
+
+def test_a_feature_layer_list_the_target_cannot_serve_fails_the_open_with_invalid_argument(engine, eos, tokenizer):
+    """Through VerifierServicer.Verify: unordered, not ending with the last layer, past the last, repeated, or sent
+    without return_features: each open answers INVALID_ARGUMENT naming the fix; the last layer listed alone is the
+    plain last-layer session, and a good fused list gets its layers' features."""
+    import asyncio
+
+    import grpc
+
+    from specdec.proto import session_pb2, verifier_pb2
+    from verifier_service.scheduler import Scheduler
+    from verifier_service.service import VerifierServicer
+
+    ids = tokenizer.encode("The capital of France is")
+    cases = {"unordered": [15, 2, 29], "no-last": [2, 15], "past-last": [2, 30], "repeated": [2, 29, 29],
+             "no-features": [2, 29], "last-alone": [29], "fused": [2, 29]}
+
+    async def main():
+        scheduler = Scheduler(engine, eos, max_sessions=2, max_sequence_length=64)
+        scheduler.start()
+
+        async def requests():
+            for sid, layers in cases.items():
+                spec = session_pb2.SessionSpec(session_id=sid, prompt_ids=ids, max_new_tokens=1, feature_layers=layers,
+                                               return_features=sid != "no-features")
+                yield verifier_pb2.VerifyRequest(open=spec)
+
+        replies = {r.session_id: r async for r in VerifierServicer(scheduler, "m").Verify(requests(), None)}
+        await scheduler.stop()
+        return replies
+
+    replies = asyncio.run(main())
+    for sid in ("unordered", "no-last", "past-last", "repeated", "no-features"):
+        assert replies[sid].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0], sid
+        assert "feature_layers" in replies[sid].error.message
+    assert "0..29" in replies["past-last"].error.message and "return_features" in replies["no-features"].error.message
+    hidden = engine.shape.hidden_size
+    for sid, width in (("last-alone", hidden), ("fused", 2 * hidden)):
+        assert not replies[sid].HasField("error")
+        assert len(replies[sid].features) == len(ids) * width * 2  # float16
+
+
 @pytest.mark.parametrize("draft_vocab", [None, sorted(range(3, VOCAB, 2))], ids=["full-head", "reduced-head"])
 def test_sampled_drafting_on_the_device_equals_step_by_step(draft_vocab):
     """`draft` with sampled rows (and a greedy one) next to stepping from the host and picking with the same

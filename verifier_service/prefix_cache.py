@@ -2,6 +2,8 @@
 
 On open, the session's longest cached prefix is copied into its KV slot and only the rest is prefilled; after
 prefill and when the session closes, its full blocks (prompt, then prompt + committed) are copied into the pool.
+Hidden states are kept for the last layer only: the scheduler restores nothing for a session that wants other
+layers' too (SessionSettings.feature_layers), and such a session's blocks are saved with its last layer's.
 The block pool, hashing and LRU live in specdec.prefix_cache; this module only decides when a verifier session's
 KV is worth saving. Every method runs on the torch thread (specdec.compute). Gained and lost block hashes go to
 `on_change` (the locality publisher); this module knows nothing about Redis or scheduling.
@@ -36,5 +38,7 @@ class PrefixCache(prefix_cache.PrefixCache):
 
 
 def _features(session):
-    """The hidden states of the session's committed tokens (one per token but the newest), if it kept them."""
+    """The last layer's hidden states of the session's committed tokens (one per token but the newest), if it kept
+    them: a session that asked for several layers' (SessionSettings.feature_layers) kept the last one's columns,
+    which are what the sessions that restore hidden states from this cache want."""
     return torch.cat(session.features) if session.features else None

@@ -16,7 +16,7 @@ import itertools
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -50,8 +50,8 @@ class StepResult:
     accepted: int  # draft tokens accepted
     session: Session
     batch_rows: int = 0  # sessions in the forward pass that made it (traces, the batch-size metric)
-    # with SessionSettings.return_features: float16 [n, hidden] on the host, the target's hidden states of the
-    # committed tokens that had none (see VerifyResponse.features)
+    # with SessionSettings.return_features: float16 [n, (len(feature_layers) or 1) * hidden] on the host, the
+    # target's hidden states of the committed tokens that had none (see VerifyResponse.features)
     features: torch.Tensor | None = None
 
 
@@ -118,6 +118,8 @@ class Scheduler:
         if settings.session_id in self.sessions:
             raise InvalidInput(f"session {settings.session_id!r} is already open on this verifier")
         check_prompt_ids(settings.prompt_ids, self.vocab_size, self.max_sequence_length)
+        if settings.feature_layers:
+            settings = replace(settings, feature_layers=self._checked_feature_layers(settings))
         slot = self.cache.allocate()
         if slot is None:
             raise Exhausted(f"all {self.cache.num_slots} KV slots of this verifier are in use; retry later")
@@ -177,6 +179,31 @@ class Scheduler:
             self.cache.release(session.slot)
 
     # -- internals -------------------------------------------------------------------------------------------------
+    def _checked_feature_layers(self, settings: SessionSettings) -> tuple[int, ...]:
+        """A session's feature_layers as this scheduler keeps them: () for the last layer alone, however asked (so
+        the session keeps the graphed pass and the prefix cache's hidden states); InvalidInput for a list this
+        target cannot serve."""
+        layers = tuple(settings.feature_layers)
+        if not settings.return_features:
+            raise InvalidInput(f"feature_layers {list(layers)} without return_features: set return_features to "
+                               "receive those layers' hidden states, or send no layers")
+        inner_taps = getattr(self.engine, "inner_taps", None)
+        if inner_taps is None:
+            raise InvalidInput("feature_layers: this verifier's target runs through transformers, which returns no "
+                               "hidden states: use a token-level drafter (a model or ngram)")
+        try:
+            return layers if inner_taps(layers) else ()
+        except ValueError:
+            last = self.engine.shape.num_layers - 1
+            raise InvalidInput(f"feature_layers {list(layers)}: list layers of this target (0..{last}) in increasing "
+                               f"order, ending with its last ({last}); or none for the last alone") from None
+
+    def _keep_features(self, session: Session, features: torch.Tensor) -> None:
+        """Keeps the last layer's columns of a session's new features [n, width] (host) for the prefix cache."""
+        if session.settings.feature_layers:
+            features = features[:, -self.engine.shape.hidden_size :].clone()
+        session.features.append(features)
+
     def _new_future(self) -> asyncio.Future:
         return asyncio.get_running_loop().create_future()
 
@@ -338,12 +365,14 @@ class Scheduler:
         shortest first, in passes of rows within 2x of each other's length, and each result is delivered as soon
         as its own pass is done."""
         cache = self.prefix_cache
-        # sessions that want hidden states restore only blocks cached with theirs (and get them back)
+        # sessions that want hidden states restore only blocks cached with theirs (and get them back); the cache
+        # keeps the last layer's only, so a session wanting other layers' too restores nothing
         starts, restored = [], []
         for w in works:
             start, rows = 0, None
             if cache and w.session.settings.return_features:
-                start, rows = cache.restore_with_features(self.cache, w.session.slot, w.session.tokens)
+                if not w.session.settings.feature_layers:
+                    start, rows = cache.restore_with_features(self.cache, w.session.slot, w.session.tokens)
             elif cache:
                 start = cache.restore(self.cache, w.session.slot, w.session.tokens)
             starts.append(start)
@@ -353,18 +382,23 @@ class Scheduler:
         for group in _length_groups([len(row.tokens) for row in rows]):
             group_rows = [rows[i] for i in group]
             features = [None] * len(group)
-            if any(works[i].session.settings.return_features for i in group):
-                flat, sizes, hidden = self.engine.forward_flat(self.cache, group_rows, hidden=True)
+            wanting = [works[i].session.settings for i in group if works[i].session.settings.return_features]
+            if wanting:
+                layers = _pass_layers(wanting)
+                flat, sizes, hidden = self.engine.forward_flat(self.cache, group_rows, hidden=layers or True)
                 logits = flat.split(sizes)
                 hidden = hidden.to("cpu", torch.float16).split([len(r.tokens) for r in group_rows])
-                features = [(h if restored[i] is None else torch.cat((restored[i], h)))
-                            if works[i].session.settings.return_features else None for i, h in zip(group, hidden)]
+                for j, (i, h) in enumerate(zip(group, hidden)):
+                    settings = works[i].session.settings
+                    if settings.return_features:
+                        own = _own_columns(h, layers, settings.feature_layers)
+                        features[j] = own if restored[i] is None else torch.cat((restored[i], own))
             else:
                 logits = self.engine.forward(self.cache, group_rows)
             for i, row_logits, row_features in zip(group, logits, features):
                 session = works[i].session
                 if row_features is not None:
-                    session.features.append(row_features)
+                    self._keep_features(session, row_features)
                 session.stats.cached_prompt_tokens = starts[i]
                 if cache:
                     cache.after_prefill(self.cache, session)
@@ -379,8 +413,10 @@ class Scheduler:
     def _verify(self, works: list[_Work]) -> list[StepResult]:
         rows = [Row(w.session.slot, w.session.kv_length, [w.session.tokens[-1], *w.draft_tokens], True) for w in works]
         wants = [w.session.settings.return_features for w in works]
+        layers = _pass_layers([w.session.settings for w, want in zip(works, wants) if want])
         # [sum of (n + 1), vocab], on the engine's device; with features, the hidden states of the same positions
-        flat, sizes, *hidden = self.engine.forward_flat(self.cache, rows, hidden=any(wants))
+        flat, sizes, *hidden = self.engine.forward_flat(self.cache, rows,
+                                                        hidden=(layers or True) if any(wants) else False)
         # Greedy rows with point-mass drafts need only the target's argmax: k + 1 integers per row instead of
         # dense distributions (verify_greedy gives the same verdicts as verify; tested).
         is_greedy = [w.session.settings.sampling.greedy and not w.draft_dists for w in works]
@@ -400,8 +436,8 @@ class Scheduler:
             index = torch.tensor([o + j for _, o, n in keep for j in range(n)], device=hidden[0].device)
             rows_out = hidden[0][index].to("cpu", torch.float16).split([n for _, _, n in keep])
             for (b, _, _), h in zip(keep, rows_out):
-                features[b] = h
-                works[b].session.features.append(h)
+                features[b] = _own_columns(h, layers, works[b].session.settings.feature_layers)
+                self._keep_features(works[b].session, features[b])
         out = []
         for b, work in enumerate(works):
             session, (accepted, next_token) = work.session, verdicts[b]
@@ -464,6 +500,28 @@ class Scheduler:
 def _resolve(future: asyncio.Future, result: StepResult) -> None:
     if not future.done():
         future.set_result(result)
+
+
+def _pass_layers(settings: list[SessionSettings]) -> tuple[int, ...]:
+    """The layers one pass asks the engine for, for these feature sessions: () for the last layer alone (the graphed
+    pass) unless one wants more; then every layer any of them wants, in order (each list ends with the last layer,
+    so their union does)."""
+    return tuple(sorted(set().union(*(s.feature_layers for s in settings))))
+
+
+def _own_columns(
+    hidden: torch.Tensor,  # [n, (len(layers) or 1) * hidden_size]: a pass's features of one session's tokens
+    layers: tuple[int, ...],  # the pass's layers (_pass_layers; () = the last alone)
+    wanted: tuple[int, ...],  # the session's feature_layers (() = the last alone), each one of the pass's
+) -> torch.Tensor:
+    """The session's own features [n, (len(wanted) or 1) * hidden_size]: its layers' columns side by side."""
+    if wanted == layers:
+        return hidden
+    size = hidden.shape[-1] // len(layers)
+    if not wanted:
+        return hidden[:, -size:].contiguous()
+    index = [layers.index(i) for i in wanted]
+    return hidden.unflatten(-1, (len(layers), size))[:, index].flatten(-2)
 
 
 def _length_groups(lengths: list[int]) -> list[list[int]]:

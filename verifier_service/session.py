@@ -43,6 +43,9 @@ class SessionSettings:
     sampling: SamplingConfig
     seed: int | None = None
     return_features: bool = False  # send the target's hidden states with each verdict (feature-level drafters)
+    # with return_features: the target layers whose outputs the features carry side by side, increasing, the last
+    # layer last (a fused drafter's); () = the last layer only
+    feature_layers: tuple[int, ...] = ()
 
 
 @dataclass
@@ -55,7 +58,8 @@ class Session:
     finish: int = FINISH_NONE
     stats: Stats = field(default_factory=Stats)
     generator: torch.Generator = field(default_factory=torch.Generator)
-    # with settings.return_features: the hidden states sent so far (float16, host), kept for the prefix cache
+    # with settings.return_features: the last layer's hidden states sent so far (float16, host; of a session with
+    # feature_layers, the last layer's columns only), kept for the prefix cache
     features: list[torch.Tensor] = field(default_factory=list)
 
     def __post_init__(self):
