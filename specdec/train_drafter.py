@@ -422,14 +422,19 @@ def new_student(target, num_layers, embed, lm_head, draft_vocab, taps=None, init
             cfg.pop(key, None)
         fused = _feature_kind(num_layers) == FUSED
         student = FeatureDrafterModel(cfg, embed, lm_head, draft_vocab, num_layers=layers, taps=taps if fused else None)
-        if init_from:  # its layers, norm and fc; a fused drafter's `fuse` starts by passing the last layer through
+        if init_from:
+            # its layers, norm and fc, and a fused artifact's `fuse`; a fused drafter started from a last-layer one
+            # keeps its `fuse` passing the last layer through, so it starts out drafting as that one does
             base = load_feature_drafter(init_from, target_spec)
-            if base.config.num_hidden_layers != layers or base.taps:
-                raise SystemExit(f"--init-from {init_from}: a feature drafter of {layers} layer(s) reading the last "
-                                 f"layer is needed for {num_layers!r}")
+            if base.config.num_hidden_layers != layers or (base.taps and base.taps != student.taps):
+                raise SystemExit(f"--init-from {init_from}: it has {base.config.num_hidden_layers} layer(s) and reads "
+                                 f"layers {base.taps or 'last'}; {num_layers!r} needs {layers} layer(s) and reads "
+                                 f"{student.taps or 'last'} (or the last alone, for a fused drafter)")
             student.lm.model.layers.load_state_dict(base.lm.model.layers.state_dict())
             student.lm.model.norm.load_state_dict(base.lm.model.norm.state_dict())
             student.fc.load_state_dict(base.fc.state_dict())
+            if base.fuse is not None:
+                student.fuse.load_state_dict(base.fuse.state_dict())
             return student, str(init_from)
         student.init_from_target(target)
         total = target.config.num_hidden_layers

@@ -162,5 +162,12 @@ def test_fused_drafter_trains_from_a_feature_drafter_and_starts_as_it(tmp_path):
     assert cli.main(["train-drafter", "--out", str(tmp_path / "s2"), "--steps", "2", *common]) == 0
     trained = load_feature_drafter(tmp_path / "s2" / "fused", models.DEFAULT_TARGET)
     assert not torch.equal(trained.fuse.weight, fused.fuse.weight)  # it trained
+    # a fused artifact starts a fused drafter with its own fuse; a last-layer drafter cannot start from it
+    again = ["--init-from", str(tmp_path / "s2" / "fused"), "--steps", "0"]
+    assert cli.main(["train-drafter", "--out", str(tmp_path / "s3"), *common, *again, "--layers", "fused"]) == 0
+    restarted = load_feature_drafter(tmp_path / "s3", models.DEFAULT_TARGET)
+    assert torch.equal(restarted.fuse.weight, trained.fuse.weight)
+    with pytest.raises(SystemExit, match="reads"):
+        cli.main(["train-drafter", "--out", str(tmp_path / "s4"), *common, *again, "--layers", "feature"])
     with pytest.raises(SystemExit, match="last"):
         fuse_layers("2,15", 30)
