@@ -723,7 +723,8 @@ def run(args) -> int:
             training = {
                 "command": command, "device": torch.cuda.get_device_name(device) if on_gpu else "cpu",
                 "steps": step, "batch_size": args.batch_size, "lr": args.lr, "sequences": len(dataset),
-                "answer_tokens": answer_tokens, "gen_tokens": args.gen_tokens, "init_from_target_layers": src,
+                "answer_tokens": answer_tokens, "gen_tokens": args.gen_tokens,
+                ("init_from" if isinstance(src, str) else "init_from_target_layers"): src,
                 "draft_vocab_coverage": round(coverage, 5), "generate_seconds": round(gen_seconds, 1),
                 "train_seconds": round(train_seconds, 1), "final": final,
                 "held_out": (held_out or [None] * len(sizes))[sizes.index(n)],
