@@ -43,6 +43,20 @@ def test_flags_default_from_environment(monkeypatch):
     assert args.verifier == ["a:1", "b:2"]
 
 
+def test_engine_dtype_follows_the_device_unless_specdec_dtype_says(monkeypatch):
+    import torch
+
+    from verifier_service.app import default_dtype
+
+    monkeypatch.delenv("SPECDEC_DTYPE", raising=False)
+    assert default_dtype("cpu") == torch.float32 and default_dtype("cuda:1") == torch.bfloat16
+    monkeypatch.setenv("SPECDEC_DTYPE", "BFloat16")
+    assert default_dtype("cpu") == torch.bfloat16
+    monkeypatch.setenv("SPECDEC_DTYPE", "fp8")
+    with pytest.raises(ValueError, match="float32, bfloat16, float16"):
+        default_dtype("cpu")
+
+
 def test_router_without_verifier_says_what_to_do():
     env = {**os.environ, "SPECDEC_VERIFIER": ""}
     result = subprocess.run([sys.executable, "-m", "specdec.cli", "serve", "router"], capture_output=True,
