@@ -10,13 +10,18 @@ a distribution for x_{p+2}. Drafting further feeds h back in place of the featur
 Rows sit at KV index and RoPE position p (one less than the token's), so index 0 holds x_1's row: a slot never
 reads a position its session did not write.
 
-Training (`specdec train-drafter --layers feature`) runs `FeatureDrafterModel.unrolled`: pass 1 reads the target's
-features, pass d > 1 reads pass d - 1's predictions, each with the attention pattern that drafting step d sees
+A fused drafter (EAGLE-3) reads several target layers' outputs instead of the last one's alone (`taps`, e.g. a low,
+a middle and the last layer): each scaled to unit RMS, side by side, through a learned matrix `fuse` into one
+state, which takes f_p's place above; it still predicts the last layer's next state, which drafting feeds back.
+
+Training (`specdec train-drafter --layers feature` or `fused`) runs `FeatureDrafterModel.unrolled`: pass 1 reads
+the target's features, pass d > 1 reads pass d - 1's predictions, each with the attention pattern that drafting step d sees
 (the keys of true-feature rows before it and its own earlier predicted rows), so the drafter learns from its own
 inputs as drafting produces them ("training-time test", as in HASS and EAGLE-3).
 
-The artifact is a drafter artifact (specdec.drafter_model) with `kind: "feature"`: the layer, the norm and `fc`;
-the embeddings and LM head are the target's, checked by hash. `FeatureRunner` runs one on the engine's layer code
+The artifact is a drafter artifact (specdec.drafter_model) with `kind: "feature"`: the layer, the norm and `fc`
+(and `fuse`, with the tapped layers as `taps` in its config); the embeddings and LM head are the target's, checked
+by hash. `FeatureRunner` runs one on the engine's layer code
 with a KV slot per session. Verification stays lossless whatever the features: the drafter only proposes.
 """
 
@@ -71,8 +76,7 @@ class FeatureDrafterModel(nn.Module):
         layer; for several, each layer's state scaled to unit RMS, then `fuse`."""
         if self.fuse is None:
             return features
-        parts = features.unflatten(-1, (len(self.taps), -1))
-        return self.fuse(unit_rms(parts).flatten(-2).to(self.fuse.weight.dtype))
+        return fuse_layers(features, self.fuse.weight, self.lm.config.hidden_size)
 
     @property
     def config(self):
@@ -153,6 +157,13 @@ def unit_rms(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+def fuse_layers(features: torch.Tensor, weight: torch.Tensor, hidden: int) -> torch.Tensor:
+    """Several layers' states side by side [..., n * hidden] -> one state [..., hidden]: each scaled to unit RMS
+    (a low layer's scale is not the last one's), then the learned `fuse` matrix weight [hidden, n * hidden]."""
+    parts = unit_rms(features.unflatten(-1, (-1, hidden)))
+    return F.linear(parts.flatten(-2).to(weight.dtype), weight)
+
+
 def _unrolled_mask(rows: int, d: int, device) -> torch.Tensor:
     """[rows, (d + 1) * rows] bool: the keys drafting step d + 1 sees from row j. Pass 0's keys up to j - d (rows
     computed from the target's features), and pass e's key at row j - d + e (its own earlier predictions)."""
@@ -223,8 +234,7 @@ class FeatureRunner:
         predicted by the drafter (as they are)."""
         if self._fuse is None or f.shape[-1] == self.hidden_size:
             return f
-        parts = unit_rms(f.unflatten(-1, (-1, self.hidden_size)))
-        return F.linear(parts.flatten(-2), self._fuse)
+        return fuse_layers(f, self._fuse, self.hidden_size)
 
     @torch.inference_mode()
     def step(self, rows: list[Row], features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
