@@ -82,10 +82,9 @@ class DraftBatcher:
                 continue
             try:
                 drafts = await compute.run(self.drafter.propose, [r for r, _ in batch])
-            except Exception as exc:  # a drafter bug costs speed (empty drafts), never a session
+            except Exception:  # a drafter bug costs speed (empty drafts), never a session
                 log.exception("drafting failed for %d sessions", len(batch))
                 drafts = [Draft([]) for _ in batch]
-                del exc
             for (_, future), draft in zip(batch, drafts):
                 if not future.done():
                     future.set_result(draft)
