@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -112,6 +113,7 @@ class _FeatureDrafter:
         from specdec.feature_drafter import FeatureRunner
 
         self.runner = FeatureRunner(model, device, dtype, num_slots, max_len)
+        self.model = model
         self.draft_vocab = model.draft_vocab
         self.taps = model.taps  # the target layers it reads (None: the last)
         self.features: dict[int, torch.Tensor] = {}  # slot -> [committed tokens - 1, hidden]: all but the last's
@@ -231,6 +233,96 @@ def measure(target_engine, drafter, prompts, k, config, max_new_tokens, eos_ids,
     return summarize(sessions, k)
 
 
+def _copy_kv(cache, src: int, dst: int, begin: int, end: int) -> None:
+    """KV positions begin..end-1 of slot src into slot dst, every layer."""
+    for keys, values in zip(cache.keys, cache.values):
+        keys[dst, :, begin:end] = keys[src, :, begin:end]
+        values[dst, :, begin:end] = values[src, :, begin:end]
+
+
+@torch.inference_mode()
+def measure_tree(target_engine, model, prompts, shape: list[int], max_new_tokens, eos_ids, device, dtype) -> dict:
+    """Greedy tau with a static draft tree (shape: top-K per depth, e.g. 4,2,2,1,1) from a feature drafter, measured
+    with real passes, one prompt at a time. The drafter expands the tree level by level: every node of a level is
+    one row of one pass, in a KV slot of its own forked from its parent's, fed its parent's predicted state, as
+    drafting feeds a chain. The target scores every root-to-leaf path as one row of one pass (each in a slot forked
+    from the session's), so the tree's nodes are scored as a tree attention mask would score them, paths sharing
+    their prefixes' rows; the walk keeps the path that agrees longest with the target's argmax and commits it plus
+    the target's next token: greedy decoding's tokens, as for a chain. Offline only: serving verifies chains."""
+    from specdec.feature_drafter import FeatureRunner
+
+    paths = 1
+    for width in shape:
+        paths *= width
+    max_len = max(len(p) for p in prompts) + max_new_tokens + len(shape) + 2
+    runner = FeatureRunner(model, device, dtype, 1 + 2 * paths, max_len)  # slot 0: the session; two pools of paths
+    vocab_index = model.draft_vocab
+    layers = model.taps or True
+    cache = target_engine.new_cache(1 + paths, max_len)
+    per_prompt, generated = [], 0
+    for prompt in prompts:
+        tokens = list(prompt)
+        _, _, feats = target_engine.forward_flat(cache, [Row(0, 0, tokens[:-1])], hidden=layers)
+        valid, accepted_per_step = 0, []
+        while True:
+            n = feats.shape[0]  # = len(tokens) - 1: row p of the drafter is token p + 1 with the target's state p
+            start = min(valid, n - 1)
+            logits, h = runner.step([Row(0, start, tokens[start + 1 : n + 1])], [feats[start:n]])
+            valid = n
+            frontier = [([], 0, h[0], logits[0])]  # (path tokens, drafter slot, predicted state, next logits)
+            for depth, width in enumerate(shape):
+                children = []
+                for path, slot, state, row_logits in frontier:
+                    top = row_logits.topk(width).indices
+                    top = top if vocab_index is None else vocab_index[top.to(vocab_index.device)]
+                    children += [(path + [int(t)], slot, state) for t in top.tolist()]
+                if depth == len(shape) - 1:
+                    leaves = [path for path, _, _ in children]
+                    break
+                pool = 1 + (depth % 2) * paths  # children's slots; their parents' are in the other pool (or 0)
+                for i, (_, parent, _) in enumerate(children):
+                    _copy_kv(runner.cache, parent, pool + i, 0, n + depth)
+                rows = [Row(pool + i, n + depth, [path[-1]]) for i, (path, _, _) in enumerate(children)]
+                step_logits, step_h = runner.step(rows, [state[None] for _, _, state in children])
+                frontier = [(path, pool + i, step_h[i], step_logits[i]) for i, (path, _, _) in enumerate(children)]
+            target_len = len(tokens) - 1
+            for i in range(len(leaves)):
+                _copy_kv(cache, 0, 1 + i, 0, target_len)
+            rows = [Row(1 + i, target_len, [tokens[-1], *path], all_logits=True) for i, path in enumerate(leaves)]
+            flat, sizes, hidden = target_engine.forward_flat(cache, rows, hidden=layers)
+            picks = flat.argmax(-1).view(len(leaves), -1).tolist()  # [paths, depth + 1]
+            agree = []
+            for path, pick in zip(leaves, picks):
+                m = 0
+                while m < len(path) and path[m] == pick[m]:
+                    m += 1
+                agree.append(m)
+            best = max(range(len(leaves)), key=lambda i: (agree[i], -i))
+            m = agree[best]
+            _copy_kv(cache, 1 + best, 0, target_len, target_len + m + 1)
+            feats = torch.cat((feats, hidden.view(len(leaves), len(shape) + 1, -1)[best, : m + 1]))
+            accepted_per_step.append(m)
+            done = False
+            for token in leaves[best][:m] + [picks[best][m]]:
+                tokens.append(token)
+                if token in eos_ids or len(tokens) - len(prompt) >= max_new_tokens:
+                    done = True
+                    break
+            if done:
+                break
+        generated += len(tokens) - len(prompt)
+        per_prompt.append({"tokens": tokens[len(prompt):], "accepted": accepted_per_step})
+    steps = [m for p in per_prompt for m in p["accepted"]]
+    return {
+        "tree": shape, "nodes": sum(math.prod(shape[: d + 1]) for d in range(len(shape))), "paths": paths,
+        "tau": round(sum(m + 1 for m in steps) / max(1, len(steps)), 4), "verify_steps": len(steps),
+        "generated_tokens": generated,
+        "per_prompt_tau": [round(sum(m + 1 for m in p["accepted"]) / max(1, len(p["accepted"])), 3)
+                           for p in per_prompt],
+        "outputs": [p["tokens"] for p in per_prompt],
+    }
+
+
 def summarize(sessions, k) -> dict:
     steps = [step for s in sessions for step in s.steps]
     reached = [sum(1 for d, n in steps if d > i and n >= i) for i in range(k)]
@@ -316,6 +408,9 @@ def add_parser(subparsers, summary: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--hf-crosscheck", type=int, default=0, metavar="N", help="also run transformers' assisted generation on N prompts"
     )
+    p.add_argument("--tree", metavar="K1,K2,...",
+                   help="also measure greedy tau with a static draft tree of a feature drafter (top-K per depth, "
+                        "e.g. 4,2,2,1,1), offline, one prompt at a time")
     p.add_argument("--json", help="write the results here")
     p.set_defaults(func=run)
     return p
@@ -359,6 +454,16 @@ def run(args) -> int:
             results["hf_assisted_generation_greedy"] = check
             print(f"{spec}  transformers assisted generation (greedy, k={args.k}, {check['prompts']} prompts): "
                   f"{check['tokens_per_target_forward']:.3f} tokens per target forward")
+        if args.tree and isinstance(drafter, _FeatureDrafter):
+            shape = [int(k) for k in args.tree.split(",")]
+            started = time.perf_counter()
+            stats = measure_tree(target_engine, drafter.model, prompts, shape, args.max_new_tokens, eos_ids, device,
+                                 dtype)
+            stats["seconds"] = round(time.perf_counter() - started, 1)
+            stats.pop("outputs")
+            results[f"tree={args.tree}"] = stats
+            print(f"{spec}  T=0  tree {args.tree} ({stats['nodes']} nodes)  tau={stats['tau']:.3f}  "
+                  f"({stats['verify_steps']} steps, {stats['generated_tokens']} tokens, {stats['seconds']} s)")
         report["drafters"][spec] = results
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

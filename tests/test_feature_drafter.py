@@ -376,3 +376,30 @@ def test_draft_picks_draw_each_token_with_its_declared_probability():
     assert counts[4] == 0 and 4 not in declared  # outside the top 5: never drawn
     greedy, _, _ = draft_picks(logits, torch.zeros(1), torch.tensor([0.99], dtype=torch.float64), 5)
     assert greedy.tolist() == [0]
+
+
+def test_tree_drafts_keep_greedy_decoding_and_a_chain_shaped_tree_is_the_chain(engine, eos, tokenizer):
+    """eval-drafter --tree: a static tree's walk commits greedy decoding's tokens, and a tree of one node per depth
+    measures what the chain loop measures (same drafts, same verdicts)."""
+    from specdec import models
+    from specdec.eval_drafter import _FeatureDrafter, measure, measure_tree
+    from specdec.sampling import SamplingConfig
+
+    model = load_feature_drafter("drafters/smollm2-135m-instruct-fused", models.DEFAULT_TARGET)
+    prompts = [list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=False))
+               for text in ("Name three colors.", "What is a hash table?")]
+    new = 12
+    reference = []
+    for prompt in prompts:  # plain greedy decoding on the same engine
+        cache = engine.new_cache(1, len(prompt) + new + 2)
+        first = int(engine.forward(cache, [Row(0, 0, prompt)])[0][-1].argmax())
+        tokens = [first, *engine.decode_greedy(cache, [Row(0, len(prompt), [first])], new - 1)[0]]
+        reference.append(next((tokens[: i + 1] for i, t in enumerate(tokens) if t in eos), tokens))
+    tree = measure_tree(engine, model, prompts, [2, 2, 1], new, eos, "cpu", torch.float32)
+    assert tree["outputs"] == reference and tree["nodes"] == 2 + 4 + 4 and tree["tau"] >= 1.0
+    chain_shaped = measure_tree(engine, model, prompts, [1, 1, 1], new, eos, "cpu", torch.float32)
+    drafter = _FeatureDrafter(model, len(prompts), max(map(len, prompts)) + new + 8, "cpu", torch.float32)
+    chain = measure(engine, drafter, prompts, 3, SamplingConfig(temperature=0.0), new, eos, 0, "cpu")
+    assert chain_shaped["outputs"] == reference
+    assert chain_shaped["tau"] == pytest.approx(chain["tau"], abs=1e-6)
