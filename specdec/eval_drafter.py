@@ -416,7 +416,19 @@ def add_parser(subparsers, summary: str) -> argparse.ArgumentParser:
     return p
 
 
+def tree_shape(spec: str) -> list[int]:
+    """`--tree 4,2,2,1,1` -> [4, 2, 2, 1, 1]: the top-K drafted at each depth, each at least 1."""
+    try:
+        shape = [int(k) for k in spec.split(",")]
+    except ValueError:
+        shape = []
+    if not shape or min(shape) < 1:
+        raise SystemExit(f"--tree {spec!r}: give the top-K at each depth, comma-separated, e.g. 4,2,2,1,1")
+    return shape
+
+
 def run(args) -> int:
+    shape = tree_shape(args.tree) if args.tree else None
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tokenizer = models.load_tokenizer(args.target)
@@ -454,8 +466,9 @@ def run(args) -> int:
             results["hf_assisted_generation_greedy"] = check
             print(f"{spec}  transformers assisted generation (greedy, k={args.k}, {check['prompts']} prompts): "
                   f"{check['tokens_per_target_forward']:.3f} tokens per target forward")
-        if args.tree and isinstance(drafter, _FeatureDrafter):
-            shape = [int(k) for k in args.tree.split(",")]
+        if args.tree and not isinstance(drafter, _FeatureDrafter):
+            print(f"{spec}  --tree skipped: trees are drafted by feature drafters only")
+        elif args.tree:
             started = time.perf_counter()
             stats = measure_tree(target_engine, drafter.model, prompts, shape, args.max_new_tokens, eos_ids, device,
                                  dtype)
