@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from specdec import models  # noqa: E402
 from specdec.engine import LlamaEngine, Row  # noqa: E402
-from specdec.eval_drafter import read_prompts  # noqa: E402
+from specdec.eval_drafter import read_prompts, tree_nodes  # noqa: E402
 from specdec.feature_drafter import load_feature_drafter  # noqa: E402
 from verifier_service.app import eos_ids_of  # noqa: E402
 
@@ -100,14 +100,6 @@ def walk(ranks: torch.Tensor, shape: list[int]) -> list[int]:
     return accepted
 
 
-def nodes(shape: list[int]) -> int:
-    total, width = 0, 1
-    for k in shape:
-        width *= k
-        total += width
-    return total
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", default=models.DEFAULT_TARGET, help="target model SPEC")
@@ -138,8 +130,8 @@ def main(argv=None) -> int:
     for shape in shapes:
         steps = [m for ranks in all_ranks for m in walk(ranks, shape)]
         tau = sum(m + 1 for m in steps) / max(1, len(steps))
-        results.append({"shape": shape, "nodes": nodes(shape), "tau": round(tau, 3), "verify_steps": len(steps)})
-        print(f"tree {','.join(map(str, shape)):<18} {nodes(shape):>4} nodes   tau {tau:.3f}")
+        results.append({"shape": shape, "nodes": tree_nodes(shape), "tau": round(tau, 3), "verify_steps": len(steps)})
+        print(f"tree {','.join(map(str, shape)):<18} {tree_nodes(shape):>4} nodes   tau {tau:.3f}")
     # top-K hit rate by depth along the correct path, given the path so far (what each depth's K buys)
     by_depth = []
     for d in range(depth):

@@ -115,10 +115,14 @@ class _FeatureDrafter:
         self.runner = FeatureRunner(model, device, dtype, num_slots, max_len)
         self.model = model
         self.draft_vocab = model.draft_vocab
-        self.taps = model.taps  # the target layers it reads (None: the last)
         self.features: dict[int, torch.Tensor] = {}  # slot -> [committed tokens - 1, hidden]: all but the last's
         self.valid: dict[int, int] = {}  # slot -> rows in the drafter's cache made from the target's features
         self._probs = None
+
+    @property
+    def taps(self) -> list[int] | None:
+        """The target layers it reads (None: the last alone)."""
+        return self.model.taps
 
     def observe(self, session, features: torch.Tensor) -> None:
         old = self.features.get(session.slot)
@@ -233,6 +237,11 @@ def measure(target_engine, drafter, prompts, k, config, max_new_tokens, eos_ids,
     return summarize(sessions, k)
 
 
+def tree_nodes(shape: list[int]) -> int:
+    """Draft tokens a static tree of this shape (top-K per depth) holds: sum over depths of K_1 * ... * K_d."""
+    return sum(math.prod(shape[: d + 1]) for d in range(len(shape)))
+
+
 def _copy_kv(cache, src: int, dst: int, begin: int, end: int) -> None:
     """KV positions begin..end-1 of slot src into slot dst, every layer."""
     for keys, values in zip(cache.keys, cache.values):
@@ -251,9 +260,7 @@ def measure_tree(target_engine, model, prompts, shape: list[int], max_new_tokens
     the target's next token: greedy decoding's tokens, as for a chain. Offline only: serving verifies chains."""
     from specdec.feature_drafter import FeatureRunner
 
-    paths = 1
-    for width in shape:
-        paths *= width
+    paths = math.prod(shape)
     max_len = max(len(p) for p in prompts) + max_new_tokens + len(shape) + 2
     runner = FeatureRunner(model, device, dtype, 1 + 2 * paths, max_len)  # slot 0: the session; two pools of paths
     vocab_index = model.draft_vocab
@@ -314,7 +321,7 @@ def measure_tree(target_engine, model, prompts, shape: list[int], max_new_tokens
         per_prompt.append({"tokens": tokens[len(prompt):], "accepted": accepted_per_step})
     steps = [m for p in per_prompt for m in p["accepted"]]
     return {
-        "tree": shape, "nodes": sum(math.prod(shape[: d + 1]) for d in range(len(shape))), "paths": paths,
+        "tree": shape, "nodes": tree_nodes(shape), "paths": paths,
         "tau": round(sum(m + 1 for m in steps) / max(1, len(steps)), 4), "verify_steps": len(steps),
         "generated_tokens": generated,
         "per_prompt_tau": [round(sum(m + 1 for m in p["accepted"]) / max(1, len(p["accepted"])), 3)

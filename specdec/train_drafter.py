@@ -410,24 +410,23 @@ def student_name(kind) -> str:
     return kind if feature_layers(kind) else f"L{kind}"
 
 
-def new_student(target, num_layers, embed, lm_head, draft_vocab, taps=None, init_from=None, target_spec=None):
-    """A drafter to train (its layers started from the target's, or for a feature drafter from the feature drafter
-    artifact `init_from`) and where it started from (target layers, or the artifact)."""
+def new_student(target, num_layers, embed, lm_head, draft_vocab, taps=None, base=None, base_name=None):
+    """A drafter to train (its layers started from the target's, or for a feature drafter from `base`, the loaded
+    feature drafter artifact `base_name`) and where it started from (target layers, or the artifact)."""
+    cfg = target.config.to_dict()
+    for key in drafter_model.CHECKPOINT_ONLY_KEYS:
+        cfg.pop(key, None)
     layers = feature_layers(num_layers)
     if layers:
-        from specdec.feature_drafter import FeatureDrafterModel, load_feature_drafter
+        from specdec.feature_drafter import FeatureDrafterModel
 
-        cfg = target.config.to_dict()
-        for key in drafter_model.CHECKPOINT_ONLY_KEYS:
-            cfg.pop(key, None)
         fused = _feature_kind(num_layers) == FUSED
         student = FeatureDrafterModel(cfg, embed, lm_head, draft_vocab, num_layers=layers, taps=taps if fused else None)
-        if init_from:
+        if base is not None:
             # its layers, norm and fc, and a fused artifact's `fuse`; a fused drafter started from a last-layer one
             # keeps its `fuse` passing the last layer through, so it starts out drafting as that one does
-            base = load_feature_drafter(init_from, target_spec)
             if base.config.num_hidden_layers != layers or (base.taps and base.taps != student.taps):
-                raise SystemExit(f"--init-from {init_from}: it has {base.config.num_hidden_layers} layer(s) and reads "
+                raise SystemExit(f"--init-from {base_name}: it has {base.config.num_hidden_layers} layer(s) and reads "
                                  f"layers {base.taps or 'last'}; {num_layers!r} needs {layers} layer(s) and reads "
                                  f"{student.taps or 'last'} (or the last alone, for a fused drafter)")
             student.lm.model.layers.load_state_dict(base.lm.model.layers.state_dict())
@@ -435,14 +434,11 @@ def new_student(target, num_layers, embed, lm_head, draft_vocab, taps=None, init
             student.fc.load_state_dict(base.fc.state_dict())
             if base.fuse is not None:
                 student.fuse.load_state_dict(base.fuse.state_dict())
-            return student, str(init_from)
+            return student, str(base_name)
         student.init_from_target(target)
         total = target.config.num_hidden_layers
         return student, list(range(total - layers, total))
-    cfg = target.config.to_dict()
     cfg["num_hidden_layers"] = num_layers
-    for key in drafter_model.CHECKPOINT_ONLY_KEYS:
-        cfg.pop(key, None)
     student = drafter_model.build_drafter(cfg, embed, lm_head, draft_vocab)
     sources = init_layers(num_layers, target.config.num_hidden_layers)
     for mine, theirs in zip(student.model.layers, sources):
@@ -679,9 +675,14 @@ def run(args) -> int:
     taps = fuse_layers(args.fuse_layers, target.config.num_hidden_layers)
     # the target layers (besides the last) whose outputs the batches keep: those `fused` students read
     batch_taps = tuple(taps[:-1]) if any(_feature_kind(n) == FUSED for n in sizes) else ()
+    base = None  # --init-from's drafter, loaded once for every feature student
+    if args.init_from and any(feature_layers(n) for n in sizes):
+        from specdec.feature_drafter import load_feature_drafter
+
+        base = load_feature_drafter(args.init_from, args.target)
     students, sources, optimizers = [], [], []
     for n in sizes:
-        student, src = new_student(target, n, embed, lm_head, draft_vocab, taps, args.init_from, args.target)
+        student, src = new_student(target, n, embed, lm_head, draft_vocab, taps, base, args.init_from)
         student.to(device).train()
         students.append(student)
         sources.append(src)
