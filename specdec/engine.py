@@ -67,6 +67,13 @@ class Row:
     start: int  # tokens of this session already in its KV slot; the first new token goes at this position
     tokens: list[int]  # new tokens, at positions start .. start + len(tokens) - 1
     all_logits: bool = False  # logits for every new token (verification) or only the last (prefill, decode)
+    # A draft tree instead of a chain: the KV from index tree_base (<= start) on holds tree nodes, which see the
+    # cache before tree_base and their own ancestors only. visible[t]: the offsets from tree_base of the keys new
+    # token t sees there, its ancestors' and its own (start - tree_base + t); its RoPE position is tree_base +
+    # len(visible[t]) - 1 (its depth), while its KV goes to index start + t. None: a chain (each token sees all
+    # before it). Rows of one pass may mix chains and trees.
+    tree_base: int | None = None
+    visible: list[list[int]] | None = None
 
 
 class KVCache:
@@ -94,6 +101,18 @@ class KVCache:
     @property
     def free_slots(self) -> int:
         return len(self._free)
+
+    @torch.inference_mode()
+    def move(self, slots: list[int], sources: list[int], targets: list[int]) -> None:
+        """Copies the KV at index sources[i] of slot slots[i] to index targets[i], every layer, all entries read
+        before any is written: a draft tree's accepted path moved to where its tokens sit as a chain."""
+        if not slots:
+            return
+        device = self.keys[0].device
+        slot, source, target = (torch.tensor(v, device=device) for v in (slots, sources, targets))
+        for keys, values in zip(self.keys, self.values):
+            keys[slot, :, target] = keys[slot, :, source]
+            values[slot, :, target] = values[slot, :, source]
 
 
 class _Layer:
@@ -131,6 +150,7 @@ class LlamaEngine:
     """The forward pass of a Llama-family model over a KVCache."""
 
     supports_prefix_cache = True  # its KVCache layout is what specdec.prefix_cache copies blocks from
+    supports_trees = True  # Row's tree fields, and KVCache.move for the accepted path
 
     def __init__(self, hf_model, device="cpu", dtype=torch.float32, cuda_graphs: bool | None = None,
                  compile: bool | None = None):
@@ -156,7 +176,7 @@ class LlamaEngine:
     def new_cache(self, num_slots: int, max_len: int) -> KVCache:
         return KVCache(self.shape, num_slots, max_len, self.device, self.dtype)
 
-    def enable_cuda_graphs(self, max_batch: int = 256, max_width: int = 16, compile: bool = False) -> None:
+    def enable_cuda_graphs(self, max_batch: int = 256, max_width: int = 64, compile: bool = False) -> None:
         """Replays decode/verify passes (up to max_batch rows of up to max_width tokens) as CUDA graphs, captured
         lazily per (batch, width, kv length) bucket. Prefills and larger passes stay eager. With `compile`, what
         is captured is the torch.compile'd pass (one compilation, dynamic in batch, width and kv length)."""
@@ -188,11 +208,12 @@ class LlamaEngine:
         ]
         pick_b = torch.tensor([p[0] for p in picks]).to(self.device)
         pick_t = torch.tensor([p[1] for p in picks]).to(self.device)
-        if self._graphs is not None and self._graphs.accepts(batch, width):
+        span = tree_span(rows)
+        if self._graphs is not None and self._graphs.accepts(batch, width) and span <= width:
             x, all_logits = self._graphs.run(cache, rows, kv_len, taps)
             logits = all_logits[pick_b, pick_t].float()
         else:
-            inputs = _pack(rows, batch, width, cache.scratch)
+            inputs = _pack(rows, batch, width, cache.scratch, max(span, width))
             single = rows[0].slot if batch == 1 else None
             x = self._layers(cache, *(t.to(self.device) for t in inputs), kv_len, single, taps)
             # Logits only where a caller reads them: the LM head is a large share of a small model's cost.
@@ -251,20 +272,22 @@ class LlamaEngine:
         self,
         cache: KVCache,
         tokens: torch.Tensor,  # [batch, width] long
-        positions: torch.Tensor,  # [batch, width] long
+        positions: torch.Tensor,  # [batch, width] long: RoPE positions
         write_slots: torch.Tensor,  # [batch * width] long: the slot each token's KV goes to (scratch for padding)
-        write_pos: torch.Tensor,  # [batch * width] long
+        write_pos: torch.Tensor,  # [batch * width] long: the KV index it goes to
         slots: torch.Tensor,  # [batch] long
+        base: torch.Tensor,  # [batch] long: each row sees every key before this index (Row.tree_base, or start)
+        visible: torch.Tensor,  # [batch, width, span] bool: and those at base + j where visible[b, t, j]
         kv_len: int,  # keys 0..kv_len-1 are read; the same for all rows (masked per row)
         single_slot: int | None = None,  # batch of one: read its slot as a view instead of a gather
         taps: tuple[int, ...] = (),  # layers whose outputs come before the last's in the result (see _blocks)
     ) -> torch.Tensor:
         """The transformer layers; no host synchronization inside, so the pass can be graph-captured."""
-        return self._blocks(cache, self.embed[tokens], positions, write_slots, write_pos, slots, kv_len, single_slot,
-                            taps)
+        return self._blocks(cache, self.embed[tokens], positions, write_slots, write_pos, slots, base, visible, kv_len,
+                            single_slot, taps)
 
-    def _blocks(self, cache: KVCache, x: torch.Tensor, positions, write_slots, write_pos, slots, kv_len: int,
-                single_slot: int | None = None, taps: tuple[int, ...] = ()) -> torch.Tensor:
+    def _blocks(self, cache: KVCache, x: torch.Tensor, positions, write_slots, write_pos, slots, base, visible,
+                kv_len: int, single_slot: int | None = None, taps: tuple[int, ...] = ()) -> torch.Tensor:
         """The layers over input states x [batch, width, hidden] (token embeddings, or a feature drafter's
         fused inputs); the other arguments as in `_layers`. Returns the last layer's output, before the norm,
         after the outputs of the layers in `taps` when given ([batch, width, (len(taps) + 1) * hidden])."""
@@ -272,8 +295,7 @@ class LlamaEngine:
         s = self.shape
         batch, width = x.shape[:2]
         dev = x.device
-        # mask [batch, 1, width, kv_len]: a query at position p sees keys 0..p of its own slot
-        mask = (torch.arange(kv_len, device=dev)[None, None, :] <= positions[:, :, None])[:, None]
+        mask = _attention_mask(base, visible, kv_len)  # [batch, 1, width, kv_len]
         freqs = positions[..., None].float() * self.inv_freq  # [batch, width, head_dim / 2]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = (emb.cos() * self.attention_scaling).to(self.dtype)[:, None]  # [batch, 1, width, head_dim]
@@ -312,29 +334,62 @@ class LlamaEngine:
         return torch.cat((*kept, x), dim=-1) if kept else x
 
 
-def _pack(rows: list[Row], batch: int, width: int, scratch: int):
-    """Host tensors for a pass: tokens and positions [batch, width], write targets [batch * width], slots [batch].
-    Rows past len(rows) and tokens past a row's length are padding: they write to the scratch slot, and a padding
-    query sits at its row's last position, so it sees a real key and its softmax stays finite.
+def _attention_mask(base: torch.Tensor, visible: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """[batch, 1, width, kv_len] bool: query t of row b sees key k if k < base[b], or k = base[b] + j with
+    visible[b, t, j] (see _pack). For a chain that is k <= its position: causal attention."""
+    batch, width, span = visible.shape
+    offset = torch.arange(kv_len, device=base.device)[None, None, :] - base[:, None, None]  # [batch, 1, kv_len]
+    seen = visible.gather(-1, offset.clamp(0, span - 1).expand(batch, width, kv_len))
+    return ((offset < 0) | (seen & (offset < span)))[:, None]
 
-    Built from flat Python lists with a handful of tensor ops, whatever the batch: per-row tensor writes took
-    6.4 ms per tick at 256 rows of 6 tokens (0.54 ms this way), time a GPU step would wait on."""
+
+def tree_span(rows: list[Row]) -> int:
+    """The widest stretch of KV from a row's tree base (or start) to its last new token: the `span` of _pack."""
+    return max(r.start - (r.start if r.tree_base is None else r.tree_base) + len(r.tokens) for r in rows)
+
+
+def _pack(rows: list[Row], batch: int, width: int, scratch: int, span: int | None = None):
+    """Host tensors for a pass: tokens and RoPE positions [batch, width], write targets (slot, KV index)
+    [batch * width], slots [batch], and what each token sees: every key before base [batch] and those at base + j
+    where visible [batch, width, span] says so (span: at least tree_span(rows); default width). Rows past len(rows)
+    and tokens past a row's length are padding: they write to the scratch slot, and a padding query sits where its
+    row's last token does and sees what it sees, so its softmax stays finite.
+
+    Chains (every row of a plain pass) are built from flat Python lists with a handful of tensor ops, whatever the
+    batch: per-row tensor writes took 6.4 ms per tick at 256 rows of 6 tokens (0.54 ms this way), time a GPU step
+    would wait on. Tree rows fill their own entries after."""
+    span = span or width
     tokens = torch.zeros(batch, width, dtype=torch.long)
     positions = torch.zeros(batch, width, dtype=torch.long)
     write_slots = torch.full((batch, width), scratch, dtype=torch.long)
+    write_pos = torch.zeros(batch, width, dtype=torch.long)
     slots = torch.full((batch,), scratch, dtype=torch.long)
+    base = torch.zeros(batch, dtype=torch.long)
+    offsets = torch.arange(width)[None, :]  # [1, width]
+    # a chain's token t sees base + 0..t (padding: as its row's last token); rows past len(rows) as row 0's first
+    visible = (torch.arange(span)[None, None, :] <= offsets[..., None]).expand(batch, width, span).clone()
     n = len(rows)
     if n:
         lengths = torch.tensor([len(r.tokens) for r in rows])  # [n]
         row_slots = torch.tensor([r.slot for r in rows])  # [n]
         tokens[:n] = torch.tensor([r.tokens + [0] * (width - len(r.tokens)) for r in rows])
-        offsets = torch.arange(width)[None, :]  # [1, width]
         starts = torch.tensor([r.start for r in rows])[:, None]  # [n, 1]
-        positions[:n] = starts + torch.minimum(offsets, lengths[:, None] - 1)
+        last = torch.minimum(offsets, lengths[:, None] - 1)  # [n, width]
+        positions[:n] = starts + last
         write_slots[:n] = torch.where(offsets < lengths[:, None], row_slots[:, None], scratch)
+        write_pos[:n] = torch.where(offsets < lengths[:, None], starts + offsets, 0)
         slots[:n] = row_slots
-    write_pos = torch.where(write_slots == scratch, 0, positions)
-    return tokens, positions, write_slots.reshape(-1), write_pos.reshape(-1), slots
+        base[:n] = starts[:, 0]
+        visible[:n] = visible[:n].gather(1, last[..., None].expand(n, width, span))
+        for b, r in enumerate(rows):
+            if r.visible is not None:
+                base[b] = r.tree_base
+                for t in range(width):
+                    seen = r.visible[min(t, len(r.tokens) - 1)]
+                    visible[b, t] = False
+                    visible[b, t, seen] = True
+                    positions[b, t] = r.tree_base + len(seen) - 1
+    return tokens, positions, write_slots.reshape(-1), write_pos.reshape(-1), slots, base, visible
 
 
 _LOOKAHEAD = 2  # decode_greedy queues at most this many steps ahead of the device
@@ -346,7 +401,7 @@ def _greedy_steps(step, inputs, steps: int, scratch: int, more=None) -> torch.Te
     more(i), when given, is asked before queuing step i > 0 and stops the run when it says no; on CUDA the host
     stays at most _LOOKAHEAD steps ahead of the device (it waits on an event, which drains nothing), so what more()
     sees is at most that many steps old and stopping takes effect within as many steps."""
-    tokens, positions, write_slots, write_pos, _ = inputs
+    tokens, positions, write_slots, write_pos, _, base, _ = inputs
     out = torch.empty(tokens.shape[0], steps, dtype=torch.long, device=tokens.device)
     done: list = []  # on CUDA: an event after each queued step
     ran = 0
@@ -355,6 +410,7 @@ def _greedy_steps(step, inputs, steps: int, scratch: int, more=None) -> torch.Te
         # the next step's inputs: each row's new token one position on (padding stays padding)
         tokens[:, 0] = out[:, ran]
         positions += 1
+        base += 1
         write_pos.copy_(torch.where(write_slots == scratch, 0, positions.reshape(-1)))
         ran += 1
         if tokens.is_cuda:
@@ -396,13 +452,15 @@ class _GraphRunner:
             mode = os.environ.get("SPECDEC_COMPILE_MODE") or None
             self.step = torch.compile(self._eager_step, dynamic=True, mode=mode)
 
-    def _eager_step(self, cache: KVCache, tokens, positions, write_slots, write_pos, slots, length: int,
-                    taps: tuple[int, ...] = ()):
-        x = self.engine._layers(cache, tokens, positions, write_slots, write_pos, slots, length, taps=taps)
+    def _eager_step(self, cache: KVCache, tokens, positions, write_slots, write_pos, slots, base, visible,
+                    length: int, taps: tuple[int, ...] = ()):
+        x = self.engine._layers(cache, tokens, positions, write_slots, write_pos, slots, base, visible, length,
+                                taps=taps)
         return x, self.engine._head(x[..., -self.engine.shape.hidden_size :])
 
     def accepts(self, batch: int, width: int) -> bool:
-        return batch <= self.max_batch and width <= self.max_width
+        # wide passes (draft trees) only for few rows: a graph's logits buffer is [batch, width, vocab]
+        return batch <= self.max_batch and width <= self.max_width and batch * width <= self.max_batch * 16
 
     def run(self, cache: KVCache, rows: list[Row], kv_len: int, taps: tuple[int, ...] = ()) -> torch.Tensor:
         width = _bucket(max(len(r.tokens) for r in rows), self.floor)

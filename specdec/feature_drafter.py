@@ -28,14 +28,16 @@ with a KV slot per session. Verification stays lossless whatever the features: t
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from specdec import drafter_model
-from specdec.engine import LlamaEngine, Row, _bucket, _pack
-from specdec.sampling import draft_picks
+from specdec.engine import LlamaEngine, Row, _bucket, _pack, tree_span
+from specdec.sampling import draft_picks, draw_without_replacement
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +192,49 @@ def load_feature_drafter(artifact_dir, target_spec: str) -> FeatureDrafterModel:
     return model.eval()
 
 
+@dataclass
+class DraftTree:
+    """A draft tree after a session's newest committed token (its root): node i is tokens[i] (a target id), the
+    child of node parents[i] (-1: the root), listed level by level, so parents come first."""
+
+    tokens: list[int]
+    parents: list[int]
+    # per node, the distribution it was drawn from (target ids, float32 probabilities); ([], []) = a point mass
+    distributions: list[tuple[list[int], list[float]]]
+
+
+def _ancestors(parents: list[int], node: int) -> list[int]:
+    """The node and its ancestors below the root."""
+    path = []
+    while node >= 0:
+        path.append(node)
+        node = parents[node]
+    return path
+
+
+def _children(logits: torch.Tensor, branch: int, temperature: float, generator, top_n: int,
+              vocab: torch.Tensor | None):
+    """Per expanded node (logits [nodes, draft vocab]; vocab: the target id of each draft-vocabulary index, None =
+    the same): the target ids of its `branch` children [nodes][branch], their log draft probabilities (-inf for a
+    child with no mass left) and, for sampled rows, each child's declared (target ids, float32 probabilities);
+    None for greedy rows (point masses)."""
+    def target_ids(index: torch.Tensor) -> list:
+        return (index if vocab is None else vocab[index]).tolist()
+
+    if temperature <= 0:
+        top = logits.log_softmax(-1).topk(branch, dim=-1)
+        return target_ids(top.indices), top.values.tolist(), None
+    tempered = (logits.double() / temperature).topk(min(top_n, logits.shape[-1]), dim=-1)
+    probs = tempered.values.softmax(-1)
+    uniforms = torch.rand(logits.shape[0], branch, generator=generator, dtype=torch.float64).to(logits.device)
+    picks, declared = draw_without_replacement(probs, uniforms)  # [nodes, branch], [nodes, branch, top_n]
+    mass = declared.gather(-1, picks[..., None])[..., 0]
+    logq = probs.gather(-1, picks).log().masked_fill(mass <= 0, -math.inf)
+    ids, declared = target_ids(tempered.indices), declared.float().tolist()
+    return (target_ids(tempered.indices.gather(-1, picks)), logq.tolist(),
+            [[(ids[e], declared[e][c]) for c in range(branch)] for e in range(logits.shape[0])])
+
+
 class FeatureRunner:
     """Runs a FeatureDrafterModel over a slotted KV cache: one ragged pass per drafting step for many sessions.
 
@@ -197,7 +242,7 @@ class FeatureRunner:
     bucket, as the engine's own passes do: one eager layer is ~20 small kernels, and launching them costs more
     than running them (measured on an H200: 2.27 ms per eager drafting step, 4x a graphed two-layer drafter)."""
 
-    MAX_GRAPH_BATCH, MAX_GRAPH_WIDTH = 64, 16
+    MAX_GRAPH_BATCH, MAX_GRAPH_WIDTH = 64, 64  # width: a draft tree's span
 
     def __init__(self, model: FeatureDrafterModel, device, dtype, num_slots: int, max_len: int,
                  cuda_graphs: bool | None = None):
@@ -211,19 +256,20 @@ class FeatureRunner:
         self._fuse = None if model.fuse is None else model.fuse.weight.detach().to(self.engine.device, dtype)
         if cuda_graphs is None:
             cuda_graphs = self.engine.device.type == "cuda"
-        self._graphs: dict[tuple[int, int, int], tuple] | None = {} if cuda_graphs else None
+        self._graphs: dict[tuple[int, int, int, int], tuple] | None = {} if cuda_graphs else None
         self._pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
 
-    def _pass(self, tokens, positions, write_slots, write_pos, slots, feats, kv_len: int):
+    def _pass(self, tokens, positions, write_slots, write_pos, slots, base, visible, feats, kv_len: int):
         """Device work only (capturable): predicted features [batch, width, hidden] and their logits."""
         engine = self.engine
         x = F.linear(torch.cat((unit_rms(engine.embed[tokens]), unit_rms(feats)), dim=-1), self.fc_weight, self.fc_bias)
-        h = engine._blocks(self.cache, x, positions, write_slots, write_pos, slots, kv_len)
+        h = engine._blocks(self.cache, x, positions, write_slots, write_pos, slots, base, visible, kv_len)
         return h, engine._head(h)
 
-    def _inputs(self, rows: list[Row], features: list[torch.Tensor], batch: int, width: int) -> list[torch.Tensor]:
+    def _inputs(self, rows: list[Row], features: list[torch.Tensor], batch: int, width: int,
+                span: int | None = None) -> list[torch.Tensor]:
         dev = self.engine.device
-        packed = [t.to(dev) for t in _pack(rows, batch, width, self.cache.scratch)]
+        packed = [t.to(dev) for t in _pack(rows, batch, width, self.cache.scratch, span)]
         feats = torch.zeros(batch, width, self.hidden_size, device=dev, dtype=self.engine.dtype)
         for b, f in enumerate(features):
             feats[b, : f.shape[0]] = self._input_state(f.to(dev, self.engine.dtype))
@@ -242,12 +288,82 @@ class FeatureRunner:
         device; [n_b, feature_width] for the target's own when the drafter taps several layers). Returns, for each row's last token, draft logits [batch, draft vocab] float32 and the
         predicted feature [batch, hidden]: the input feature of the token drafted after it."""
         dev = self.engine.device
-        batch, width = len(rows), max(len(r.tokens) for r in rows)
-        kv_len = max(r.start + len(r.tokens) for r in rows)
-        h, logits = self._forward(lambda b, w: self._inputs(rows, features, b, w), batch, width, kv_len)
+        batch = len(rows)
+        h, logits = self._run(rows, features)
         b = torch.arange(batch, device=dev)
         t = torch.tensor([len(r.tokens) - 1 for r in rows], device=dev)
         return logits[b, t].float(), h[b, t]
+
+    @torch.inference_mode()
+    def draft_tree(self, rows: list[Row], features: list[torch.Tensor], depth: int, branch: int, beam: int,
+                   temperatures: list[float] | None = None, generators: list | None = None,
+                   top_n: int = 64) -> list[DraftTree]:
+        """A draft tree after each row (rows and features as for `step`), `depth` levels deep: the root (the row's
+        last token) gets `branch` children; at each next level the `beam` nodes of the level with the highest
+        draft probability of their path get `branch` children each (so the tree has branch + (depth - 1) * beam
+        * branch nodes at most). One pass per level for all rows: the nodes to expand are written to the KV after
+        the row's tokens, each seeing the committed tokens and its own ancestors (engine.Row's tree fields), fed
+        its parent's predicted feature as a chain feeds them. Nothing of the tree stays valid in the slot: the next
+        draft overwrites it.
+
+        Greedy rows (temperatures None or 0) take each node's `branch` most likely tokens and declare point
+        masses; sampled rows draw them without replacement from the node's tempered top_n distribution
+        (specdec.sampling.draw_without_replacement, with uniforms from generators[b], so a seeded session drafts
+        the same again) and declare, for each, the distribution it was drawn from: what verify_tree needs to stay
+        lossless. Siblings are never pruned by what was drawn; which nodes are expanded may depend on anything."""
+        dev, vocab = self.engine.device, self._vocab_index
+        temperatures = temperatures or [0.0] * len(rows)
+        h, logits = self._run(rows, features)
+        last = torch.tensor([len(r.tokens) - 1 for r in rows], device=dev)
+        index = torch.arange(len(rows), device=dev)
+        node_logits = logits[index, last].float()[:, None]  # [rows, nodes to expand, draft vocab]
+        node_h = h[index, last][:, None]  # [rows, nodes to expand, hidden]
+        bases = [r.start + len(r.tokens) for r in rows]
+        trees = [DraftTree([], [], []) for _ in rows]
+        scores: list[list[float]] = [[] for _ in rows]  # per node: log draft probability of its path
+        offsets: list[dict[int, int]] = [{} for _ in rows]  # node -> its KV offset from the base, once written
+        expand: list[list[int]] = [[-1] for _ in rows]  # the nodes whose children come next (-1: the root)
+        for level in range(depth):
+            level_nodes = []
+            for b, tree in enumerate(trees):
+                ids, logq, declared = _children(node_logits[b, : len(expand[b])], branch, temperatures[b],
+                                                generators[b] if generators else None, top_n, vocab)
+                first = len(tree.tokens)
+                for e, parent in enumerate(expand[b]):
+                    for c in range(branch):
+                        if not math.isfinite(logq[e][c]):  # fewer tokens than branch have mass here
+                            continue
+                        tree.tokens.append(ids[e][c])
+                        tree.parents.append(parent)
+                        tree.distributions.append(declared[e][c] if declared else ([], []))
+                        scores[b].append((scores[b][parent] if parent >= 0 else 0.0) + logq[e][c])
+                level_nodes.append(list(range(first, len(tree.tokens))))
+            if level == depth - 1:
+                break
+            tree_rows, feats = [], []
+            for b, tree in enumerate(trees):
+                chosen = sorted(level_nodes[b], key=lambda i: -scores[b][i])[:beam]
+                chosen.sort()  # block order, parents first
+                parent_rows = {p: e for e, p in enumerate(expand[b])}
+                visible = []
+                for node in chosen:
+                    offsets[b][node] = len(offsets[b])
+                    visible.append(sorted(offsets[b][a] for a in _ancestors(tree.parents, node)))
+                tree_rows.append(Row(rows[b].slot, bases[b] + len(offsets[b]) - len(chosen),
+                                     [tree.tokens[i] for i in chosen], tree_base=bases[b], visible=visible))
+                feats.append(node_h[b, [parent_rows[tree.parents[i]] for i in chosen]])
+                expand[b] = chosen
+            h, logits = self._run(tree_rows, feats)
+            node_logits, node_h = logits.float(), h
+        return trees
+
+    def _run(self, rows: list[Row], features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass: predicted features [batch', width', hidden] and draft logits [batch', width', draft vocab] of
+        every token of every row (padded to a bucket where a CUDA graph ran it)."""
+        batch, width = len(rows), max(len(r.tokens) for r in rows)
+        kv_len = max(r.start + len(r.tokens) for r in rows)
+        return self._forward(lambda b, w, s: self._inputs(rows, features, b, w, s), batch, width, kv_len,
+                             tree_span(rows))
 
     def draft_greedy(self, rows: list[Row], features: list[torch.Tensor], steps: int) -> list[list[int]]:
         """`draft` for greedy rows: the tokens only."""
@@ -306,38 +422,42 @@ class FeatureRunner:
         rows past len(tokens) are padding, writing to the scratch slot."""
         scratch, n = self.cache.scratch, tokens.shape[0]
 
-        def make(batch: int, width: int) -> list[torch.Tensor]:
+        def make(batch: int, width: int, span: int) -> list[torch.Tensor]:
             pad = batch - n
             padded_slots = F.pad(slots, (0, pad), value=scratch)
             padded_positions = F.pad(positions, (0, pad))
             write_pos = torch.where(padded_slots == scratch, 0, padded_positions)
             padded_feats = F.pad(feats.to(self.engine.dtype), (0, 0, 0, pad))[:, None]
+            visible = torch.zeros(batch, 1, span, dtype=torch.bool, device=tokens.device)
+            visible[..., 0] = True  # a chain of one token: all before it, and itself
             return [F.pad(tokens, (0, pad))[:, None], padded_positions[:, None], padded_slots, write_pos,
-                    padded_slots, padded_feats]
+                    padded_slots, padded_positions, visible, padded_feats]
 
         return make
 
-    def _forward(self, inputs, batch: int, width: int, kv_len: int):
-        """(h, logits) [batch', width', ...] of a pass whose padded inputs inputs(batch', width') makes: a CUDA graph
-        replay of the (batch, width, kv length) bucket where there is one, else the eager pass."""
-        if self._graphs is None or batch > self.MAX_GRAPH_BATCH or width > self.MAX_GRAPH_WIDTH:
-            return self._pass(*inputs(batch, width), kv_len)
-        key = (_bucket(batch), _bucket(width), min(_bucket(kv_len, floor=128), self.cache.max_len))
+    def _forward(self, inputs, batch: int, width: int, kv_len: int, span: int = 1):
+        """(h, logits) [batch', width', ...] of a pass whose padded inputs inputs(batch', width', span') makes (span:
+        engine.tree_span of its rows): a CUDA graph replay of the (batch, width, span, kv length) bucket where there
+        is one, else the eager pass."""
+        span = max(span, width)
+        if self._graphs is None or batch > self.MAX_GRAPH_BATCH or span > self.MAX_GRAPH_WIDTH:
+            return self._pass(*inputs(batch, width, span), kv_len)
+        key = (_bucket(batch), _bucket(width), _bucket(span), min(_bucket(kv_len, floor=128), self.cache.max_len))
         with torch.cuda.device(self.engine.device):
             entry = self._graphs.get(key)
             if entry is None:
                 entry = self._graphs[key] = self._capture(*key)
             if entry is None:  # this runner's graphs failed their check: eager from now on
                 self._graphs = None
-                return self._pass(*inputs(batch, width), kv_len)
+                return self._pass(*inputs(batch, width, span), kv_len)
             graph, buffers, outputs = entry
-            for buffer, value in zip(buffers, inputs(key[0], key[1])):
+            for buffer, value in zip(buffers, inputs(*key[:3])):
                 buffer.copy_(value, non_blocking=True)
             graph.replay()
             return outputs
 
-    def _capture(self, batch: int, width: int, length: int):
-        buffers = self._inputs([], [], batch, width)
+    def _capture(self, batch: int, width: int, span: int, length: int):
+        buffers = self._inputs([], [], batch, width, span)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):

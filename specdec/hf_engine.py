@@ -53,6 +53,7 @@ class TransformersEngine:
     """Runs rows through a transformers causal LM, one row per forward, each with its own cache."""
 
     supports_prefix_cache = False
+    supports_trees = False  # transformers' classes take no tree attention mask here: chains only
 
     def __init__(self, hf_model, device="cpu", dtype=torch.float32):
         self.model = hf_model.to(device=device, dtype=dtype).eval()

@@ -74,3 +74,25 @@ def draft_picks(logits: torch.Tensor, temperatures: torch.Tensor, uniforms: torc
     probs = probs / probs.sum(-1, keepdim=True)
     drawn = top.indices.gather(-1, sample(probs.double(), uniforms.to(logits.device, torch.float64))[:, None])[:, 0]
     return torch.where(temps > 0, drawn, logits.argmax(-1)), top.indices, probs
+
+
+def draw_without_replacement(probs: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """m draws without replacement per row, in order: the first from probs, each next from probs with the tokens
+    already drawn removed and renormalized (a draft tree's siblings, which specdec.verification.verify_tree tests
+    one after another). probs [rows, n] (float64; need not be normalized), uniforms [rows, m] in [0, 1). Returns
+    the picks [rows, m] (indices into the last dimension) and, for each, the normalized distribution it was drawn
+    from [rows, m, n]: what the drafter declares for that sibling. A row with fewer than m tokens of positive
+    mass repeats its last pick (its declared mass there is then 0: the caller drops such picks)."""
+    remaining = probs.clone()
+    picks, declared = [], []
+    for j in range(uniforms.shape[1]):
+        total = remaining.sum(-1, keepdim=True)
+        normalized = torch.where(total > 0, remaining / total.clamp(min=torch.finfo(remaining.dtype).tiny), 0.0)
+        # drawn from what is declared: float32 on the wire, renormalized by the verifier
+        normalized = normalized.float().double()
+        normalized = normalized / normalized.sum(-1, keepdim=True).clamp(min=torch.finfo(normalized.dtype).tiny)
+        pick = sample(normalized, uniforms[:, j])
+        picks.append(pick)
+        declared.append(normalized)
+        remaining = remaining.scatter(-1, pick[:, None], 0.0)
+    return torch.stack(picks, dim=1), torch.stack(declared, dim=1)

@@ -79,3 +79,80 @@ def verify_greedy(
     num_accepted = torch.where(accepted, 0, 1).cumsum(-1).eq(0).sum(-1) if k else torch.zeros_like(draft_lens)
     rows = torch.arange(batch, device=draft_tokens.device)
     return Verdict(num_accepted=num_accepted, next_tokens=target_argmax[rows, num_accepted])
+
+
+@dataclass
+class TreeVerdict:
+    path: list[int]  # the accepted draft nodes from the root down (indices into the block's tokens)
+    next_token: int  # the recovered token after the path, or the bonus token when the path ends at a leaf
+
+
+def tree_children(parents: list[int]) -> list[list[int]]:
+    """Per row (0 = the root, i + 1 = node i): the nodes whose parent it is, in block order. parents[i] is node i's
+    parent, an earlier node's index or -1 for the root (the newest committed token)."""
+    children: list[list[int]] = [[] for _ in range(len(parents) + 1)]
+    for i, parent in enumerate(parents):
+        children[parent + 1].append(i)
+    return children
+
+
+def verify_tree(
+    target_probs: torch.Tensor,  # [n + 1, vocab]: row 0 after the root, row i + 1 after node i (path included)
+    draft_tokens: list[int],  # [n]
+    parents: list[int],  # [n]: -1 (the root) or an earlier node
+    draft_probs: torch.Tensor | None,  # [n, vocab]: the distribution node i was drawn from; None = point masses
+    accept_uniforms: torch.Tensor,  # [n] in [0, 1): node i's test uses entry i
+    sample_uniform: torch.Tensor,  # [] or [1] in [0, 1)
+) -> TreeVerdict:
+    """Speculative sampling over a draft tree: multi-draft recursive rejection (SpecInfer, Miao et al. 2024; with
+    siblings drawn without replacement as in Recursive Speculative Decoding, Jeon et al. 2024). From the root, a
+    node's children are tested in block order: child c (token x, declared q_c) is accepted with probability
+    min(1, p(x) / q_c(x)); on a rejection p becomes the residual norm(max(0, p - q_c)) and the next sibling is
+    tested against it. The first accepted child becomes the node, and the walk goes on with its own target
+    distribution; when every child of a node is rejected (or it has none), the next token is drawn from the current
+    p. Each step reproduces the single-draft lemma with the current p as target, so the output is distributed
+    exactly as the target's for any q_c, provided node c was drawn from q_c given its elder siblings (and the
+    siblings kept do not depend on the values drawn: a prefix of the draws). A chain gives `verify`'s verdict with
+    the same uniforms (tested); point masses with a greedy p give greedy decoding's tokens."""
+    children = tree_children(parents)
+    row, path = 0, []
+    probs = target_probs[0]
+    while True:
+        for node in children[row]:
+            token = draft_tokens[node]
+            declared = draft_probs[node] if draft_probs is not None else _point_mass(probs, token)
+            if accept_uniforms[node] * declared[token] < probs[token]:
+                path.append(node)
+                row = node + 1
+                probs = target_probs[row]
+                break
+            residual = (probs - declared).clamp_(min=0)
+            mass = residual.sum()
+            # the next sibling is tested against the normalized residual; no mass left means p <= q everywhere, so
+            # p = q and this rejection had probability 0: keep p (reachable only through rounding)
+            probs = residual / mass if mass > 0 else probs
+        else:
+            return TreeVerdict(path, int(sample(probs, sample_uniform.reshape(()))))
+
+
+def verify_tree_greedy(
+    target_argmax: list[int],  # [n + 1]: the target's argmax after the root and after each node
+    draft_tokens: list[int],  # [n]
+    parents: list[int],  # [n]
+) -> TreeVerdict:
+    """`verify_tree` for a greedy target with point-mass drafts: follow the child equal to the target's argmax
+    (the first, if siblings repeat a token) while there is one. Greedy decoding's tokens, on the host."""
+    children = tree_children(parents)
+    row, path = 0, []
+    while True:
+        match = next((node for node in children[row] if draft_tokens[node] == target_argmax[row]), None)
+        if match is None:
+            return TreeVerdict(path, target_argmax[row])
+        path.append(match)
+        row = match + 1
+
+
+def _point_mass(like: torch.Tensor, token: int) -> torch.Tensor:
+    mass = torch.zeros_like(like)
+    mass[token] = 1.0
+    return mass

@@ -216,7 +216,7 @@ def test_pack_lays_out_rows_and_padding(data):
         max_size=12))
     batch = len(rows) + data.draw(st.integers(0, 4))
     scratch = 41
-    tokens, positions, write_slots, write_pos, slots = _pack(rows, batch, width, scratch)
+    tokens, positions, write_slots, write_pos, slots, base, visible = _pack(rows, batch, width, scratch)
     write_slots, write_pos = write_slots.view(batch, width), write_pos.view(batch, width)
     for b in range(batch):
         row = rows[b] if b < len(rows) else None
@@ -227,4 +227,59 @@ def test_pack_lays_out_rows_and_padding(data):
             assert write_slots[b, t] == (row.slot if real else scratch)
             if row is not None:
                 assert positions[b, t] == row.start + min(t, len(row.tokens) - 1)
+                # a chain: everything before its start, then its own tokens up to this one (padding: the last's)
+                assert base[b] == row.start
+                assert visible[b, t].tolist() == [j <= min(t, len(row.tokens) - 1) for j in range(width)]
             assert write_pos[b, t] == (positions[b, t] if real else 0)
+
+
+def _ancestors(parents: list[int]) -> list[list[int]]:
+    """Per block token (0 = the root, i + 1 = node i): the block offsets it sees, its own last."""
+    seen = [[0]]
+    for i, parent in enumerate(parents):
+        seen.append(seen[parent + 1] + [i + 1])
+    return seen
+
+
+def test_a_tree_pass_scores_every_node_as_its_own_chain_would():
+    """One pass over a draft tree (each node sees the prefix and its ancestors, at its depth's position) gives each
+    node the logits of running its root-to-node path as a chain, and each node's KV is its path's KV (moved into
+    place, the accepted path continues as a chain would). Ragged with a chain row in the same pass."""
+    model = tiny_model("qwen3", seed=9)
+    engine = LlamaEngine(model)
+    prompt, other = list(range(40, 53)), list(range(60, 69))
+    root, tokens, parents = 7, [11, 12, 13, 14, 15, 16], [-1, -1, 0, 0, 2, 1]
+    cache = engine.new_cache(3, 64)
+    engine.forward(cache, [Row(0, 0, prompt), Row(1, 0, other)])
+    n = len(prompt)
+    tree = Row(0, n, [root, *tokens], all_logits=True, tree_base=n, visible=_ancestors(parents))
+    chain = Row(1, len(other), [5, 6, 7], all_logits=True)
+    got_tree, got_chain = engine.forward(cache, [tree, chain])
+    assert (got_chain - reference_logits(model, other + [5, 6, 7])[-3:]).abs().max() <= 1e-4
+    seen = _ancestors(parents)
+    for node in range(len(tokens) + 1):
+        path = [([root] + tokens)[j] for j in seen[node]]
+        expected = reference_logits(model, prompt + path)[-1]
+        assert (got_tree[node] - expected).abs().max() <= 1e-4, f"node {node - 1} (path {path})"
+    # accept the path root -> node 0 -> node 2 -> node 4, move its KV into place and continue as a chain
+    path = [0, 2, 4]
+    cache.move([0] * len(path), [n + 1 + j for j in path], [n + 1 + i for i in range(len(path))])
+    committed = prompt + [root] + [tokens[j] for j in path]
+    after = engine.forward(cache, [Row(0, len(committed), [3, 4], all_logits=True)])[0]
+    assert (after - reference_logits(model, committed + [3, 4])[-2:]).abs().max() <= 1e-4
+
+
+def test_a_tree_can_grow_across_passes():
+    """A drafter adds a tree's levels one pass at a time: nodes written earlier (past the tree base) are seen only
+    by their descendants."""
+    model = tiny_model("llama", seed=10)
+    engine = LlamaEngine(model)
+    prompt = list(range(20, 31))
+    n = len(prompt)
+    cache = engine.new_cache(1, 64)
+    engine.forward(cache, [Row(0, 0, prompt)])
+    # level 1: nodes 0, 1 (both children of the prefix); level 2: node 2 under 1, node 3 under 0
+    engine.forward(cache, [Row(0, n, [8, 9], tree_base=n, visible=[[0], [1]])])
+    got = engine.forward(cache, [Row(0, n + 2, [10, 11], all_logits=True, tree_base=n, visible=[[1, 2], [0, 3]])])[0]
+    assert (got[0] - reference_logits(model, prompt + [9, 10])[-1]).abs().max() <= 1e-4
+    assert (got[1] - reference_logits(model, prompt + [8, 11])[-1]).abs().max() <= 1e-4

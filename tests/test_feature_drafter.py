@@ -93,6 +93,41 @@ def test_greedy_drafting_on_the_device_equals_step_by_step(draft_vocab):
     assert len({tuple(t) for t in fused}) > 1  # the rows drafted different things: a real check
 
 
+def _chain_children(model, seq, feats, path, branch):
+    """The `branch` most likely next tokens (target ids) after drafting `path` as a chain after seq, in a fresh
+    slot: what a draft tree's node at the end of `path` must have as children."""
+    runner = FeatureRunner(model, "cpu", torch.float32, num_slots=1, max_len=64)
+    logits, h = runner.step([Row(0, 0, seq)], [feats])
+    for i, token in enumerate(path):
+        logits, h = runner.step([Row(0, len(seq) + i, [token])], [h])
+    top = logits[0].topk(branch).indices
+    return (top if model.draft_vocab is None else model.draft_vocab[top]).tolist()
+
+
+@pytest.mark.parametrize("draft_vocab", [None, sorted(range(3, VOCAB, 2))], ids=["full-head", "reduced-head"])
+def test_a_draft_trees_nodes_are_what_chains_along_their_paths_would_draft(draft_vocab):
+    """draft_tree grows a level per pass, each node seeing only its ancestors: each expanded node's children are
+    the drafter's top tokens after its path drafted as a chain, for two rows of one pass; a one-branch tree is the
+    greedy chain."""
+    model = _model(draft_vocab, seed=3)
+    seqs = [torch.randint(0, VOCAB, (n,)).tolist() for n in (5, 9)]
+    feats = [torch.randn(len(s), 64) for s in seqs]
+    rows = [Row(slot, 0, s) for slot, s in enumerate(seqs)]
+    runner = FeatureRunner(model, "cpu", torch.float32, num_slots=2, max_len=64)
+    trees = runner.draft_tree(rows, feats, depth=3, branch=2, beam=2)
+    for seq, f, tree in zip(seqs, feats, trees):
+        assert len(tree.tokens) == 2 + 2 * 2 * 2 and tree.parents[:2] == [-1, -1]
+        paths = {-1: []}
+        for i, (token, parent) in enumerate(zip(tree.tokens, tree.parents)):
+            paths[i] = paths[parent] + [token]
+        for parent in sorted(set(tree.parents)):
+            kids = [tree.tokens[i] for i, p in enumerate(tree.parents) if p == parent]
+            assert kids == _chain_children(model, seq, f, paths[parent], 2), f"children of node {parent}"
+    chain = FeatureRunner(model, "cpu", torch.float32, num_slots=2, max_len=64).draft_greedy(rows, feats, 4)
+    one_branch = runner.draft_tree(rows, feats, depth=4, branch=1, beam=1)
+    assert [t.tokens for t in one_branch] == chain and all(t.parents == [-1, 0, 1, 2] for t in one_branch)
+
+
 @pytest.mark.parametrize("num_layers,taps", [(1, None), (2, None), (1, [3, 7])])
 def test_artifact_round_trip_and_target_check(tmp_path, monkeypatch, num_layers, taps):
     draft_vocab = sorted(torch.randperm(VOCAB)[:40].tolist())

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 import torch
 
+from specdec.engine import Row
 from specdec.errors import Exhausted, InvalidInput
 from specdec.sampling import SamplingConfig
 from verifier_service.scheduler import DraftDistribution, Scheduler
@@ -276,3 +277,115 @@ def test_chunks_only_when_every_open_session_is_in_the_tick(engine, eos, referen
     assert a_first == expected[:2]  # one step while b was out of the tick
     assert len(a_more) > 1 and a_first + a_more == expected[: 2 + len(a_more)]
     assert len(b_more) > 1 and b_first + b_more == expected[: 1 + len(b_more)]
+
+
+async def _generate_trees(scheduler, settings, drafter):
+    """Drives one session with draft trees: `drafter(context)` returns (tokens, parents) for the context."""
+    result = await scheduler.open(settings)
+    out = list(result.tokens)
+    while result.session.finish == FINISH_NONE:
+        tokens = list(result.session.tokens)
+        draft, parents = drafter(tokens)
+        result = await scheduler.step(settings.session_id, len(tokens), draft, draft_parents=parents)
+        out.extend(result.tokens)
+    scheduler.close(settings.session_id)
+    return out, result.session.stats
+
+
+def test_draft_trees_commit_greedy_decodings_tokens_whichever_branch_is_right(engine, eos, references):
+    """Greedy draft trees whose right path sits on a later sibling at every depth (so the accepted nodes' KV is
+    moved into place every step), in one batch with chain sessions: every session's tokens are transformers'
+    greedy output, and the right path is accepted whole."""
+    ids, expected = references[PROMPTS[1]]
+    full = ids + expected
+
+    def tree(ctx):
+        # depth 1: wrong, right; under each, a wrong then the right next token; a leaf under the right-right
+        right = full[len(ctx) : len(ctx) + 3]
+        if len(right) < 3:
+            return right, list(range(-1, len(right) - 1))
+        wrong = [(t + 7) % 49152 for t in right]
+        tokens = [wrong[0], right[0], wrong[1], right[1], wrong[1], right[1], right[2]]
+        return tokens, [-1, -1, 0, 0, 1, 1, 5]
+
+    async def main():
+        s = _scheduler(engine, eos, max_sessions=4)
+        jobs = [_generate_trees(s, SessionSettings("tree", ids, 20, GREEDY), tree)]
+        jobs += [_generate(s, SessionSettings(t, references[t][0], 20, GREEDY),
+                           lambda ctx, t=t: _ngram_like(ctx, references[t])) for t in (PROMPTS[0], PROMPTS[2])]
+        out = await asyncio.gather(*jobs)
+        await s.stop()
+        return out
+
+    (tokens, stats), *chains = run(main())
+    assert tokens == expected
+    assert [c[0] for c in chains] == [references[PROMPTS[0]][1], references[PROMPTS[2]][1]]
+    assert stats.accepted_draft_tokens >= 3 * (stats.verify_steps - 2)  # 3 accepted a step, but near the end
+    assert stats.drafted_by_position[:3] == [stats.verify_steps] * 3 or stats.verify_steps <= 6
+
+
+def test_a_seeded_sampled_tree_session_replays_and_keeps_its_committed_kv_right(engine, eos, references):
+    """A sampled session verifying draft trees (siblings drawn without replacement from the target's own tempered
+    distribution, as a good drafter would) gives the same tokens for the same seed; and every token it committed
+    is scored afterwards exactly as a fresh prefill of its sequence scores it (the moved KV is the path's)."""
+    ids, _ = references[PROMPTS[2]]
+    sampling = SamplingConfig(temperature=0.8)
+
+    async def main(seed):
+        s = _scheduler(engine, eos)
+        result = await s.open(SessionSettings("t", ids, 24, sampling, seed=seed))
+        generator = torch.Generator().manual_seed(seed)
+        while result.session.finish == FINISH_NONE:
+            tokens = list(result.session.tokens)
+            logits = engine.forward(s.cache, [engine_row(result.session)])[0][-1]
+            probs = torch.softmax(logits.double() / 0.8, -1)
+            picks, declared = draw(probs, generator)
+            dists = [DraftDistribution(torch.nonzero(d).flatten().tolist(), d[d > 0].tolist()) for d in declared]
+            result = await s.step("t", len(tokens), picks, dists, draft_parents=[-1, -1, -1])
+        out, session = list(result.session.tokens), result.session
+        kept = engine.forward(s.cache, [engine_row(session)])[0][-1]  # reads the KV of every committed token
+        fresh_cache = engine.new_cache(1, 128)
+        fresh = engine.forward(fresh_cache, [Row(0, 0, out)])[0][-1]
+        s.close("t")
+        await s.stop()
+        return out, session.stats, (kept - fresh).abs().max().item()
+
+    first, stats, kv_error = run(main(5))
+    assert run(main(5))[0] == first
+    assert stats.accepted_draft_tokens > 0 and stats.draft_tokens <= 3 * stats.verify_steps
+    assert kv_error <= 1e-4
+
+
+def engine_row(session):
+    return Row(session.slot, session.kv_length, [session.tokens[-1]])
+
+
+def draw(probs, generator):
+    from specdec.sampling import draw_without_replacement
+
+    top = probs.topk(64)
+    picks, declared = draw_without_replacement(top.values[None], torch.rand(1, 3, generator=generator,
+                                                                            dtype=torch.float64))
+    full = torch.zeros(3, probs.shape[0], dtype=torch.float64)
+    full[:, top.indices] = declared[0]
+    return top.indices[picks[0]].tolist(), full
+
+
+def test_malformed_draft_trees_fail_their_session_with_a_reason(engine, eos, references):
+    ids, _ = references[PROMPTS[0]]
+
+    async def main():
+        s = _scheduler(engine, eos, max_draft_tokens=2, max_tree_nodes=4)
+        reasons = []
+        for i, (tokens, parents) in enumerate([([1, 2], [-1]), ([1, 2], [-1, 1]), ([1, 2, 3, 4], [-1, 0, 1, -1]),
+                                               ([1, 2, 3, 4, 5], [-1, -1, -1, -1, -1])]):
+            r = await s.open(SessionSettings(f"bad{i}", ids, 20, GREEDY))
+            with pytest.raises(InvalidInput) as info:
+                await s.step(f"bad{i}", len(r.session.tokens), tokens, draft_parents=parents)
+            reasons.append(str(info.value))
+        await s.stop()
+        return reasons
+
+    reasons = run(main())
+    assert "2 draft tokens" in reasons[0] and "earlier token" in reasons[1]
+    assert "3 tokens deep" in reasons[2] and "at most 4" in reasons[3]

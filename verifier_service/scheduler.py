@@ -26,7 +26,7 @@ from specdec.errors import Exhausted, InvalidInput, Unavailable
 from specdec.hf_engine import TransformersEngine
 from specdec.sampling import probs_from_logits, sample
 from specdec.validation import check_prompt_ids
-from specdec.verification import verify, verify_greedy
+from specdec.verification import verify, verify_greedy, verify_tree, verify_tree_greedy
 from verifier_service.prefix_cache import PrefixCache
 from verifier_service.session import FINISH_LENGTH, FINISH_NONE, Session, SessionSettings
 
@@ -61,6 +61,7 @@ class _Work:
     future: asyncio.Future
     draft_tokens: list[int] | None = None  # None = prefill
     draft_dists: list[DraftDistribution] | None = None
+    draft_parents: list[int] | None = None  # a draft tree (DraftBlock.parents); None = a chain
     chunk: bool = False  # plain decode that may take several steps in one tick (see Scheduler.decode_chunk_ms)
 
 
@@ -74,6 +75,7 @@ class Scheduler:
         max_draft_tokens: int = 16,
         prefix_cache: PrefixCache | None = None,
         decode_chunk_ms: float = 10.0,
+        max_tree_nodes: int = 64,
     ):
         """decode_chunk_ms: when a tick holds only plain decode steps asked with chunk=True (speculation off),
         one for every open session, and nothing else is queued, it keeps decoding those sessions while another
@@ -86,7 +88,9 @@ class Scheduler:
         self.vocab_size = engine.shape.vocab_size
         self.eos_ids = eos_ids
         self.max_sequence_length = min(max_sequence_length, engine.shape.max_position_embeddings)
-        self.max_draft_tokens = max_draft_tokens
+        self.max_draft_tokens = max_draft_tokens  # a chain's length, a tree's depth
+        # most tokens of a draft tree (0 = chains only): its pass is that wide
+        self.max_tree_nodes = max_tree_nodes if getattr(engine, "supports_trees", False) else 0
         self.cache = engine.new_cache(max_sessions, self.max_sequence_length)
         self.sessions: dict[str, Session] = {}
         self._queue: list[_Work] = []
@@ -139,23 +143,26 @@ class Scheduler:
         draft_tokens: list[int],
         draft_dists: list[DraftDistribution] | None = None,
         chunk: bool = False,
+        draft_parents: list[int] | None = None,
     ) -> StepResult:
         """Verifies a block proposed after `committed_length` tokens (an empty block is a plain decode step; with
-        chunk, maybe several: see decode_chunk_ms)."""
+        chunk, maybe several: see decode_chunk_ms). draft_parents: the block is a draft tree (DraftBlock.parents)."""
         session = self.sessions.get(session_id)
         if session is None:
             raise InvalidInput(f"session {session_id!r} is not open on this verifier")
+        if draft_parents and draft_parents == list(range(-1, len(draft_tokens) - 1)):
+            draft_parents = None  # a chain sent as a tree: verified as the chain it is
         try:
-            self._check_block(session, committed_length, draft_tokens, draft_dists)
+            self._check_block(session, committed_length, draft_tokens, draft_dists, draft_parents)
         except InvalidInput:
             self.close(session_id)
             raise
-        room = session.draft_room
-        if len(draft_tokens) > room:  # verifying fewer draft tokens never changes the output
-            draft_tokens = draft_tokens[:room]
-            draft_dists = draft_dists[:room] if draft_dists else draft_dists
+        # verifying fewer draft tokens never changes the output: none past what the session may still commit, and
+        # none past its KV slot
+        draft_tokens, draft_dists, draft_parents = _trimmed(draft_tokens, draft_dists, draft_parents,
+                                                            session.draft_room, self.cache.max_len - len(session.tokens))
         return await self._submit(_Work(session, self._new_future(), draft_tokens, draft_dists or None,
-                                        chunk=chunk and not draft_tokens))
+                                        draft_parents or None, chunk=chunk and not draft_tokens))
 
     def close(self, session_id: str) -> None:
         session = self.sessions.pop(session_id, None)
@@ -214,13 +221,15 @@ class Scheduler:
         self._wakeup.set()
         return await work.future
 
-    def _check_block(self, session, committed_length, draft_tokens, draft_dists) -> None:
+    def _check_block(self, session, committed_length, draft_tokens, draft_dists, draft_parents=None) -> None:
         if committed_length != len(session.tokens):
             raise InvalidInput(
                 f"block for session {session.id!r} follows {committed_length} tokens, but {len(session.tokens)} "
                 f"are committed: roll back to the committed length of the last verdict"
             )
-        if len(draft_tokens) > self.max_draft_tokens:
+        if draft_parents is not None:
+            self._check_tree(draft_tokens, draft_parents)
+        elif len(draft_tokens) > self.max_draft_tokens:
             raise InvalidInput(
                 f"block of {len(draft_tokens)} draft tokens; this verifier accepts at most {self.max_draft_tokens}"
             )
@@ -235,6 +244,25 @@ class Scheduler:
                 )
             for i, (token, dist) in enumerate(zip(draft_tokens, draft_dists)):
                 _check_distribution(i, token, dist, self.vocab_size)
+
+    def _check_tree(self, draft_tokens: list[int], parents: list[int]) -> None:
+        if not self.max_tree_nodes:
+            raise InvalidInput("this verifier verifies draft chains only (its target runs through transformers): "
+                               "send blocks without parents")
+        if len(parents) != len(draft_tokens):
+            raise InvalidInput(f"{len(parents)} parents for {len(draft_tokens)} draft tokens: send one per token, "
+                               "or none for a chain")
+        bad = next((i for i, parent in enumerate(parents) if not -1 <= parent < i), None)
+        if bad is not None:
+            raise InvalidInput(f"draft token {bad} has parent {parents[bad]}: a parent is an earlier token of the "
+                               "block, or -1 for the newest committed token")
+        if len(draft_tokens) > self.max_tree_nodes:
+            raise InvalidInput(f"draft tree of {len(draft_tokens)} tokens; this verifier accepts at most "
+                               f"{self.max_tree_nodes}")
+        depth = max(tree_depths(parents), default=0)
+        if depth > self.max_draft_tokens:
+            raise InvalidInput(f"draft tree {depth} tokens deep; this verifier accepts at most "
+                               f"{self.max_draft_tokens}")
 
     async def _run(self) -> None:
         while True:
@@ -411,42 +439,80 @@ class Scheduler:
         return out
 
     def _verify(self, works: list[_Work]) -> list[StepResult]:
-        rows = [Row(w.session.slot, w.session.kv_length, [w.session.tokens[-1], *w.draft_tokens], True) for w in works]
+        rows = [Row(w.session.slot, w.session.kv_length, [w.session.tokens[-1], *w.draft_tokens], True)
+                if w.draft_parents is None else _tree_row(w.session, w.draft_tokens, w.draft_parents) for w in works]
         wants = [w.session.settings.return_features for w in works]
         layers = _pass_layers([w.session.settings for w, want in zip(works, wants) if want])
         # [sum of (n + 1), vocab], on the engine's device; with features, the hidden states of the same positions
         flat, sizes, *hidden = self.engine.forward_flat(self.cache, rows,
                                                         hidden=(layers or True) if any(wants) else False)
+        offsets = [0, *itertools.accumulate(sizes[:-1])]  # where each row starts in `flat`
         # Greedy rows with point-mass drafts need only the target's argmax: k + 1 integers per row instead of
         # dense distributions (verify_greedy gives the same verdicts as verify; tested).
         is_greedy = [w.session.settings.sampling.greedy and not w.draft_dists for w in works]
-        greedy = [i for i, g in enumerate(is_greedy) if g]
-        sampled = [i for i, g in enumerate(is_greedy) if not g]
-        verdicts: dict[int, tuple[int, int]] = {}
+        greedy = [i for i, w in enumerate(works) if is_greedy[i] and w.draft_parents is None]
+        sampled = [i for i, w in enumerate(works) if not is_greedy[i] and w.draft_parents is None]
+        # per row: the accepted draft tokens (indices into its block, root to leaf) and the token after them
+        verdicts: dict[int, tuple[list[int], int]] = {}
         if greedy:
-            verdicts.update(zip(greedy, self._verify_greedy([works[i] for i in greedy], flat, sizes, greedy)))
+            chains = self._verify_greedy([works[i] for i in greedy], flat, sizes, greedy)
+            verdicts.update((i, (list(range(n)), token)) for i, (n, token) in zip(greedy, chains))
         if sampled:
             logits = flat.split(sizes)
-            verdicts.update(zip(sampled, self._verify_sampled([works[i] for i in sampled],
-                                                              [logits[i] for i in sampled])))
+            chains = self._verify_sampled([works[i] for i in sampled], [logits[i] for i in sampled])
+            verdicts.update((i, (list(range(n)), token)) for i, (n, token) in zip(sampled, chains))
+        for i, work in enumerate(works):
+            if work.draft_parents is not None:
+                verdicts[i] = self._verify_tree(work, flat[offsets[i] : offsets[i] + sizes[i]], is_greedy[i])
+        self._move_accepted_paths(works, verdicts)
         features = [None] * len(works)
         if hidden:  # one copy to the host for the tick: the rows of each verdict's committed tokens
-            offsets = [0, *itertools.accumulate(sizes[:-1])]
-            keep = [(b, offsets[b], verdicts[b][0] + 1) for b in range(len(works)) if wants[b]]
-            index = torch.tensor([o + j for _, o, n in keep for j in range(n)], device=hidden[0].device)
-            rows_out = hidden[0][index].to("cpu", torch.float16).split([n for _, _, n in keep])
-            for (b, _, _), h in zip(keep, rows_out):
+            keep = [(b, [offsets[b]] + [offsets[b] + j + 1 for j in verdicts[b][0]])
+                    for b in range(len(works)) if wants[b]]
+            index = torch.tensor([i for _, picked in keep for i in picked], device=hidden[0].device)
+            rows_out = hidden[0][index].to("cpu", torch.float16).split([len(picked) for _, picked in keep])
+            for (b, _), h in zip(keep, rows_out):
                 features[b] = _own_columns(h, layers, works[b].session.settings.feature_layers)
                 self._keep_features(works[b].session, features[b])
         out = []
         for b, work in enumerate(works):
-            session, (accepted, next_token) = work.session, verdicts[b]
-            committed = session.commit([*work.draft_tokens[:accepted], next_token])
-            session.stats.record_block(len(work.draft_tokens), accepted)
+            session, (path, next_token) = work.session, verdicts[b]
+            committed = session.commit([*(work.draft_tokens[j] for j in path), next_token])
+            depth = None if work.draft_parents is None else max(tree_depths(work.draft_parents), default=0)
+            session.stats.record_block(len(work.draft_tokens), len(path), depth)
             if session.finish == FINISH_NONE and len(session.tokens) >= session.max_length:
                 session.finish = FINISH_LENGTH
-            out.append(StepResult(committed, accepted, session, len(works), features[b]))
+            out.append(StepResult(committed, len(path), session, len(works), features[b]))
         return out
+
+    def _verify_tree(self, work: _Work, logits: torch.Tensor, greedy: bool) -> tuple[list[int], int]:
+        """One draft tree's verdict from its row's logits [n + 1, vocab] (specdec.verification.verify_tree)."""
+        if greedy:
+            verdict = verify_tree_greedy(logits.argmax(-1).tolist(), work.draft_tokens, work.draft_parents)
+        else:
+            n = len(work.draft_tokens)
+            target_probs = probs_from_logits(logits.double(), work.session.settings.sampling)
+            draft_probs = torch.zeros(n, self.vocab_size, dtype=torch.float64)
+            _fill_draft_probs(draft_probs, work.draft_tokens, work.draft_dists)
+            accept_u, sample_u = work.session.uniforms(n)
+            verdict = verify_tree(target_probs, work.draft_tokens, work.draft_parents, draft_probs.to(logits.device),
+                                  accept_u.to(logits.device), sample_u.to(logits.device))
+        return verdict.path, verdict.next_token
+
+    def _move_accepted_paths(self, works: list[_Work], verdicts: dict[int, tuple[list[int], int]]) -> None:
+        """Draft trees' accepted nodes wrote their KV at their block index: move each to where its token sits in
+        the committed sequence (one indexed copy per layer for the whole pass)."""
+        slots, sources, targets = [], [], []
+        for b, work in enumerate(works):
+            if work.draft_parents is None:
+                continue
+            first = work.session.kv_length + 1  # the KV index of block token 0 (the root is at kv_length)
+            for depth, node in enumerate(verdicts[b][0]):
+                if node != depth:
+                    slots.append(work.session.slot)
+                    sources.append(first + node)
+                    targets.append(first + depth)
+        self.cache.move(slots, sources, targets)
 
     def _verify_greedy(
         self,
@@ -495,6 +561,39 @@ class Scheduler:
             sample_u.to(dev),
         )
         return list(zip(verdict.num_accepted.tolist(), verdict.next_tokens.tolist()))
+
+
+def tree_depths(parents: list[int]) -> list[int]:
+    """Each node's depth (1 = a child of the root), for parents listed before their children."""
+    depths: list[int] = []
+    for parent in parents:
+        depths.append(1 if parent < 0 else depths[parent] + 1)
+    return depths
+
+
+def _trimmed(tokens: list[int], dists, parents: list[int] | None, depth_room: int, node_room: int):
+    """(tokens, dists, parents) cut to what can matter: a chain to depth_room tokens; a tree to its nodes at most
+    depth_room deep, then its first node_room (parents come first, so both cuts leave a tree; and a sampled node's
+    siblings are cut only after it, which keeps verify_tree lossless)."""
+    if parents is None:
+        n = min(len(tokens), depth_room)
+        return tokens[:n], dists[:n] if dists else dists, None
+    keep = [i for i, d in enumerate(tree_depths(parents)) if d <= depth_room][:node_room]
+    if len(keep) == len(tokens):
+        return tokens, dists, parents
+    renumbered = {old: new for new, old in enumerate(keep)}
+    return ([tokens[i] for i in keep], [dists[i] for i in keep] if dists else dists,
+            [renumbered[parents[i]] if parents[i] >= 0 else -1 for i in keep])
+
+
+def _tree_row(session: Session, tokens: list[int], parents: list[int]) -> Row:
+    """The verify row of a draft tree: the root (the newest committed token) and the nodes in block order, each
+    seeing the committed tokens and its own ancestors."""
+    visible = [[0]]
+    for i, parent in enumerate(parents):
+        visible.append(visible[parent + 1] + [i + 1])
+    return Row(session.slot, session.kv_length, [session.tokens[-1], *tokens], True, tree_base=session.kv_length,
+               visible=visible)
 
 
 def _resolve(future: asyncio.Future, result: StepResult) -> None:

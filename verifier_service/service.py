@@ -67,6 +67,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
             eos_token_ids=sorted(s.eos_ids),
             speculation_max_sessions=self.speculation_max_sessions,
             draft_tokens=self.draft_tokens,
+            max_tree_nodes=s.max_tree_nodes,
         )
 
     async def Decode(self, request, context):
@@ -124,7 +125,8 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
                         attributes={"specdec.draft_tokens": len(block.token_ids)})
                     try:
                         result = await self.scheduler.step(
-                            session_id, block.committed_length, list(block.token_ids), dists or None
+                            session_id, block.committed_length, list(block.token_ids), dists or None,
+                            draft_parents=list(block.parents) or None,
                         )
                     except BaseException as exc:
                         telemetry.end_span(step_span, exc)

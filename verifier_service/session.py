@@ -25,11 +25,13 @@ class Stats:
     drafted_by_position: list[int] = field(default_factory=list)
     accepted_by_position: list[int] = field(default_factory=list)
 
-    def record_block(self, drafted: int, accepted: int) -> None:
+    def record_block(self, drafted: int, accepted: int, depth: int | None = None) -> None:
+        """depth: a draft tree's depth (its positions), where `drafted` counts its tokens; None for a chain."""
         self.draft_tokens += drafted
         self.accepted_draft_tokens += accepted
         self.verify_steps += 1
-        for counts, n in ((self.drafted_by_position, drafted), (self.accepted_by_position, accepted)):
+        for counts, n in ((self.drafted_by_position, drafted if depth is None else depth),
+                          (self.accepted_by_position, accepted)):
             counts.extend([0] * (n - len(counts)))
             for i in range(n):
                 counts[i] += 1
