@@ -20,6 +20,7 @@ expand only the likeliest nodes, buy the same tau with fewer nodes. Sampling is 
 from __future__ import annotations
 
 import argparse
+import math
 import json
 import sys
 import time
@@ -31,13 +32,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from specdec import models  # noqa: E402
 from specdec.engine import LlamaEngine, Row  # noqa: E402
-from specdec.eval_drafter import read_prompts, tree_nodes  # noqa: E402
+from specdec.eval_drafter import read_prompts  # noqa: E402
 from specdec.feature_drafter import load_feature_drafter  # noqa: E402
 from verifier_service.app import eos_ids_of  # noqa: E402
 
 SHAPES = ["1,1,1,1,1", "1,1,1,1,1,1,1,1", "2,1,1,1,1", "2,2,1,1,1", "3,2,1,1,1", "4,2,2,1,1", "4,3,2,2,1,1,1,1",
           "8,4,2,2,1,1,1,1"]
 
+
+
+def tree_nodes(shape: list[int]) -> int:
+    """Nodes of a static tree with shape[d] children per node at depth d."""
+    return sum(math.prod(shape[: d + 1]) for d in range(len(shape)))
 
 def greedy_answers(engine: LlamaEngine, prompts: list[list[int]], max_new_tokens: int, eos: frozenset[int]):
     """The target's greedy answer to every prompt (EOS excluded), all prompts one ragged batch."""

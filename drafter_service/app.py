@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from drafter_service.drafters import make_drafter
+from drafter_service.drafters import TreeShape, make_drafter
 from drafter_service.service import DraftBatcher, DrafterServicer
 from specdec import compute, telemetry
 from specdec.proto import drafter_pb2, drafter_pb2_grpc
@@ -22,14 +22,16 @@ async def start_drafter(
     proactive: bool | None = None,
     target: str | None = None,
     prefix_cache_blocks: int = 256,
+    tree: TreeShape | None = None,
 ) -> GrpcServer:
     """proactive: draft ahead while blocks are verified (default: on when the drafter has a CUDA device).
-    prefix_cache_blocks: the model drafter's prefix cache in 16-token KV blocks (0 = off)."""
+    prefix_cache_blocks: the model drafter's prefix cache in 16-token KV blocks (0 = off). tree: draft trees of
+    this shape (feature drafters, verifiers that take them); None = chains."""
     batcher = DraftBatcher(compute.call(make_drafter, model, device, max_sessions, 2048, target, prefix_cache_blocks))
     batcher.start()
     if proactive is None:
         proactive = device.startswith("cuda")
-    servicer = DrafterServicer(batcher, max_draft_tokens, proactive)
+    servicer = DrafterServicer(batcher, max_draft_tokens, proactive, tree)
     telemetry.instrument_drafter(servicer)  # gauges on /metrics, when this process serves it
     server = GrpcServer("drafter", host, port, grace)
 

@@ -47,6 +47,34 @@ class DraftRequest:
     # a fused drafter's taps' side by side; n <= len(context) - 1: the newest committed token has none yet, and a
     # proactive draft's guessed tokens have none)
     features: torch.Tensor | None = None
+    # a draft tree k levels deep instead of a chain (drafters that can: `can_draft_trees`); None = a chain
+    tree: TreeShape | None = None
+
+
+@dataclass(frozen=True)
+class TreeShape:
+    """A draft tree's shape: the root gets `branch` children, and at each next level the `beam` likeliest nodes
+    get `branch` children each (depth: the request's k)."""
+
+    branch: int
+    beam: int
+
+    @classmethod
+    def parse(cls, spec: str) -> "TreeShape | None":
+        """'BRANCHxBEAM' (e.g. '4x4'), or 'off'/'' for chains; ValueError with the expected form otherwise."""
+        if spec in ("", "off", "none"):
+            return None
+        try:
+            branch, beam = (int(v) for v in spec.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"draft tree {spec!r}: write BRANCHxBEAM, e.g. 4x4, or off") from None
+        if branch < 1 or beam < 1:
+            raise ValueError(f"draft tree {spec!r}: branch and beam must be at least 1")
+        return cls(branch, beam)
+
+    def nodes(self, depth: int) -> int:
+        """The most tokens a tree of this shape holds at `depth` levels."""
+        return self.branch + max(0, depth - 1) * self.beam * self.branch if depth else 0
 
 
 @dataclass
@@ -54,11 +82,13 @@ class Draft:
     tokens: list[int]
     # per token: (ids, probs) of the declared distribution; empty lists mean a point mass on the token
     distributions: list[tuple[list[int], list[float]]] = field(default_factory=list)
+    parents: list[int] | None = None  # a draft tree: each token's parent (-1: the newest committed token)
 
 
 class NgramDrafter:
     kind = "ngram"
     wants_features = False  # only feature drafters ask the verifier for hidden states
+    can_draft_trees = False  # only feature drafters draft trees (DraftRequest.tree)
 
     def __init__(self, max_ngram: int = 3):
         self.max_ngram = max_ngram
@@ -87,6 +117,7 @@ class NgramDrafter:
 class ModelDrafter:
     kind = "model"
     wants_features = False
+    can_draft_trees = False
 
     def __init__(
         self,
@@ -180,6 +211,7 @@ class FeatureDrafter:
 
     kind = "feature"
     wants_features = True
+    can_draft_trees = True
 
     def __init__(self, model, device="cpu", dtype=torch.float32, max_sessions: int = 64,
                  max_sequence_length: int = 2048):
@@ -225,6 +257,23 @@ class FeatureDrafter:
             self._rows[r.session_id] = r.context[1 : n + 1]
             forced.append(r.context[n + 1 :])
             positions.append(n)
+        tree_groups: dict[tuple, list[int]] = {}  # (depth, shape) -> the live rows that want such a tree
+        for b, r in enumerate(live):
+            if r.tree is not None and not forced[b] and len(r.context) + r.tree.nodes(r.k) < self.runner.cache.max_len:
+                tree_groups.setdefault((r.k, r.tree), []).append(b)
+        for (depth, shape), group in tree_groups.items():
+            trees = self.runner.draft_tree(
+                [rows[b] for b in group], [feats[b] for b in group], depth, shape.branch, shape.beam,
+                [0.0 if live[b].sampling.greedy else live[b].sampling.temperature for b in group],
+                [live[b].generator for b in group], TOP_N)
+            for b, tree in zip(group, trees):
+                drafts[live[b].session_id] = Draft(tree.tokens, tree.distributions, tree.parents)
+        if tree_groups:
+            chains = [b for b in range(len(live)) if not any(b in g for g in tree_groups.values())]
+            live, rows, feats = [live[b] for b in chains], [rows[b] for b in chains], [feats[b] for b in chains]
+            forced, positions = [forced[b] for b in chains], [positions[b] for b in chains]
+            if not live:
+                return [drafts[r.session_id] for r in requests]
         steps = max(r.k for r in live)
         if not any(forced) and all(len(r.context) + steps < self.runner.cache.max_len for r in live):
             # the common case, nothing guessed to feed first: every step on the device, one copy at the end

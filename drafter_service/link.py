@@ -26,6 +26,16 @@ class VerifierLink:
         self._outbox: asyncio.Queue | None = None
         self._waiting: dict[str, asyncio.Future] = {}
         self._reader: asyncio.Task | None = None
+        self._info: verifier_pb2.GetModelInfoResponse | None = None
+
+    async def model_info(self) -> verifier_pb2.GetModelInfoResponse:
+        """The verifier's GetModelInfo (its limits), asked once per link."""
+        if self._info is None:
+            try:
+                self._info = await self._stub.GetModelInfo(verifier_pb2.GetModelInfoRequest(), timeout=10)
+            except grpc.aio.AioRpcError as exc:
+                raise Unavailable(f"verifier {self.address}: {exc.code().name}: {exc.details()}") from None
+        return self._info
 
     async def _requests(self, outbox: asyncio.Queue):
         while True:

@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from drafter_service.drafters import Draft, DraftRequest
+from drafter_service.drafters import Draft, DraftRequest, TreeShape
 from drafter_service.link import VerifierLink
 from specdec import compute, telemetry
 from specdec.errors import InvalidInput, SpecdecError, Unavailable
@@ -162,14 +162,26 @@ class _Features:
         return self._buffer[: self.count]
 
 
+def tree_for(shape: TreeShape | None, drafter, info, depth: int) -> TreeShape | None:
+    """The draft tree a session drafts, or None for chains: the drafter drafts trees, the verifier verifies them
+    (GetModelInfo.max_tree_nodes), and a tree of this shape `depth` deep fits that limit."""
+    if shape is None or not drafter.can_draft_trees or shape.nodes(depth) > info.max_tree_nodes:
+        return None
+    return shape
+
+
 class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
-    def __init__(self, batcher: DraftBatcher, default_draft_tokens: int = 5, proactive: bool = False):
+    def __init__(self, batcher: DraftBatcher, default_draft_tokens: int = 5, proactive: bool = False,
+                 tree: TreeShape | None = None):
         """proactive: while a block is being verified, draft the next one as if the block and the drafter's own
         guess of the bonus token were accepted; use it if the verdict agrees, else throw it away. Pays when the
-        drafter has its own device; on a shared CPU it only competes with verification."""
+        drafter has its own device; on a shared CPU it only competes with verification. tree: draft trees of this
+        shape, max_draft_tokens deep, where the drafter and the verifier can (a session drafting trees keeps its
+        depth and drafts nothing ahead); None = chains."""
         self.batcher = batcher
         self.default_draft_tokens = default_draft_tokens
         self.proactive = proactive
+        self.tree = tree
         self._links: dict[str, VerifierLink] = {}
         self.draining = False
         self.sessions_in_flight = 0
@@ -207,6 +219,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
         spec.feature_layers[:] = drafter.feature_layers if features is not None else []
         try:
             await self.batcher.open(spec.session_id)
+            tree = None if self.tree is None else tree_for(self.tree, drafter, await link.model_info(), k_max)
             verdict = await link.open(spec)
             opened = True
             context_tokens = list(spec.prompt_ids) + list(verdict.update.token_ids)
@@ -220,19 +233,20 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                 if draft is None:
                     draft = await self.batcher.propose(
                         DraftRequest(spec.session_id, context_tokens, k_now, sampling, generator,
-                                     features and features.rows)
+                                     features and features.rows, tree)
                     )
                 block = verifier_pb2.DraftBlock(
                     session_id=spec.session_id,
                     committed_length=verdict.update.committed_length,
                     token_ids=draft.tokens,
+                    parents=draft.parents or [],
                 )
                 if any(ids for ids, _ in draft.distributions):
                     for ids, probs in draft.distributions:
                         block.distributions.add(token_ids=ids, probs=probs)
                 sending = asyncio.ensure_future(link.send_block(block))
                 ahead = None
-                if self.proactive and draft.tokens and k_now:
+                if self.proactive and draft.tokens and k_now and draft.parents is None:
                     k_ahead = next_draft_length(k, len(draft.tokens), len(draft.tokens), k_max)
                     ahead = asyncio.ensure_future(self.batcher.propose(DraftRequest(
                         spec.session_id, context_tokens + draft.tokens, k_ahead + 1, sampling, generator,
@@ -243,7 +257,8 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                     if ahead:
                         ahead.cancel()
                     raise
-                k = next_draft_length(k, len(draft.tokens), verdict.accepted, k_max)
+                if draft.parents is None:  # a tree keeps its depth: its nodes, not its depth, are the bet
+                    k = next_draft_length(k, len(draft.tokens), verdict.accepted, k_max)
                 wire_bytes += block.ByteSize() + verdict.ByteSize()
                 context_tokens.extend(verdict.update.token_ids)
                 if features is not None:

@@ -121,6 +121,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     flag(serve, "--device", default="cpu", help="torch device for both models, e.g. cpu or cuda:0")
     flag(serve, "--max-draft-tokens", default=-1, type=int,
          help="default draft block length k (-1: the verifier's advice for its device, 3 on CPU, 5 on CUDA)")
+    _tree_flag(serve)
     _verifier_flags(serve)
     serve.set_defaults(func=cmd_serve_all)
     roles = serve.add_subparsers(dest="role", metavar="ROLE")
@@ -169,6 +170,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _compile_flag(d)
     flag(d, "--proactive", default=None, type=_yes_no,
          help="draft the next block while one is verified: yes|no (default: yes on a CUDA device)")
+    _tree_flag(d)
     d.set_defaults(func=cmd_serve_drafter)
 
     v = roles.add_parser("verifier", help="a verifier pod")
@@ -223,6 +225,22 @@ def _command_of(argv: list[str]) -> str | None:
 
 
 # -- commands ---------------------------------------------------------------------------------------------------------
+def _tree_shape(spec: str):
+    from drafter_service.drafters import TreeShape
+
+    try:
+        return TreeShape.parse(spec)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _tree_flag(parser) -> None:
+    flag(parser, "--draft-tree", default=None, type=_tree_shape,
+         help="draft trees instead of chains, BRANCHxBEAM: the root gets BRANCH children and each next level's BEAM "
+         "likeliest nodes BRANCH each, k levels deep (e.g. 4x4: up to 4 + 16 (k - 1) tokens a block, verified in one "
+         "pass). Feature drafters only, where the verifier takes trees; off = chains (default)")
+
+
 def cmd_serve_all(args) -> int:
     if args.role:  # argparse dispatches roles through their own func; this is the bare `serve`
         return args.func(args)
@@ -250,7 +268,7 @@ def cmd_serve_all(args) -> int:
             drafter_model = "ngram"
         drafter = await start_drafter("127.0.0.1", 0, drafter_model, args.device,
                                       args.max_draft_tokens if args.max_draft_tokens > 0 else 5,
-                                      grace=args.grace, target=args.model)
+                                      grace=args.grace, target=args.model, tree=args.draft_tree)
         router = await start_router(
             args.host, args.port, [verifier.address], [drafter.address], args.model, args.max_draft_tokens,
             grace=args.grace, store=store,
@@ -322,7 +340,7 @@ def cmd_serve_drafter(args) -> int:
 
     return _run_one(lambda: start_drafter(
         args.host, args.port, args.model, args.device, args.max_draft_tokens, args.max_sessions, args.grace,
-        args.proactive, args.target, prefix_cache_blocks=args.prefix_cache_blocks,
+        args.proactive, args.target, prefix_cache_blocks=args.prefix_cache_blocks, tree=args.draft_tree,
     ), args)
 
 

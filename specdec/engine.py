@@ -294,7 +294,6 @@ class LlamaEngine:
         kept = []
         s = self.shape
         batch, width = x.shape[:2]
-        dev = x.device
         mask = _attention_mask(base, visible, kv_len)  # [batch, 1, width, kv_len]
         freqs = positions[..., None].float() * self.inv_freq  # [batch, width, head_dim / 2]
         emb = torch.cat((freqs, freqs), dim=-1)

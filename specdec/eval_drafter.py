@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -135,8 +134,9 @@ class _FeatureDrafter:
             self.features.pop(s.slot, None)
             self.valid.pop(s.slot, None)
 
-    def propose(self, sessions, k, config, generator) -> list[list[int]]:
-        rows, feats, known = [], [], []
+    def rows(self, sessions) -> tuple[list[Row], list[torch.Tensor]]:
+        """The drafter's rows for the sessions' committed tokens not yet in its cache, and their features."""
+        rows, feats = [], []
         for s in sessions:
             f = self.features[s.slot]
             n = f.shape[0]  # = len(s.tokens) - 1; row p is token p + 1 with feature p
@@ -144,7 +144,11 @@ class _FeatureDrafter:
             rows.append(Row(s.slot, start, s.tokens[start + 1 : n + 1]))
             feats.append(f[start:n])
             self.valid[s.slot] = n  # later rows will hold drafted tokens: not trusted next time
-            known.append(n)
+        return rows, feats
+
+    def propose(self, sessions, k, config, generator) -> list[list[int]]:
+        rows, feats = self.rows(sessions)
+        known = [r.start + len(r.tokens) for r in rows]
         proposals, step_probs = [[] for _ in sessions], []
         for i in range(k):
             logits, predicted = self.runner.step(rows, feats)
@@ -237,97 +241,79 @@ def measure(target_engine, drafter, prompts, k, config, max_new_tokens, eos_ids,
     return summarize(sessions, k)
 
 
-def tree_nodes(shape: list[int]) -> int:
-    """Draft tokens a static tree of this shape (top-K per depth) holds: sum over depths of K_1 * ... * K_d."""
-    return sum(math.prod(shape[: d + 1]) for d in range(len(shape)))
+def measure_tree(target_engine, drafter: "_FeatureDrafter", prompts, k, shape, config, max_new_tokens, eos_ids,
+                 seed) -> dict:
+    """`measure` with draft trees, through the code that serves them: the feature drafter's
+    FeatureRunner.draft_tree (`shape`: a drafter_service.drafters.TreeShape, k levels deep), one tree-attention
+    pass of the target for every session's tree (the verifier's row layout), verify_tree (sampled) or its greedy
+    walk, and the accepted path's KV moved into place (KVCache.move). Tau counts tokens per verify step as for
+    chains; acceptance by position is by depth; nodes_per_step is the verify pass's extra width."""
+    from drafter_service.drafters import TOP_N
+    from specdec.verification import verify_tree, verify_tree_greedy
 
-
-def _copy_kv(cache, src: int, dst: int, begin: int, end: int) -> None:
-    """KV positions begin..end-1 of slot src into slot dst, every layer."""
-    for keys, values in zip(cache.keys, cache.values):
-        keys[dst, :, begin:end] = keys[src, :, begin:end]
-        values[dst, :, begin:end] = values[src, :, begin:end]
-
-
-@torch.inference_mode()
-def measure_tree(target_engine, model, prompts, shape: list[int], max_new_tokens, eos_ids, device, dtype) -> dict:
-    """Greedy tau with a static draft tree (shape: top-K per depth, e.g. 4,2,2,1,1) from a feature drafter, measured
-    with real passes, one prompt at a time. The drafter expands the tree level by level: every node of a level is
-    one row of one pass, in a KV slot of its own forked from its parent's, fed its parent's predicted state, as
-    drafting feeds a chain. The target scores every root-to-leaf path as one row of one pass (each in a slot forked
-    from the session's), so the tree's nodes are scored as a tree attention mask would score them, paths sharing
-    their prefixes' rows; the walk keeps the path that agrees longest with the target's argmax and commits it plus
-    the target's next token: greedy decoding's tokens, as for a chain. Offline only: serving verifies chains."""
-    from specdec.feature_drafter import FeatureRunner
-
-    paths = math.prod(shape)
-    max_len = max(len(p) for p in prompts) + max_new_tokens + len(shape) + 2
-    runner = FeatureRunner(model, device, dtype, 1 + 2 * paths, max_len)  # slot 0: the session; two pools of paths
-    vocab_index = model.draft_vocab
-    layers = model.taps or True
-    cache = target_engine.new_cache(1 + paths, max_len)
-    per_prompt, generated = [], 0
-    for prompt in prompts:
-        tokens = list(prompt)
-        _, _, feats = target_engine.forward_flat(cache, [Row(0, 0, tokens[:-1])], hidden=layers)
-        valid, accepted_per_step = 0, []
-        while True:
-            n = feats.shape[0]  # = len(tokens) - 1: row p of the drafter is token p + 1 with the target's state p
-            start = min(valid, n - 1)
-            logits, h = runner.step([Row(0, start, tokens[start + 1 : n + 1])], [feats[start:n]])
-            valid = n
-            frontier = [([], 0, h[0], logits[0])]  # (path tokens, drafter slot, predicted state, next logits)
-            for depth, width in enumerate(shape):
-                children = []
-                for path, slot, state, row_logits in frontier:
-                    top = row_logits.topk(width).indices
-                    top = top if vocab_index is None else vocab_index[top.to(vocab_index.device)]
-                    children += [(path + [int(t)], slot, state) for t in top.tolist()]
-                if depth == len(shape) - 1:
-                    leaves = [path for path, _, _ in children]
+    generator = torch.Generator().manual_seed(seed)
+    nodes = shape.nodes(k)
+    cache = target_engine.new_cache(len(prompts), max(len(p) for p in prompts) + max_new_tokens + nodes + 2)
+    sessions = [_Session(slot=i, tokens=list(p), prompt_len=len(p)) for i, p in enumerate(prompts)]
+    drafter.prefill(sessions)
+    layers = drafter.taps or True
+    rows = [Row(s.slot, 0, s.tokens[:-1]) for s in sessions]
+    _, _, hidden = target_engine.forward_flat(cache, rows, hidden=layers)
+    for s, h in zip(sessions, hidden.split([len(r.tokens) for r in rows])):
+        s.target_len = len(s.tokens) - 1
+        drafter.observe(s, h)
+    temperature = 0.0 if config.greedy else config.temperature
+    vocab = target_engine.shape.vocab_size
+    node_counts = []
+    while True:
+        active = [s for s in sessions if not s.done]
+        if not active:
+            break
+        trees = drafter.runner.draft_tree(*drafter.rows(active), k, shape.branch, shape.beam,
+                                          [temperature] * len(active), [generator] * len(active), TOP_N)
+        rows = []
+        for s, tree in zip(active, trees):
+            visible = [[0]]
+            for i, parent in enumerate(tree.parents):
+                visible.append(visible[parent + 1] + [i + 1])
+            rows.append(Row(s.slot, s.target_len, [s.tokens[-1], *tree.tokens], True, tree_base=s.target_len,
+                            visible=visible))
+        flat, sizes, hidden = target_engine.forward_flat(cache, rows, hidden=layers)
+        moves: tuple[list, list, list] = ([], [], [])
+        for s, tree, logits, h in zip(active, trees, flat.split(sizes), hidden.split(sizes)):
+            if config.greedy:
+                verdict = verify_tree_greedy(logits.argmax(-1).tolist(), tree.tokens, tree.parents)
+            else:
+                draft_probs = torch.zeros(len(tree.tokens), vocab, dtype=torch.float64)
+                for i, (ids, probs) in enumerate(tree.distributions):
+                    draft_probs[i, ids] = torch.tensor(probs, dtype=torch.float64)
+                draft_probs /= draft_probs.sum(-1, keepdim=True)
+                verdict = verify_tree(probs_from_logits(logits.double().cpu(), config), tree.tokens, tree.parents,
+                                      draft_probs, torch.rand(len(tree.tokens), generator=generator,
+                                                              dtype=torch.float64),
+                                      torch.rand(1, generator=generator, dtype=torch.float64))
+            path = verdict.path
+            for depth, node in enumerate(path):
+                moves[0].append(s.slot)
+                moves[1].append(s.target_len + 1 + node)
+                moves[2].append(s.target_len + 1 + depth)
+            old_len = len(s.tokens)
+            depths = [0]
+            for parent in tree.parents:
+                depths.append(depths[parent + 1] + 1)
+            s.steps.append((max(depths), len(path)))
+            node_counts.append(len(tree.tokens))
+            s.target_len = old_len + len(path)
+            drafter.observe(s, h[[0] + [j + 1 for j in path]])
+            for token in [*(tree.tokens[j] for j in path), verdict.next_token]:
+                s.tokens.append(token)
+                if token in eos_ids or len(s.tokens) - s.prompt_len >= max_new_tokens:
+                    s.done = True
                     break
-                pool = 1 + (depth % 2) * paths  # children's slots; their parents' are in the other pool (or 0)
-                for i, (_, parent, _) in enumerate(children):
-                    _copy_kv(runner.cache, parent, pool + i, 0, n + depth)
-                rows = [Row(pool + i, n + depth, [path[-1]]) for i, (path, _, _) in enumerate(children)]
-                step_logits, step_h = runner.step(rows, [state[None] for _, _, state in children])
-                frontier = [(path, pool + i, step_h[i], step_logits[i]) for i, (path, _, _) in enumerate(children)]
-            target_len = len(tokens) - 1
-            for i in range(len(leaves)):
-                _copy_kv(cache, 0, 1 + i, 0, target_len)
-            rows = [Row(1 + i, target_len, [tokens[-1], *path], all_logits=True) for i, path in enumerate(leaves)]
-            flat, sizes, hidden = target_engine.forward_flat(cache, rows, hidden=layers)
-            picks = flat.argmax(-1).view(len(leaves), -1).tolist()  # [paths, depth + 1]
-            agree = []
-            for path, pick in zip(leaves, picks):
-                m = 0
-                while m < len(path) and path[m] == pick[m]:
-                    m += 1
-                agree.append(m)
-            best = max(range(len(leaves)), key=lambda i: (agree[i], -i))
-            m = agree[best]
-            _copy_kv(cache, 1 + best, 0, target_len, target_len + m + 1)
-            feats = torch.cat((feats, hidden.view(len(leaves), len(shape) + 1, -1)[best, : m + 1]))
-            accepted_per_step.append(m)
-            done = False
-            for token in leaves[best][:m] + [picks[best][m]]:
-                tokens.append(token)
-                if token in eos_ids or len(tokens) - len(prompt) >= max_new_tokens:
-                    done = True
-                    break
-            if done:
-                break
-        generated += len(tokens) - len(prompt)
-        per_prompt.append({"tokens": tokens[len(prompt):], "accepted": accepted_per_step})
-    steps = [m for p in per_prompt for m in p["accepted"]]
-    return {
-        "tree": shape, "nodes": tree_nodes(shape), "paths": paths,
-        "tau": round(sum(m + 1 for m in steps) / max(1, len(steps)), 4), "verify_steps": len(steps),
-        "generated_tokens": generated,
-        "per_prompt_tau": [round(sum(m + 1 for m in p["accepted"]) / max(1, len(p["accepted"])), 3)
-                           for p in per_prompt],
-        "outputs": [p["tokens"] for p in per_prompt],
-    }
+        cache.move(*moves)
+    return {**summarize(sessions, k), "tree": f"{shape.branch}x{shape.beam}", "max_nodes": nodes,
+            "nodes_per_step": round(sum(node_counts) / max(1, len(node_counts)), 2),
+            "outputs": [s.tokens[s.prompt_len :] for s in sessions]}
 
 
 def summarize(sessions, k) -> dict:
@@ -415,27 +401,22 @@ def add_parser(subparsers, summary: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--hf-crosscheck", type=int, default=0, metavar="N", help="also run transformers' assisted generation on N prompts"
     )
-    p.add_argument("--tree", metavar="K1,K2,...",
-                   help="also measure greedy tau with a static draft tree of a feature drafter (top-K per depth, "
-                        "e.g. 4,2,2,1,1), offline, one prompt at a time")
+    p.add_argument("--tree", metavar="BRANCHxBEAM",
+                   help="also measure draft trees of a feature drafter, k levels deep, at each temperature, as "
+                        "`specdec serve --draft-tree` drafts and verifies them (e.g. 4x4: the root's 4 likeliest "
+                        "children, then 4 children for each of the 4 likeliest nodes of each level)")
     p.add_argument("--json", help="write the results here")
     p.set_defaults(func=run)
     return p
 
 
-def tree_shape(spec: str) -> list[int]:
-    """`--tree 4,2,2,1,1` -> [4, 2, 2, 1, 1]: the top-K drafted at each depth, each at least 1."""
-    try:
-        shape = [int(k) for k in spec.split(",")]
-    except ValueError:
-        shape = []
-    if not shape or min(shape) < 1:
-        raise SystemExit(f"--tree {spec!r}: give the top-K at each depth, comma-separated, e.g. 4,2,2,1,1")
-    return shape
-
-
 def run(args) -> int:
-    shape = tree_shape(args.tree) if args.tree else None
+    from drafter_service.drafters import TreeShape
+
+    try:
+        shape = TreeShape.parse(args.tree) if args.tree else None
+    except ValueError as exc:
+        raise SystemExit(f"--tree: {exc}") from None
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tokenizer = models.load_tokenizer(args.target)
@@ -447,7 +428,7 @@ def run(args) -> int:
     target_engine = LlamaEngine(target_hf, device, dtype)
     vocab = target_hf.config.vocab_size
     del target_hf
-    max_len = max(len(p) for p in prompts) + args.max_new_tokens + args.k + 2
+    max_len = max(len(p) for p in prompts) + args.max_new_tokens + (shape.nodes(args.k) if shape else args.k) + 2
     report = {"target": args.target, "prompts": args.prompts, "num_prompts": len(prompts), "k": args.k,
               "max_new_tokens": args.max_new_tokens, "device": str(device), "drafters": {}}
     for spec in args.drafter:
@@ -473,17 +454,20 @@ def run(args) -> int:
             results["hf_assisted_generation_greedy"] = check
             print(f"{spec}  transformers assisted generation (greedy, k={args.k}, {check['prompts']} prompts): "
                   f"{check['tokens_per_target_forward']:.3f} tokens per target forward")
-        if args.tree and not isinstance(drafter, _FeatureDrafter):
+        if shape and not isinstance(drafter, _FeatureDrafter):
             print(f"{spec}  --tree skipped: trees are drafted by feature drafters only")
-        elif args.tree:
-            started = time.perf_counter()
-            stats = measure_tree(target_engine, drafter.model, prompts, shape, args.max_new_tokens, eos_ids, device,
-                                 dtype)
-            stats["seconds"] = round(time.perf_counter() - started, 1)
-            stats.pop("outputs")
-            results[f"tree={args.tree}"] = stats
-            print(f"{spec}  T=0  tree {args.tree} ({stats['nodes']} nodes)  tau={stats['tau']:.3f}  "
-                  f"({stats['verify_steps']} steps, {stats['generated_tokens']} tokens, {stats['seconds']} s)")
+        elif shape:
+            for temperature in args.temperature:
+                started = time.perf_counter()
+                stats = measure_tree(target_engine, drafter, prompts, args.k, shape,
+                                     SamplingConfig(temperature=temperature), args.max_new_tokens, eos_ids, args.seed)
+                stats["seconds"] = round(time.perf_counter() - started, 1)
+                stats.pop("outputs")
+                results[f"T={temperature:g} tree={args.tree}"] = stats
+                by_depth = " ".join("-" if a is None else f"{a:.2f}" for a in stats["acceptance_by_position"])
+                print(f"{spec}  T={temperature:g}  tree {args.tree}, {args.k} deep ({stats['nodes_per_step']} "
+                      f"nodes a step)  tau={stats['tau']:.3f}  acceptance by depth: {by_depth}  "
+                      f"({stats['verify_steps']} steps, {stats['generated_tokens']} tokens, {stats['seconds']} s)")
         report["drafters"][spec] = results
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

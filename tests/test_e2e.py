@@ -432,3 +432,21 @@ def test_fused_drafter_reads_several_layers_states_and_stays_lossless(cluster, f
     finally:
         router.stop()
         drafter.stop()
+
+
+def test_draft_trees_through_the_stack_stay_lossless(cluster, chat_prompts):
+    """The shipped fused drafter drafting trees (`--draft-tree 3x2`, 4 deep: up to 21 tokens a block) to a verifier
+    in its own process: greedy output equals speculation off, a seeded sampled request replays, and the verify
+    steps each commit more than one token on average (the trees are really verified, not refused)."""
+    drafter = ServerProcess("drafter", "--draft-tree", "3x2")  # the default drafter: the shipped fused one
+    router = ServerProcess("router", "--verifier", cluster["verifier"].address, "--drafter", drafter.address)
+    try:
+        with Client(router.address) as client:
+            greedy, sampled = check_lossless_and_seeded(client, chat_prompts[4:6], 24, "A short poem about snow:", 3, 16)
+        steps, accepted = sum(u.verify_steps for u in greedy), sum(u.accepted_draft_tokens for u in greedy)
+        assert sum(u.draft_tokens for u in greedy) > 4 * steps  # trees: more tokens a block than its depth
+        assert (accepted + steps) / steps > 1.5
+        assert sampled.draft_tokens > 0 and sampled.accepted_draft_tokens > 0
+    finally:
+        router.stop()
+        drafter.stop()

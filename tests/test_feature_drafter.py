@@ -414,8 +414,10 @@ def test_draft_picks_draw_each_token_with_its_declared_probability():
 
 
 def test_tree_drafts_keep_greedy_decoding_and_a_chain_shaped_tree_is_the_chain(engine, eos, tokenizer):
-    """eval-drafter --tree: a static tree's walk commits greedy decoding's tokens, and a tree of one node per depth
-    measures what the chain loop measures (same drafts, same verdicts)."""
+    """eval-drafter --tree (draft_tree, a tree-attention pass of the target, the greedy walk, the path's KV moved):
+    it commits greedy decoding's tokens, and a one-branch tree measures what the chain loop measures (same drafts,
+    same verdicts)."""
+    from drafter_service.drafters import TreeShape
     from specdec import models
     from specdec.eval_drafter import _FeatureDrafter, measure, measure_tree
     from specdec.sampling import SamplingConfig
@@ -431,10 +433,14 @@ def test_tree_drafts_keep_greedy_decoding_and_a_chain_shaped_tree_is_the_chain(e
         first = int(engine.forward(cache, [Row(0, 0, prompt)])[0][-1].argmax())
         tokens = [first, *engine.decode_greedy(cache, [Row(0, len(prompt), [first])], new - 1)[0]]
         reference.append(next((tokens[: i + 1] for i, t in enumerate(tokens) if t in eos), tokens))
-    tree = measure_tree(engine, model, prompts, [2, 2, 1], new, eos, "cpu", torch.float32)
-    assert tree["outputs"] == reference and tree["nodes"] == 2 + 4 + 4 and tree["tau"] >= 1.0
-    chain_shaped = measure_tree(engine, model, prompts, [1, 1, 1], new, eos, "cpu", torch.float32)
-    drafter = _FeatureDrafter(model, len(prompts), max(map(len, prompts)) + new + 8, "cpu", torch.float32)
-    chain = measure(engine, drafter, prompts, 3, SamplingConfig(temperature=0.0), new, eos, 0, "cpu")
+    greedy = SamplingConfig(temperature=0.0)
+
+    def drafter():
+        return _FeatureDrafter(model, len(prompts), max(map(len, prompts)) + new + 40, "cpu", torch.float32)
+
+    tree = measure_tree(engine, drafter(), prompts, 3, TreeShape(2, 2), greedy, new, eos, 0)
+    assert tree["outputs"] == reference and tree["max_nodes"] == 2 + 2 * 2 * 2 and tree["tau"] >= 1.0
+    chain_shaped = measure_tree(engine, drafter(), prompts, 3, TreeShape(1, 1), greedy, new, eos, 0)
+    chain = measure(engine, drafter(), prompts, 3, greedy, new, eos, 0, "cpu")
     assert chain_shaped["outputs"] == reference
     assert chain_shaped["tau"] == pytest.approx(chain["tau"], abs=1e-6)

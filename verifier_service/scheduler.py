@@ -75,7 +75,7 @@ class Scheduler:
         max_draft_tokens: int = 16,
         prefix_cache: PrefixCache | None = None,
         decode_chunk_ms: float = 10.0,
-        max_tree_nodes: int = 64,
+        max_tree_nodes: int = 128,
     ):
         """decode_chunk_ms: when a tick holds only plain decode steps asked with chunk=True (speculation off),
         one for every open session, and nothing else is queued, it keeps decoding those sessions while another
