@@ -79,6 +79,25 @@ def part_parity_and_timing(spec: str, results: dict, compile_too: bool = False) 
                     "taps_logits_vs_plain_pass_max_abs_diff": float((lb - b).abs().max()),
                 })
             print(json.dumps(parity), flush=True)
+        # a draft tree's verify pass (4x4, 5 deep: 68 nodes and the root, tree attention), one row and two
+        parents = [-1] * 4 + [p for level in range(4) for p in (4 * level + i // 4 for i in range(16))]
+        visible = [[0]]
+        for i, parent in enumerate(parents):
+            visible.append(visible[parent + 1] + [i + 1])
+        for batch in (1, 2):
+            tree_rows = [Row(b, 300 + 7 * b, list(range(500, 500 + len(parents) + 1)), True, tree_base=300 + 7 * b,
+                             visible=visible) for b in range(batch)]
+            a = torch.cat(eager.forward(caches[0], tree_rows))
+            started = time.perf_counter()
+            b = torch.cat(other.forward(caches[1], tree_rows))
+            parity[f"{name}_tree68_batch{batch}"] = {
+                "max_abs_diff": float((a - b).abs().max()),
+                "argmax_agree": float((a.argmax(-1) == b.argmax(-1)).float().mean()),
+                "first_call_s": round(time.perf_counter() - started, 1),
+                "graphed_ms": round(timed(lambda: other.forward(caches[1], tree_rows), runs=20), 3),
+                "eager_ms": round(timed(lambda: eager.forward(caches[0], tree_rows), runs=20), 3),
+            }
+        print(json.dumps(parity), flush=True)
     results["parity_graph_vs_eager_bf16"] = parity
     print(json.dumps(parity), flush=True)
 

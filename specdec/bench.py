@@ -2,8 +2,9 @@
 running router), sweeps concurrency and modes over a prompt set, and writes JSON and a PNG plot.
 
 Modes: `off` (speculation off: the verifier decodes alone), `ngram` (prompt lookup drafter) and `model` (a drafter
-model, `--drafter-model`). In the same run it times transformers' own `generate` and assisted generation on the
-same models (`--baselines`), so each table has its peers.
+model, `--drafter-model`; `model=SPEC` names one, `model=SPEC@4x4` drafts trees of that shape with it). In the
+same run it times transformers' own `generate` and assisted generation on the same models (`--baselines`), so each
+table has its peers.
 
 Reported per (mode, concurrency): per-user tokens/s (mean over requests of completion tokens / request time),
 aggregate tokens/s (all tokens / wall time), time to first token p50/p99, inter-token latency p50/p99 (gaps
@@ -181,7 +182,8 @@ def _assistant_spec(args, modes: list[str]) -> str | None:
     from specdec import models
     from specdec.feature_drafter import is_feature_drafter
 
-    specs = [args.drafter_model if m == "model" else m.partition("=")[2] for m in modes if m.startswith("model")]
+    specs = [args.drafter_model if m == "model" else m.partition("=")[2].partition("@")[0]
+             for m in modes if m.startswith("model")]
     return next((s for s in specs if s and not is_feature_drafter(models.resolve_drafter(s)[0])), None)
 
 
@@ -283,8 +285,10 @@ def run(args) -> int:
                 if mode != "off":
                     # `model=SPEC` names its own drafter, so one run can compare several
                     spec = "ngram" if mode == "ngram" else mode.partition("=")[2] or args.drafter_model
+                    spec, _, tree = spec.partition("@")  # model=SPEC@BRANCHxBEAM: draft trees of that shape
                     print(f"starting {mode} drafter...", flush=True)
                     drafter = ServerProcess("drafter", "--model", spec, "--target", args.target,
+                                            *(["--draft-tree", tree] if tree else []),
                                             "--device", args.drafter_device,
                                             "--max-sessions", str(slots),
                                             *(["--prefix-cache-blocks", str(args.prefix_cache_blocks)]
@@ -356,7 +360,8 @@ def add_parser(sub, summary: str) -> None:
     flag(p, "--target", default=DEFAULT_TARGET, help="target model SPEC")
     flag(p, "--drafter-model", default=None, help="drafter SPEC for mode `model`")
     flag(p, "--modes", default="off,ngram",
-         help="comma-separated: off, ngram, model (the --drafter-model), model=SPEC (that drafter; repeatable)")
+         help="comma-separated: off, ngram, model (the --drafter-model), model=SPEC (that drafter; repeatable), "
+         "model=SPEC@BRANCHxBEAM (that drafter drafting trees: serve --draft-tree)")
     flag(p, "--concurrency", default="1,4", help="comma-separated concurrent users, e.g. 1,4,16,64,256")
     flag(p, "--prompts", default=str(DEFAULT_PROMPTS), help="JSONL prompt set ({messages: [...]} per line)")
     flag(p, "--requests", default=0, type=int, help="requests per level (0 = one per prompt)")

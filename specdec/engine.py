@@ -176,7 +176,7 @@ class LlamaEngine:
     def new_cache(self, num_slots: int, max_len: int) -> KVCache:
         return KVCache(self.shape, num_slots, max_len, self.device, self.dtype)
 
-    def enable_cuda_graphs(self, max_batch: int = 256, max_width: int = 64, compile: bool = False) -> None:
+    def enable_cuda_graphs(self, max_batch: int = 256, max_width: int = 128, compile: bool = False) -> None:
         """Replays decode/verify passes (up to max_batch rows of up to max_width tokens) as CUDA graphs, captured
         lazily per (batch, width, kv length) bucket. Prefills and larger passes stay eager. With `compile`, what
         is captured is the torch.compile'd pass (one compilation, dynamic in batch, width and kv length)."""
@@ -381,13 +381,15 @@ def _pack(rows: list[Row], batch: int, width: int, scratch: int, span: int | Non
         base[:n] = starts[:, 0]
         visible[:n] = visible[:n].gather(1, last[..., None].expand(n, width, span))
         for b, r in enumerate(rows):
-            if r.visible is not None:
+            if r.visible is not None:  # (lists first, one tensor write per row: a wide tree's row is ~70 tokens)
+                seen = [r.visible[min(t, len(r.tokens) - 1)] for t in range(width)]
+                bits = [[False] * span for _ in range(width)]
+                for t, offsets_seen in enumerate(seen):
+                    for j in offsets_seen:
+                        bits[t][j] = True
                 base[b] = r.tree_base
-                for t in range(width):
-                    seen = r.visible[min(t, len(r.tokens) - 1)]
-                    visible[b, t] = False
-                    visible[b, t, seen] = True
-                    positions[b, t] = r.tree_base + len(seen) - 1
+                visible[b] = torch.tensor(bits)
+                positions[b] = torch.tensor([r.tree_base + len(v) - 1 for v in seen])
     return tokens, positions, write_slots.reshape(-1), write_pos.reshape(-1), slots, base, visible
 
 
