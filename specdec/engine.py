@@ -12,12 +12,15 @@ This module does not own sampling, verification or scheduling.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -176,9 +179,10 @@ class LlamaEngine:
     def new_cache(self, num_slots: int, max_len: int) -> KVCache:
         return KVCache(self.shape, num_slots, max_len, self.device, self.dtype)
 
-    def enable_cuda_graphs(self, max_batch: int = 256, max_width: int = 128, compile: bool = False) -> None:
-        """Replays decode/verify passes (up to max_batch rows of up to max_width tokens) as CUDA graphs, captured
-        lazily per (batch, width, kv length) bucket. Prefills and larger passes stay eager. With `compile`, what
+    def enable_cuda_graphs(self, max_batch: int = 256, max_width: int = 16, compile: bool = False) -> None:
+        """Replays decode/verify passes (up to max_batch rows of up to max_width tokens, and draft trees' verify
+        passes of a few rows up to _GraphRunner.TREE_WIDTH tokens wide) as CUDA graphs, captured lazily per
+        (batch, width, kv length) bucket. Prefills and larger passes stay eager. With `compile`, what
         is captured is the torch.compile'd pass (one compilation, dynamic in batch, width and kv length)."""
         if self.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
@@ -209,8 +213,12 @@ class LlamaEngine:
         pick_b = torch.tensor([p[0] for p in picks]).to(self.device)
         pick_t = torch.tensor([p[1] for p in picks]).to(self.device)
         span = tree_span(rows)
-        if self._graphs is not None and self._graphs.accepts(batch, width) and span <= width:
-            x, all_logits = self._graphs.run(cache, rows, kv_len, taps)
+        graphed = None
+        if self._graphs is not None and span <= width and self._graphs.accepts(
+                batch, width, tree=any(r.visible is not None for r in rows)):
+            graphed = self._graphs.run(cache, rows, kv_len, taps)  # None: this bucket's graph failed its check
+        if graphed is not None:
+            x, all_logits = graphed
             logits = all_logits[pick_b, pick_t].float()
         else:
             inputs = _pack(rows, batch, width, cache.scratch, max(span, width))
@@ -459,16 +467,22 @@ class _GraphRunner:
                                 taps=taps)
         return x, self.engine._head(x[..., -self.engine.shape.hidden_size :])
 
-    def accepts(self, batch: int, width: int) -> bool:
-        # wide passes (draft trees) only for few rows: a graph's logits buffer is [batch, width, vocab]
-        return batch <= self.max_batch and width <= self.max_width and batch * width <= self.max_batch * 16
+    TREE_BATCH, TREE_WIDTH = 4, 128  # draft trees' verify passes: few rows (a graph's logits are [batch, width, vocab])
+
+    def accepts(self, batch: int, width: int, tree: bool = False) -> bool:
+        if tree and self.max_width < width <= self.TREE_WIDTH:
+            return batch <= self.TREE_BATCH
+        return batch <= self.max_batch and width <= self.max_width
 
     def run(self, cache: KVCache, rows: list[Row], kv_len: int, taps: tuple[int, ...] = ()) -> torch.Tensor:
         width = _bucket(max(len(r.tokens) for r in rows), self.floor)
         # Capture and replay on the engine's own device: the current device of this thread may be another GPU
         # (a drafter and a verifier in one process), and a graph captured on the wrong device is empty.
         with torch.cuda.device(self.engine.device):
-            graph, _, outputs = self._loaded(cache, rows, width, kv_len, taps)
+            entry = self._loaded(cache, rows, width, kv_len, taps)
+            if entry is None:
+                return None
+            graph, _, outputs = entry
             graph.replay()
             return outputs
 
@@ -491,9 +505,11 @@ class _GraphRunner:
         inputs copied into its buffers."""
         batch, length = _bucket(len(rows), self.floor), min(_bucket(kv_len, floor=128), cache.max_len)
         key = (id(cache), batch, width, length, taps)
-        entry = self.graphs.get(key)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(cache, batch, width, length, taps)
+        entry = self.graphs[key]
         if entry is None:
-            entry = self.graphs[key] = self._capture(cache, batch, width, length, taps)
+            return None
         for buffer, value in zip(entry[1], _pack(rows, batch, width, cache.scratch)):
             buffer.copy_(value, non_blocking=True)
         return entry
@@ -522,6 +538,10 @@ class _GraphRunner:
         # (Against the same function run outside the graph: a compiled pass fuses, so it rounds differently from
         # the eager one, and both verify and decode use the one pass, so the output stays the engine's own.)
         if not torch.allclose(logits.float(), step()[1].float(), rtol=1e-2, atol=1e-2):
+            if width > self.max_width:  # a draft tree's wide bucket: run those passes eagerly (same logits, slower)
+                log.warning("CUDA graph for %d draft-tree rows of %d tokens does not match the eager pass; "
+                            "verifying such trees eagerly", batch, width)
+                return None
             raise RuntimeError(f"CUDA graph for batch {batch}, width {width}, kv length {length} does not match "
                                "the eager pass; run with cuda_graphs=False and report this")
         return graph, buffers, outputs

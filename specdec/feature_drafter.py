@@ -238,11 +238,12 @@ def _children(logits: torch.Tensor, branch: int, temperature: float, generator, 
 class FeatureRunner:
     """Runs a FeatureDrafterModel over a slotted KV cache: one ragged pass per drafting step for many sessions.
 
-    On CUDA, steps of up to 64 rows of up to 16 tokens replay CUDA graphs captured per (rows, width, KV length)
-    bucket, as the engine's own passes do: one eager layer is ~20 small kernels, and launching them costs more
+    On CUDA, steps of up to 64 rows of up to 16 tokens (seeing up to 64 tree nodes back) replay CUDA graphs
+    captured per (rows, width, span, KV length) bucket, as the engine's own passes do: one eager layer is ~20 small kernels, and launching them costs more
     than running them (measured on an H200: 2.27 ms per eager drafting step, 4x a graphed two-layer drafter)."""
 
-    MAX_GRAPH_BATCH, MAX_GRAPH_WIDTH = 64, 64  # width: a draft tree's span
+    MAX_GRAPH_BATCH, MAX_GRAPH_WIDTH = 64, 16
+    MAX_GRAPH_SPAN = 64  # a draft tree's level pass sees nodes written by earlier passes: up to this many back
 
     def __init__(self, model: FeatureDrafterModel, device, dtype, num_slots: int, max_len: int,
                  cuda_graphs: bool | None = None):
@@ -440,7 +441,8 @@ class FeatureRunner:
         engine.tree_span of its rows): a CUDA graph replay of the (batch, width, span, kv length) bucket where there
         is one, else the eager pass."""
         span = max(span, width)
-        if self._graphs is None or batch > self.MAX_GRAPH_BATCH or span > self.MAX_GRAPH_WIDTH:
+        if (self._graphs is None or batch > self.MAX_GRAPH_BATCH or width > self.MAX_GRAPH_WIDTH
+                or span > self.MAX_GRAPH_SPAN):
             return self._pass(*inputs(batch, width, span), kv_len)
         key = (_bucket(batch), _bucket(width), _bucket(span), min(_bucket(kv_len, floor=128), self.cache.max_len))
         with torch.cuda.device(self.engine.device):

@@ -15,6 +15,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,11 +123,17 @@ def local_directory(source: ModelSource) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    partial = target.with_name(target.name + ".partial")
+    # a folder of this process's own: processes started together (a verifier and a drafter) may convert at once
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
     partial.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    partial.rename(target)  # atomic: a crash never leaves a half-written copy that looks complete
+    try:
+        partial.rename(target)  # atomic: a crash never leaves a half-written copy that looks complete
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+        shutil.rmtree(partial, ignore_errors=True)  # another process finished the same conversion first
     return target
 
 
