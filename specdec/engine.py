@@ -373,8 +373,10 @@ def _pack(rows: list[Row], batch: int, width: int, scratch: int, span: int | Non
     slots = torch.full((batch,), scratch, dtype=torch.long)
     base = torch.zeros(batch, dtype=torch.long)
     offsets = torch.arange(width)[None, :]  # [1, width]
-    # a chain's token t sees base + 0..t (padding: as its row's last token); rows past len(rows) as row 0's first
+    # a chain's token t sees base + 0..t (padding: as its row's last token); rows past len(rows) see base + 0 only,
+    # as a chain of one (a graph is captured on such rows)
     visible = (torch.arange(span)[None, None, :] <= offsets[..., None]).expand(batch, width, span).clone()
+    visible[len(rows) :, :, 1:] = False
     n = len(rows)
     if n:
         lengths = torch.tensor([len(r.tokens) for r in rows])  # [n]
