@@ -76,7 +76,7 @@ class Row:
     # len(visible[t]) - 1 (its depth), while its KV goes to index start + t. None: a chain (each token sees all
     # before it). Rows of one pass may mix chains and trees.
     tree_base: int | None = None
-    visible: list[list[int]] | None = None
+    visible: list[list[int]] | torch.Tensor | None = None  # or as bools [len(tokens), offsets] (tree_visibility)
 
 
 class KVCache:
@@ -350,6 +350,22 @@ def _attention_mask(base: torch.Tensor, visible: torch.Tensor, kv_len: int) -> t
     return ((offset < 0) | (seen & (offset < span)))[:, None]
 
 
+def tree_visibility(parents: list[int]) -> torch.Tensor:
+    """What a draft tree's verify row sees: [n + 1, n + 1] bool, row i at block offset i (0 = the root, the newest
+    committed token; i + 1 = node i, whose parent is parents[i], -1 for the root) seeing itself and its ancestors.
+    A few tensor ops per level instead of a Python loop per node (a 4x4 tree 5 deep has 68 nodes)."""
+    up = torch.tensor([0, *(p + 1 for p in parents)])  # each row's parent row; the root its own
+    rows = torch.arange(len(up))
+    seen = torch.zeros(len(up), len(up), dtype=torch.bool)
+    current = rows
+    while True:
+        seen[rows, current] = True
+        parent = up[current]
+        if torch.equal(parent, current):
+            return seen
+        current = parent
+
+
 def tree_span(rows: list[Row]) -> int:
     """The widest stretch of KV from a row's tree base (or start) to its last new token: the `span` of _pack."""
     return max(r.start - (r.start if r.tree_base is None else r.tree_base) + len(r.tokens) for r in rows)
@@ -391,15 +407,22 @@ def _pack(rows: list[Row], batch: int, width: int, scratch: int, span: int | Non
         base[:n] = starts[:, 0]
         visible[:n] = visible[:n].gather(1, last[..., None].expand(n, width, span))
         for b, r in enumerate(rows):
-            if r.visible is not None:  # (lists first, one tensor write per row: a wide tree's row is ~70 tokens)
-                seen = [r.visible[min(t, len(r.tokens) - 1)] for t in range(width)]
-                bits = [[False] * span for _ in range(width)]
+            if r.visible is None:
+                continue
+            seen = r.visible
+            if not isinstance(seen, torch.Tensor):  # offsets lists -> [tokens, offsets] bool
+                bits = torch.zeros(len(seen), max(max(v) for v in seen) + 1, dtype=torch.bool)
                 for t, offsets_seen in enumerate(seen):
-                    for j in offsets_seen:
-                        bits[t][j] = True
-                base[b] = r.tree_base
-                visible[b] = torch.tensor(bits)
-                positions[b] = torch.tensor([r.tree_base + len(v) - 1 for v in seen])
+                    bits[t, offsets_seen] = True
+                seen = bits
+            n_tokens, n_seen = seen.shape
+            base[b] = r.tree_base
+            visible[b] = False
+            visible[b, :n_tokens, :n_seen] = seen
+            visible[b, n_tokens:, :n_seen] = seen[-1]
+            depth = seen.sum(-1) - 1  # [tokens]: ancestors below the tree base
+            positions[b, :n_tokens] = r.tree_base + depth
+            positions[b, n_tokens:] = r.tree_base + depth[-1]
     return tokens, positions, write_slots.reshape(-1), write_pos.reshape(-1), slots, base, visible
 
 

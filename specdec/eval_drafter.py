@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from specdec import drafter_model, models
-from specdec.engine import LlamaEngine, Row
+from specdec.engine import LlamaEngine, Row, tree_visibility
 from specdec.sampling import SamplingConfig, probs_from_logits, sample
 from specdec.verification import verify
 
@@ -271,13 +271,8 @@ def measure_tree(target_engine, drafter: "_FeatureDrafter", prompts, k, shape, c
             break
         trees = drafter.runner.draft_tree(*drafter.rows(active), k, shape.branch, shape.beam,
                                           [temperature] * len(active), [generator] * len(active), TOP_N)
-        rows = []
-        for s, tree in zip(active, trees):
-            visible = [[0]]
-            for i, parent in enumerate(tree.parents):
-                visible.append(visible[parent + 1] + [i + 1])
-            rows.append(Row(s.slot, s.target_len, [s.tokens[-1], *tree.tokens], True, tree_base=s.target_len,
-                            visible=visible))
+        rows = [Row(s.slot, s.target_len, [s.tokens[-1], *tree.tokens], True, tree_base=s.target_len,
+                    visible=tree_visibility(tree.parents)) for s, tree in zip(active, trees)]
         flat, sizes, hidden = target_engine.forward_flat(cache, rows, hidden=layers)
         moves: tuple[list, list, list] = ([], [], [])
         for s, tree, logits, h in zip(active, trees, flat.split(sizes), hidden.split(sizes)):

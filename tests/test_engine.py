@@ -283,3 +283,12 @@ def test_a_tree_can_grow_across_passes():
     got = engine.forward(cache, [Row(0, n + 2, [10, 11], all_logits=True, tree_base=n, visible=[[1, 2], [0, 3]])])[0]
     assert (got[0] - reference_logits(model, prompt + [9, 10])[-1]).abs().max() <= 1e-4
     assert (got[1] - reference_logits(model, prompt + [8, 11])[-1]).abs().max() <= 1e-4
+
+
+def test_tree_visibility_is_each_nodes_path():
+    from specdec.engine import tree_visibility
+
+    parents = [-1, -1, 0, 0, 2, 1, 5, -1]
+    seen = tree_visibility(parents)
+    for row, offsets in enumerate(_ancestors(parents)):
+        assert seen[row].nonzero().flatten().tolist() == sorted(offsets)

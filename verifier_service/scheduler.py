@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from specdec import compute
-from specdec.engine import LlamaEngine, Row
+from specdec.engine import LlamaEngine, Row, tree_visibility
 from specdec.errors import Exhausted, InvalidInput, Unavailable
 from specdec.hf_engine import TransformersEngine
 from specdec.sampling import probs_from_logits, sample
@@ -589,11 +589,8 @@ def _trimmed(tokens: list[int], dists, parents: list[int] | None, depth_room: in
 def _tree_row(session: Session, tokens: list[int], parents: list[int]) -> Row:
     """The verify row of a draft tree: the root (the newest committed token) and the nodes in block order, each
     seeing the committed tokens and its own ancestors."""
-    visible = [[0]]
-    for i, parent in enumerate(parents):
-        visible.append(visible[parent + 1] + [i + 1])
     return Row(session.slot, session.kv_length, [session.tokens[-1], *tokens], True, tree_base=session.kv_length,
-               visible=visible)
+               visible=tree_visibility(parents))
 
 
 def _resolve(future: asyncio.Future, result: StepResult) -> None:
