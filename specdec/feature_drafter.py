@@ -203,36 +203,27 @@ class DraftTree:
     distributions: list[tuple[list[int], list[float]]]
 
 
-def _ancestors(parents: list[int], node: int) -> list[int]:
-    """The node and its ancestors below the root."""
-    path = []
-    while node >= 0:
-        path.append(node)
-        node = parents[node]
-    return path
-
-
-def _children(logits: torch.Tensor, branch: int, temperature: float, generator, top_n: int,
-              vocab: torch.Tensor | None):
-    """Per expanded node (logits [nodes, draft vocab]; vocab: the target id of each draft-vocabulary index, None =
-    the same): the target ids of its `branch` children [nodes][branch], their log draft probabilities (-inf for a
-    child with no mass left) and, for sampled rows, each child's declared (target ids, float32 probabilities);
-    None for greedy rows (point masses)."""
-    def target_ids(index: torch.Tensor) -> list:
-        return (index if vocab is None else vocab[index]).tolist()
-
-    if temperature <= 0:
-        top = logits.log_softmax(-1).topk(branch, dim=-1)
-        return target_ids(top.indices), top.values.tolist(), None
-    tempered = (logits.double() / temperature).topk(min(top_n, logits.shape[-1]), dim=-1)
-    probs = tempered.values.softmax(-1)
-    uniforms = torch.rand(logits.shape[0], branch, generator=generator, dtype=torch.float64).to(logits.device)
-    picks, declared = draw_without_replacement(probs, uniforms)  # [nodes, branch], [nodes, branch, top_n]
+def _children(logits: torch.Tensor, branch: int, temps: torch.Tensor, top_n: int, uniforms: torch.Tensor | None):
+    """The `branch` children of each expanded node, on the device. logits [n, count, draft vocab]; temps [n] (0 =
+    greedy); uniforms [n, count * branch] for sampled rows (None when no row samples). Returns the children's
+    draft-vocabulary indices [n, count, branch], their log draft probabilities (-inf for a sampled child with no
+    mass left) and, when some row samples, the declared distributions: (draft-vocabulary ids [n, count, top_n],
+    probabilities [n, count, branch, top_n]), all zero on greedy rows (point masses)."""
+    n, count, _ = logits.shape
+    greedy = logits.log_softmax(-1).topk(branch, dim=-1)
+    if uniforms is None:
+        return greedy.indices, greedy.values.double(), None
+    sampled = (temps > 0)[:, None, None]
+    tempered = (logits.double() / torch.where(temps > 0, temps, 1.0)[:, None, None]).topk(
+        min(top_n, logits.shape[-1]), dim=-1)
+    probs = tempered.values.softmax(-1)  # [n, count, top_n]
+    picks, declared = draw_without_replacement(probs.flatten(0, 1), uniforms.reshape(n * count, branch))
+    picks, declared = picks.view(n, count, branch), declared.view(n, count, branch, -1)
     mass = declared.gather(-1, picks[..., None])[..., 0]
     logq = probs.gather(-1, picks).log().masked_fill(mass <= 0, -math.inf)
-    ids, declared = target_ids(tempered.indices), declared.float().tolist()
-    return (target_ids(tempered.indices.gather(-1, picks)), logq.tolist(),
-            [[(ids[e], declared[e][c]) for c in range(branch)] for e in range(logits.shape[0])])
+    ids = torch.where(sampled, tempered.indices.gather(-1, picks), greedy.indices)
+    logq = torch.where(sampled, logq, greedy.values.double())
+    return ids, logq, (tempered.indices, torch.where(sampled[..., None], declared, 0.0))
 
 
 class FeatureRunner:
@@ -305,58 +296,117 @@ class FeatureRunner:
         * branch nodes at most). One pass per level for all rows: the nodes to expand are written to the KV after
         the row's tokens, each seeing the committed tokens and its own ancestors (engine.Row's tree fields), fed
         its parent's predicted feature as a chain feeds them. Nothing of the tree stays valid in the slot: the next
-        draft overwrites it.
+        draft overwrites it. Every level runs on the device (choices, inputs and visibility as tensors, like
+        `draft`'s chain); the host reads the tree once at the end.
 
         Greedy rows (temperatures None or 0) take each node's `branch` most likely tokens and declare point
         masses; sampled rows draw them without replacement from the node's tempered top_n distribution
         (specdec.sampling.draw_without_replacement, with uniforms from generators[b], so a seeded session drafts
         the same again) and declare, for each, the distribution it was drawn from: what verify_tree needs to stay
-        lossless. Siblings are never pruned by what was drawn; which nodes are expanded may depend on anything."""
+        lossless. Siblings are never pruned by what was drawn (a child with no mass left is dropped with its
+        subtree, which only shortens the draws); which nodes are expanded may depend on anything."""
         dev, vocab = self.engine.device, self._vocab_index
-        temperatures = temperatures or [0.0] * len(rows)
+        n = len(rows)
+        temps = torch.tensor(temperatures or [0.0] * n, dtype=torch.float64, device=dev)
         h, logits = self._run(rows, features)
         last = torch.tensor([len(r.tokens) - 1 for r in rows], device=dev)
-        index = torch.arange(len(rows), device=dev)
-        node_logits = logits[index, last].float()[:, None]  # [rows, nodes to expand, draft vocab]
-        node_h = h[index, last][:, None]  # [rows, nodes to expand, hidden]
-        bases = [r.start + len(r.tokens) for r in rows]
-        trees = [DraftTree([], [], []) for _ in rows]
-        scores: list[list[float]] = [[] for _ in rows]  # per node: log draft probability of its path
-        offsets: list[dict[int, int]] = [{} for _ in rows]  # node -> its KV offset from the base, once written
-        expand: list[list[int]] = [[-1] for _ in rows]  # the nodes whose children come next (-1: the root)
-        for level in range(depth):
-            level_nodes = []
-            for b, tree in enumerate(trees):
-                ids, logq, declared = _children(node_logits[b, : len(expand[b])], branch, temperatures[b],
-                                                generators[b] if generators else None, top_n, vocab)
-                first = len(tree.tokens)
-                for e, parent in enumerate(expand[b]):
-                    for c in range(branch):
-                        if not math.isfinite(logq[e][c]):  # fewer tokens than branch have mass here
-                            continue
-                        tree.tokens.append(ids[e][c])
-                        tree.parents.append(parent)
-                        tree.distributions.append(declared[e][c] if declared else ([], []))
-                        scores[b].append((scores[b][parent] if parent >= 0 else 0.0) + logq[e][c])
-                level_nodes.append(list(range(first, len(tree.tokens))))
+        index = torch.arange(n, device=dev)
+        logits, h = logits[index, last].float()[:, None], h[index, last][:, None]  # [n, 1, ...]: the roots
+        expanded = [1]  # nodes expanded at each level (the root first): fixed by branch and beam alone
+        for _ in range(depth - 1):
+            expanded.append(min(beam, expanded[-1] * branch))
+        uniforms = None
+        if bool((temps > 0).any()):  # each sampled session's draws for the whole tree, from its own generator
+            draws = branch * sum(expanded)
+            uniforms = torch.stack([torch.rand(draws, generator=generators[b] if generators else None,
+                                               dtype=torch.float64) for b in range(n)]).to(dev)
+        bases = torch.tensor([r.start + len(r.tokens) for r in rows], device=dev)
+        slots = torch.tensor([r.slot for r in rows], device=dev)
+        span = max(1, sum(expanded[1:]))  # tree nodes written to the KV, all levels
+        parent_index = torch.full((n, 1), -1, device=dev)  # the expanded nodes' indices in the tree (root: -1)
+        parent_score = torch.zeros(n, 1, dtype=torch.float64, device=dev)
+        parent_seen = torch.zeros(n, 1, span, dtype=torch.bool, device=dev)  # tree offsets each of them sees
+        levels = []  # per level: (tokens, parents, scores, declared probabilities or None)
+        total = written = drawn = 0
+        for level, count in enumerate(expanded):
+            picks, logq, declared = _children(logits[:n, :count], branch, temps, top_n,
+                                              None if uniforms is None else uniforms[:, drawn : drawn + count * branch])
+            drawn += count * branch
+            scores = parent_score[:, :, None] + logq  # [n, count, branch]: log draft probability of the path
+            parents = parent_index[:, :, None].expand(n, count, branch)
+            levels.append((picks.flatten(1), parents.flatten(1), scores.flatten(1), declared))
             if level == depth - 1:
                 break
-            tree_rows, feats = [], []
-            for b, tree in enumerate(trees):
-                chosen = sorted(level_nodes[b], key=lambda i: -scores[b][i])[:beam]
-                chosen.sort()  # block order, parents first
-                parent_rows = {p: e for e, p in enumerate(expand[b])}
-                visible = []
-                for node in chosen:
-                    offsets[b][node] = len(offsets[b])
-                    visible.append(sorted(offsets[b][a] for a in _ancestors(tree.parents, node)))
-                tree_rows.append(Row(rows[b].slot, bases[b] + len(offsets[b]) - len(chosen),
-                                     [tree.tokens[i] for i in chosen], tree_base=bases[b], visible=visible))
-                feats.append(node_h[b, [parent_rows[tree.parents[i]] for i in chosen]])
-                expand[b] = chosen
-            h, logits = self._run(tree_rows, feats)
-            node_logits, node_h = logits.float(), h
-        return trees
+            # the next level's expanded nodes: the likeliest `width` of this one, kept in block order
+            width = expanded[level + 1]
+            chosen = scores.flatten(1).topk(width, dim=-1).indices.sort(-1).values  # [n, width]
+            parent_row = chosen // branch  # the expanded node each chosen one is a child of
+            tokens = picks.flatten(1).gather(-1, chosen)
+            seen = parent_seen.gather(1, parent_row[..., None].expand(n, width, span)).clone()
+            seen[:, torch.arange(width), written + torch.arange(width)] = True  # and itself
+            feats = h[:n].gather(1, parent_row[..., None].expand(n, width, h.shape[-1]))
+            inputs = self._tree_inputs(tokens if vocab is None else vocab[tokens], bases, slots, level, written, seen,
+                                       feats)
+            h, logits = self._forward(inputs, n, width, int(bases.max()) + written + width, written + width)
+            logits = logits.float()
+            parent_index = total + chosen
+            parent_score = scores.flatten(1).gather(-1, chosen)
+            parent_seen = seen
+            total += count * branch
+            written += width
+        return self._trees(levels, vocab, (temps > 0).tolist())
+
+    def _tree_inputs(self, tokens, bases, slots, level: int, written: int, seen, feats):
+        """Padded inputs (as `_inputs` makes them) of a tree level's pass from device tensors: per row, `width`
+        nodes at depth level + 1 (RoPE position base + level), written at KV offsets written.. from the base, each
+        seeing the committed tokens and the tree offsets `seen` [n, width, span] marks."""
+        scratch = self.cache.scratch
+        n, width = tokens.shape
+        offsets = torch.arange(width, device=tokens.device)
+
+        def make(batch: int, padded_width: int, padded_span: int) -> list[torch.Tensor]:
+            pad_rows, pad_tokens = batch - n, padded_width - width
+            row_slots = F.pad(slots, (0, pad_rows), value=scratch)
+            row_bases = F.pad(bases, (0, pad_rows))
+            real = (torch.arange(batch, device=tokens.device) < n)[:, None] & (
+                torch.arange(padded_width, device=tokens.device) < width)[None]
+            write_slots = torch.where(real, row_slots[:, None], scratch)
+            write_pos = torch.where(real, row_bases[:, None] + written + F.pad(offsets, (0, pad_tokens)), 0)
+            visible = torch.zeros(batch, padded_width, padded_span, dtype=torch.bool, device=tokens.device)
+            visible[:n, :width, : seen.shape[-1]] = seen[..., :padded_span]
+            visible[:n, width:] = visible[:n, width - 1 : width]  # padding tokens as the row's last
+            visible[n:, :, 0] = True  # padding rows: a chain of one
+            positions = (row_bases + level)[:, None].expand(batch, padded_width)
+            padded_feats = F.pad(feats.to(self.engine.dtype), (0, 0, 0, pad_tokens, 0, pad_rows))
+            return [F.pad(tokens, (0, pad_tokens, 0, pad_rows)), positions.contiguous(), write_slots.reshape(-1),
+                    write_pos.reshape(-1), row_slots, row_bases, visible, padded_feats]
+
+        return make
+
+    def _trees(self, levels, vocab, sampled: list[bool]) -> list[DraftTree]:
+        """The host's copy of drafted trees: per row, its nodes level by level (target ids) with their declared
+        distributions (sampled rows), each child of a node with no mass left (score -inf) dropped with its
+        subtree."""
+        tokens = torch.cat([t for t, _, _, _ in levels], dim=1)
+        tokens = (tokens if vocab is None else vocab[tokens]).tolist()
+        parents = torch.cat([p for _, p, _, _ in levels], dim=1).tolist()
+        finite = torch.cat([torch.isfinite(s) for _, _, s, _ in levels], dim=1).tolist()
+        if any(sampled):  # (ids [n, count, top_n], probs [n, count, branch, top_n]) per level
+            ids = torch.cat([i.repeat_interleave(p.shape[2], dim=1) for _, _, _, (i, p) in levels], dim=1)
+            ids = (ids if vocab is None else vocab[ids]).tolist()
+            probs = torch.cat([p.flatten(1, 2) for _, _, _, (_, p) in levels], dim=1).float().tolist()
+        out = []
+        for b in range(len(tokens)):
+            tree, renumbered = DraftTree([], [], []), {-1: -1}
+            for i, (token, parent) in enumerate(zip(tokens[b], parents[b])):
+                if not finite[b][i] or parent not in renumbered:
+                    continue
+                renumbered[i] = len(tree.tokens)
+                tree.tokens.append(token)
+                tree.parents.append(renumbered[parent])
+                tree.distributions.append((ids[b][i], probs[b][i]) if sampled[b] else ([], []))
+            out.append(tree)
+        return out
 
     def _run(self, rows: list[Row], features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """One pass: predicted features [batch', width', hidden] and draft logits [batch', width', draft vocab] of

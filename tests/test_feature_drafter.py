@@ -128,6 +128,40 @@ def test_a_draft_trees_nodes_are_what_chains_along_their_paths_would_draft(draft
     assert [t.tokens for t in one_branch] == chain and all(t.parents == [-1, 0, 1, 2] for t in one_branch)
 
 
+def test_a_sampled_tree_declares_for_each_node_the_distribution_it_was_drawn_from():
+    """Sampled siblings are drawn without replacement: the first declares the node's tempered top-n distribution,
+    each next one that distribution with its elder siblings removed and renormalized; each holds its own token;
+    siblings differ; the same generator seed drafts the same tree; greedy rows in the same pass declare point
+    masses and keep their greedy children."""
+    model = _model(sorted(range(3, VOCAB, 2)), seed=4)
+    seqs = [torch.randint(0, VOCAB, (n,)).tolist() for n in (6, 8)]
+    feats = [torch.randn(len(s), 64) for s in seqs]
+    rows = [Row(slot, 0, s) for slot, s in enumerate(seqs)]
+
+    def draft(seed):
+        runner = FeatureRunner(model, "cpu", torch.float32, num_slots=2, max_len=64)
+        return runner.draft_tree(rows, feats, depth=3, branch=3, beam=2, temperatures=[0.9, 0.0],
+                                 generators=[torch.Generator().manual_seed(seed), None], top_n=16)
+
+    sampled, greedy = draft(1)
+    assert draft(1)[0] == sampled and draft(2)[0] != sampled
+    assert greedy == draft(2)[1] and all(d == ([], []) for d in greedy.distributions)
+    for parent in set(sampled.parents):
+        kids = [i for i, p in enumerate(sampled.parents) if p == parent]
+        assert len({sampled.tokens[i] for i in kids}) == len(kids)
+        first_ids, first_probs = sampled.distributions[kids[0]]
+        q = dict(zip(first_ids, first_probs))
+        assert abs(sum(first_probs) - 1) < 1e-5
+        for j, i in enumerate(kids):
+            ids, probs = sampled.distributions[i]
+            removed = {sampled.tokens[k] for k in kids[:j]}
+            rest = sum(v for t, v in q.items() if t not in removed)
+            expected = {t: (0.0 if t in removed else v / rest) for t, v in q.items()}
+            assert ids == first_ids
+            assert all(abs(p - expected[t]) < 1e-5 for t, p in zip(ids, probs))
+            assert dict(zip(ids, probs))[sampled.tokens[i]] > 0
+
+
 @pytest.mark.parametrize("num_layers,taps", [(1, None), (2, None), (1, [3, 7])])
 def test_artifact_round_trip_and_target_check(tmp_path, monkeypatch, num_layers, taps):
     draft_vocab = sorted(torch.randperm(VOCAB)[:40].tolist())
