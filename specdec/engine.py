@@ -111,8 +111,7 @@ class KVCache:
         before any is written: a draft tree's accepted path moved to where its tokens sit as a chain."""
         if not slots:
             return
-        device = self.keys[0].device
-        slot, source, target = (torch.tensor(v, device=device) for v in (slots, sources, targets))
+        slot, source, target = torch.tensor([slots, sources, targets], device=self.keys[0].device)  # one copy
         for keys, values in zip(self.keys, self.values):
             keys[slot, :, target] = keys[slot, :, source]
             values[slot, :, target] = values[slot, :, source]

@@ -321,6 +321,7 @@ class FeatureRunner:
             uniforms = torch.stack([torch.rand(draws, generator=generators[b] if generators else None,
                                                dtype=torch.float64) for b in range(n)]).to(dev)
         bases = torch.tensor([r.start + len(r.tokens) for r in rows], device=dev)
+        base_max = max(r.start + len(r.tokens) for r in rows)
         slots = torch.tensor([r.slot for r in rows], device=dev)
         span = max(1, sum(expanded[1:]))  # tree nodes written to the KV, all levels
         parent_index = torch.full((n, 1), -1, device=dev)  # the expanded nodes' indices in the tree (root: -1)
@@ -343,11 +344,12 @@ class FeatureRunner:
             parent_row = chosen // branch  # the expanded node each chosen one is a child of
             tokens = picks.flatten(1).gather(-1, chosen)
             seen = parent_seen.gather(1, parent_row[..., None].expand(n, width, span)).clone()
-            seen[:, torch.arange(width), written + torch.arange(width)] = True  # and itself
+            own = torch.arange(width, device=dev)  # (made on the device: a host tensor's copy would wait for it)
+            seen[:, own, written + own] = True  # and itself
             feats = h[:n].gather(1, parent_row[..., None].expand(n, width, h.shape[-1]))
             inputs = self._tree_inputs(tokens if vocab is None else vocab[tokens], bases, slots, level, written, seen,
                                        feats)
-            h, logits = self._forward(inputs, n, width, int(bases.max()) + written + width, written + width)
+            h, logits = self._forward(inputs, n, width, base_max + written + width, written + width)
             logits = logits.float()
             parent_index = total + chosen
             parent_score = scores.flatten(1).gather(-1, chosen)
