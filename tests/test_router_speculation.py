@@ -77,7 +77,8 @@ def test_the_verifiers_advice_is_its_devices_measured_default_unless_an_operator
 
     def info(device: str, **advice) -> verifier_pb2.GetModelInfoResponse:
         scheduler = SimpleNamespace(engine=SimpleNamespace(device=SimpleNamespace(type=device)), vocab_size=10,
-                                    max_sequence_length=64, max_draft_tokens=16, eos_ids={2})
+                                    max_sequence_length=64, max_draft_tokens=16, eos_ids={2},
+                                    max_tree_nodes=128)
         servicer = VerifierServicer(scheduler, "m", **advice)
         return asyncio.run(servicer.GetModelInfo(verifier_pb2.GetModelInfoRequest(), None))
 
