@@ -249,7 +249,7 @@ def measure_tree(target_engine, drafter: "_FeatureDrafter", prompts, k, shape, c
     walk, and the accepted path's KV moved into place (KVCache.move). Tau counts tokens per verify step as for
     chains; acceptance by position is by depth; nodes_per_step is the verify pass's extra width."""
     from drafter_service.drafters import TOP_N
-    from specdec.verification import verify_tree, verify_tree_greedy
+    from specdec.verification import tree_depths, verify_tree, verify_tree_greedy
 
     generator = torch.Generator().manual_seed(seed)
     nodes = shape.nodes(k)
@@ -293,10 +293,7 @@ def measure_tree(target_engine, drafter: "_FeatureDrafter", prompts, k, shape, c
                 moves[1].append(s.target_len + 1 + node)
                 moves[2].append(s.target_len + 1 + depth)
             old_len = len(s.tokens)
-            depths = [0]
-            for parent in tree.parents:
-                depths.append(depths[parent + 1] + 1)
-            s.steps.append((max(depths), len(path)))
+            s.steps.append((max(tree_depths(tree.parents), default=0), len(path)))
             node_counts.append(len(tree.tokens))
             s.target_len = old_len + len(path)
             drafter.observe(s, h[[0] + [j + 1 for j in path]])

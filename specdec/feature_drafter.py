@@ -230,8 +230,9 @@ class FeatureRunner:
     """Runs a FeatureDrafterModel over a slotted KV cache: one ragged pass per drafting step for many sessions.
 
     On CUDA, steps of up to 64 rows of up to 16 tokens (seeing up to 64 tree nodes back) replay CUDA graphs
-    captured per (rows, width, span, KV length) bucket, as the engine's own passes do: one eager layer is ~20 small kernels, and launching them costs more
-    than running them (measured on an H200: 2.27 ms per eager drafting step, 4x a graphed two-layer drafter)."""
+    captured per (rows, width, span, KV length) bucket, as the engine's own passes do: one eager layer is ~20 small
+    kernels, and launching them costs more than running them (measured on an H200: 2.27 ms per eager drafting step,
+    4x a graphed two-layer drafter)."""
 
     MAX_GRAPH_BATCH, MAX_GRAPH_WIDTH = 64, 16
     MAX_GRAPH_SPAN = 64  # a draft tree's level pass sees nodes written by earlier passes: up to this many back
@@ -277,8 +278,9 @@ class FeatureRunner:
     @torch.inference_mode()
     def step(self, rows: list[Row], features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """rows[b].tokens at KV positions rows[b].start.., each with the feature in features[b] [n_b, hidden] (any
-        device; [n_b, feature_width] for the target's own when the drafter taps several layers). Returns, for each row's last token, draft logits [batch, draft vocab] float32 and the
-        predicted feature [batch, hidden]: the input feature of the token drafted after it."""
+        device; [n_b, feature_width] for the target's own when the drafter taps several layers). Returns, for each
+        row's last token, draft logits [batch, draft vocab] float32 and the predicted feature [batch, hidden]: the
+        input feature of the token drafted after it."""
         dev = self.engine.device
         batch = len(rows)
         h, logits = self._run(rows, features)

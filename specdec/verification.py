@@ -87,6 +87,14 @@ class TreeVerdict:
     next_token: int  # the recovered token after the path, or the bonus token when the path ends at a leaf
 
 
+def tree_depths(parents: list[int]) -> list[int]:
+    """Each node's depth (1 = a child of the root), for parents listed before their children."""
+    depths: list[int] = []
+    for parent in parents:
+        depths.append(1 if parent < 0 else depths[parent] + 1)
+    return depths
+
+
 def tree_children(parents: list[int]) -> list[list[int]]:
     """Per row (0 = the root, i + 1 = node i): the nodes whose parent it is, in block order. parents[i] is node i's
     parent, an earlier node's index or -1 for the root (the newest committed token)."""

@@ -1,8 +1,9 @@
 """The verifier's scheduler: gathers every session's pending work and runs it as one forward pass per tick.
 
 A tick takes all queued prefills (one ragged pass) and all queued blocks (one ragged pass: each session its own KV
-length and block length), verifies the blocks with `specdec.verification.verify`, commits, and resolves each
-caller's future. Plain decoding is a block of zero draft tokens, so speculation off shares the same batches.
+length and block length; draft trees in passes of their own), verifies the blocks with `specdec.verification`
+(`verify` for chains, `verify_tree` for trees, whose accepted path's KV it then moves into place), commits, and
+resolves each caller's future. Plain decoding is a block of zero draft tokens, so speculation off shares the same batches.
 The model work runs on the process's torch thread (specdec.compute), so the event loop keeps serving gRPC while
 the device computes.
 
@@ -26,7 +27,7 @@ from specdec.errors import Exhausted, InvalidInput, Unavailable
 from specdec.hf_engine import TransformersEngine
 from specdec.sampling import probs_from_logits, sample
 from specdec.validation import check_prompt_ids
-from specdec.verification import verify, verify_greedy, verify_tree, verify_tree_greedy
+from specdec.verification import tree_depths, verify, verify_greedy, verify_tree, verify_tree_greedy
 from verifier_service.prefix_cache import PrefixCache
 from verifier_service.session import FINISH_LENGTH, FINISH_NONE, Session, SessionSettings
 
@@ -160,8 +161,9 @@ class Scheduler:
             raise
         # verifying fewer draft tokens never changes the output: none past what the session may still commit, and
         # none past its KV slot
+        slot_room = self.cache.max_len - len(session.tokens)
         draft_tokens, draft_dists, draft_parents = _trimmed(draft_tokens, draft_dists, draft_parents,
-                                                            session.draft_room, self.cache.max_len - len(session.tokens))
+                                                            session.draft_room, slot_room)
         return await self._submit(_Work(session, self._new_future(), draft_tokens, draft_dists or None,
                                         draft_parents or None, chunk=chunk and not draft_tokens))
 
@@ -568,14 +570,6 @@ class Scheduler:
             sample_u.to(dev),
         )
         return list(zip(verdict.num_accepted.tolist(), verdict.next_tokens.tolist()))
-
-
-def tree_depths(parents: list[int]) -> list[int]:
-    """Each node's depth (1 = a child of the root), for parents listed before their children."""
-    depths: list[int] = []
-    for parent in parents:
-        depths.append(1 if parent < 0 else depths[parent] + 1)
-    return depths
 
 
 def _trimmed(tokens: list[int], dists, parents: list[int] | None, depth_room: int, node_room: int):
