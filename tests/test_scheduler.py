@@ -389,3 +389,15 @@ def test_malformed_draft_trees_fail_their_session_with_a_reason(engine, eos, ref
     reasons = run(main())
     assert "2 draft tokens" in reasons[0] and "earlier token" in reasons[1]
     assert "3 tokens deep" in reasons[2] and "at most 4" in reasons[3]
+
+
+def test_draft_trees_verify_in_passes_of_their_own_of_at_most_four_rows(engine, eos):
+    """A tree row is ~70 tokens wide: chains padded to it would pay for it, and only few-row tree passes replay
+    as CUDA graphs."""
+    from verifier_service.scheduler import _Work
+
+    s = Scheduler(engine, eos)
+    works = ([_Work(None, None, [1, 2])] + [_Work(None, None, [1, 2], draft_parents=[-1, -1]) for _ in range(5)]
+             + [_Work(None, None, [])])
+    passes = [[i for i, _ in group] for group in s._passes(list(enumerate(works)))]
+    assert passes == [[6], [0], [1, 2, 3, 4], [5]]  # (on the CPU plain decode rows and chain blocks run apart)
