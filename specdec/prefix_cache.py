@@ -26,9 +26,11 @@ from specdec.prefix_hash import BLOCK_TOKENS, block_hashes
 
 
 class PrefixCache:
-    """features: also keep, per block, the target's last-layer hidden states of its 16 tokens (float16, on the host)
-    when a saver has them, so sessions of feature-level drafters, which need the hidden state of every prompt token,
-    can restore a prefix too (`restore_with_features` stops at the first block saved without them)."""
+    """features: also keep, per block, the target's hidden states of its 16 tokens (float16, on the host) when a
+    saver has them, so sessions of feature-level drafters, which need the hidden state of every prompt token, can
+    restore a prefix too (`restore_with_features` stops at the first block saved without the layers it wants). A
+    block keeps the layers its saver had (a fused drafter's several, side by side, the last layer's last); it serves
+    a session asking for those layers, or for the last layer alone (its last columns)."""
 
     def __init__(self, shape: LlamaShape, num_blocks: int, device, dtype, seed: bytes,
                  on_change: Callable[[list[str], list[str]], None] | None = None, features: bool = False):
@@ -39,9 +41,10 @@ class PrefixCache:
         self.seed = seed
         self.on_change = on_change
         self._index: OrderedDict[str, int] = OrderedDict()  # hash -> pool block; least recently used first
-        # [num_blocks, 16, hidden] float16 on the host, valid for the blocks in _with_features
-        self.features = torch.zeros(num_blocks, BLOCK_TOKENS, shape.hidden_size, dtype=torch.float16) if features else None
-        self._with_features: set[int] = set()
+        # pool block -> (its saver's layers, () = the last alone; hidden states [16, (len(layers) or 1) * hidden]
+        # float16 on the host)
+        self.features: dict[int, tuple[tuple[int, ...], torch.Tensor]] | None = {} if features else None
+        self.hidden_size = shape.hidden_size
         self._free = list(range(num_blocks - 1, -1, -1))
         self.hits = self.lookups = 0  # blocks found / blocks asked, for logs and benchmarks
 
@@ -52,16 +55,22 @@ class PrefixCache:
         """Copies the longest cached prefix of tokens into the slot; returns how many tokens need no prefill."""
         return self._restore(cache, slot, tokens, with_features=False)[0]
 
-    def restore_with_features(self, cache: KVCache, slot: int, tokens: list[int]) -> tuple[int, torch.Tensor | None]:
-        """`restore` for a session that wants hidden states: only blocks cached with theirs count; returns that
-        count and their hidden states [count, hidden] (float16, host), or (0, None)."""
-        return self._restore(cache, slot, tokens, with_features=True)
+    def restore_with_features(self, cache: KVCache, slot: int, tokens: list[int],
+                              layers: tuple[int, ...] = ()) -> tuple[int, torch.Tensor | None]:
+        """`restore` for a session that wants hidden states of `layers` (() = the last layer alone): only blocks
+        cached with those count; returns that count and their hidden states [count, (len(layers) or 1) * hidden]
+        (float16, host), or (0, None)."""
+        return self._restore(cache, slot, tokens, with_features=True, layers=tuple(layers))
 
-    def _restore(self, cache: KVCache, slot: int, tokens: list[int], with_features: bool):
+    def _serves(self, block: int, layers: tuple[int, ...]) -> bool:
+        saved = self.features.get(block) if self.features is not None else None
+        return saved is not None and (saved[0] == layers or not layers)
+
+    def _restore(self, cache: KVCache, slot: int, tokens: list[int], with_features: bool, layers=()):
         hashes = block_hashes(tokens, self.seed)
         found = 0
         for h in hashes:
-            if h not in self._index or (with_features and self._index[h] not in self._with_features):
+            if h not in self._index or (with_features and not self._serves(self._index[h], layers)):
                 break
             found += 1
         self.lookups += len(hashes)
@@ -78,17 +87,21 @@ class PrefixCache:
         self._touch(hashes[:found])
         # At least one token is always recomputed: the prefill needs the last prompt token's logits.
         n = min(n, len(tokens) - 1)
-        return n, self.features[ids].reshape(-1, self.features.shape[-1])[:n] if with_features else None
+        if not with_features:
+            return n, None
+        width = (len(layers) or 1) * self.hidden_size  # a last-layer session takes a fused block's last columns
+        return n, torch.cat([self.features[block][1][:, -width:] for block in ids])[:n]
 
     def save(self, cache: KVCache, slot: int, tokens: list[int], kv_length: int,
-             features: torch.Tensor | None = None) -> None:
+             features: torch.Tensor | None = None, layers: tuple[int, ...] = ()) -> None:
         """Copies the full blocks among the first kv_length tokens (those whose KV is valid) into the pool, with
-        their hidden states when `features` [>= their tokens, hidden] is given."""
+        their hidden states when `features` [>= their tokens, (len(layers) or 1) * hidden] (of `layers`, () = the
+        last alone) is given."""
         hashes = block_hashes(tokens, self.seed, max_tokens=kv_length)[: self.num_blocks]
         self._touch(hashes)  # the chain's own blocks are now most recent: eviction takes others first
         new = [i for i, h in enumerate(hashes) if h not in self._index]
-        # blocks cached before by a session without hidden states get them now, if this one has them
-        lacking = [i for i, h in enumerate(hashes) if h in self._index and self._index[h] not in self._with_features]
+        # blocks cached before without hidden states, or with the last layer's alone, get this saver's
+        lacking = [i for i, h in enumerate(hashes) if h in self._index and self._upgrades(self._index[h], layers)]
         lost = []
         if new:
             while len(self._free) < len(new):
@@ -98,7 +111,8 @@ class PrefixCache:
             targets = [self._free.pop() for _ in new]
             for i, block in zip(new, targets):
                 self._index[hashes[i]] = block
-                self._with_features.discard(block)  # a reused block's old hidden states are not this one's
+                if self.features is not None:
+                    self.features.pop(block, None)  # a reused block's old hidden states are not this one's
             self._touch(hashes)
             src = torch.tensor(new, device=self.keys[0].device)
             dst = torch.tensor(targets, device=self.keys[0].device)
@@ -112,11 +126,17 @@ class PrefixCache:
             for i in new + lacking:
                 rows = features[i * BLOCK_TOKENS : (i + 1) * BLOCK_TOKENS]
                 if rows.shape[0] == BLOCK_TOKENS and hashes[i] in self._index:  # (evicted by this very save)
-                    block = self._index[hashes[i]]
-                    self.features[block] = rows.to("cpu", torch.float16)
-                    self._with_features.add(block)
+                    self.features[self._index[hashes[i]]] = (tuple(layers), rows.to("cpu", torch.float16).clone())
         if new and self.on_change:
             self.on_change([hashes[i] for i in new], lost)
+
+    def _upgrades(self, block: int, layers: tuple[int, ...]) -> bool:
+        """Whether a saver with `layers`' hidden states adds to what the block keeps: it keeps none, or the last
+        layer's alone while the saver has several (which serve last-layer sessions too)."""
+        if self.features is None:
+            return False
+        saved = self.features.get(block)
+        return saved is None or (not saved[0] and bool(layers))
 
     def _touch(self, hashes: list[str]) -> None:
         # Children first, so a chain's parents are the more recent: LRU evicts a chain from its tail, and a

@@ -321,10 +321,10 @@ def test_sessions_of_one_pass_each_get_their_own_layers(engine, eos, tokenizer):
         torch.testing.assert_close(features.float(), expected.float(), atol=0.05, rtol=0.01)  # sent as float16
 
 
-def test_the_prefix_cache_serves_hidden_states_to_last_layer_sessions_only(engine, eos, tokenizer):
-    """The prefix cache keeps the last layer's hidden states: a fused session restores no prefix (it would lack its
-    other layers' states) yet saves its blocks with its last layer's, which a later last-layer session restores
-    with them; every session's features are a plain pass's."""
+def test_the_prefix_cache_serves_each_session_the_layers_it_asks_for(engine, eos, tokenizer):
+    """Blocks keep their saver's layers' hidden states: a fused session restores no prefix saved by a last-layer
+    session (it lacks the other layers) and saves its own over it; then both kinds restore the whole prefix (a
+    last-layer session from the fused blocks' last columns); every session's features are a plain pass's."""
     import asyncio
 
     from specdec.prefix_hash import model_seed
@@ -332,7 +332,7 @@ def test_the_prefix_cache_serves_hidden_states_to_last_layer_sessions_only(engin
     from verifier_service.scheduler import Scheduler
 
     ids = tokenizer.encode("The three primary colors of light are red, green and blue. The three primary colors of")
-    order = [("fused", TAPS), ("last", None), ("fused-again", TAPS)]
+    order = [("last", None), ("fused", TAPS), ("last-again", None), ("fused-again", TAPS)]
 
     async def main():
         cache = PrefixCache(engine.shape, 64, engine.device, engine.dtype, model_seed("test"), features=True)
@@ -344,7 +344,7 @@ def test_the_prefix_cache_serves_hidden_states_to_last_layer_sessions_only(engin
 
     runs = asyncio.run(main())
     full_blocks = len(ids) // 16 * 16
-    assert full_blocks >= 16 and [cached for _, _, cached, _ in runs] == [0, full_blocks, 0]
+    assert full_blocks >= 16 and [cached for _, _, cached, _ in runs] == [0, 0, full_blocks, full_blocks]
     for (tokens, features, _, _), (_, taps) in zip(runs, order):
         assert tokens == runs[0][0]
         torch.testing.assert_close(features.float(), _expected_features(engine, tokens, taps).float(), atol=0.05,

@@ -2,8 +2,8 @@
 
 On open, the session's longest cached prefix is copied into its KV slot and only the rest is prefilled; after
 prefill and when the session closes, its full blocks (prompt, then prompt + committed) are copied into the pool.
-Hidden states are kept for the last layer only: the scheduler restores nothing for a session that wants other
-layers' too (SessionSettings.feature_layers), and such a session's blocks are saved with its last layer's.
+Blocks keep the hidden states of the layers their saver asked for (SessionSettings.feature_layers); they serve
+sessions asking for the same layers, or for the last layer alone.
 The block pool, hashing and LRU live in specdec.prefix_cache; this module only decides when a verifier session's
 KV is worth saving. Every method runs on the torch thread (specdec.compute). Gained and lost block hashes go to
 `on_change` (the locality publisher); this module knows nothing about Redis or scheduling.
@@ -25,7 +25,8 @@ class PrefixCache(prefix_cache.PrefixCache):
     def after_prefill(self, cache: KVCache, session) -> None:
         """Saves the prompt's blocks at once, so concurrent sessions sharing a system prompt hit."""
         self._prefilled.add(session.id)
-        self.save(cache, session.slot, session.tokens, session.kv_length, _features(session))
+        self.save(cache, session.slot, session.tokens, session.kv_length, _features(session),
+                  session.settings.feature_layers)
 
     def wants(self, session) -> bool:
         """Whether closing this session has KV worth saving (a failed prefill leaves none)."""
@@ -34,11 +35,11 @@ class PrefixCache(prefix_cache.PrefixCache):
     def on_close(self, cache: KVCache, session) -> None:
         if session.id in self._prefilled:
             self._prefilled.discard(session.id)
-            self.save(cache, session.slot, session.tokens, session.kv_length, _features(session))
+            self.save(cache, session.slot, session.tokens, session.kv_length, _features(session),
+                      session.settings.feature_layers)
 
 
 def _features(session):
-    """The last layer's hidden states of the session's committed tokens (one per token but the newest), if it kept
-    them: a session that asked for several layers' (SessionSettings.feature_layers) kept the last one's columns,
-    which are what the sessions that restore hidden states from this cache want."""
+    """The hidden states of the session's committed tokens (one per token but the newest) that it kept: its
+    feature_layers' side by side, or the last layer's."""
     return torch.cat(session.features) if session.features else None

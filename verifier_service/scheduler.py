@@ -209,9 +209,7 @@ class Scheduler:
                                f"order, ending with its last ({last}); or none for the last alone") from None
 
     def _keep_features(self, session: Session, features: torch.Tensor) -> None:
-        """Keeps the last layer's columns of a session's new features [n, width] (host) for the prefix cache."""
-        if session.settings.feature_layers:
-            features = features[:, -self.engine.shape.hidden_size :].clone()
+        """Keeps a session's new features [n, width] (host) for the prefix cache."""
         session.features.append(features)
 
     def _new_future(self) -> asyncio.Future:
@@ -401,14 +399,13 @@ class Scheduler:
         shortest first, in passes of rows within 2x of each other's length, and each result is delivered as soon
         as its own pass is done."""
         cache = self.prefix_cache
-        # sessions that want hidden states restore only blocks cached with theirs (and get them back); the cache
-        # keeps the last layer's only, so a session wanting other layers' too restores nothing
+        # sessions that want hidden states restore only blocks cached with those of their layers (and get them back)
         starts, restored = [], []
         for w in works:
             start, rows = 0, None
             if cache and w.session.settings.return_features:
-                if not w.session.settings.feature_layers:
-                    start, rows = cache.restore_with_features(self.cache, w.session.slot, w.session.tokens)
+                start, rows = cache.restore_with_features(self.cache, w.session.slot, w.session.tokens,
+                                                          w.session.settings.feature_layers)
             elif cache:
                 start = cache.restore(self.cache, w.session.slot, w.session.tokens)
             starts.append(start)

@@ -60,8 +60,8 @@ class Session:
     finish: int = FINISH_NONE
     stats: Stats = field(default_factory=Stats)
     generator: torch.Generator = field(default_factory=torch.Generator)
-    # with settings.return_features: the last layer's hidden states sent so far (float16, host; of a session with
-    # feature_layers, the last layer's columns only), kept for the prefix cache
+    # with settings.return_features: the hidden states sent so far (float16, host; its feature_layers' side by side),
+    # kept for the prefix cache
     features: list[torch.Tensor] = field(default_factory=list)
 
     def __post_init__(self):
