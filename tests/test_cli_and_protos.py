@@ -57,6 +57,22 @@ def test_engine_dtype_follows_the_device_unless_specdec_dtype_says(monkeypatch):
         default_dtype("cpu")
 
 
+def test_draft_tree_flag_takes_branch_x_beam_or_off_and_explains_a_bad_one(monkeypatch, capsys):
+    from drafter_service.drafters import TreeShape
+
+    assert build_parser().parse_args(["serve", "drafter", "--draft-tree", "4x2"]).draft_tree == TreeShape(4, 2)
+    assert build_parser().parse_args(["serve", "drafter", "--draft-tree", "off"]).draft_tree is None
+    assert build_parser().parse_args(["serve"]).draft_tree is None  # chains by default
+    monkeypatch.setenv("SPECDEC_DRAFT_TREE", "2x1")
+    assert build_parser().parse_args(["serve"]).draft_tree == TreeShape(2, 1)
+    assert TreeShape(4, 4).nodes(5) == 68 and TreeShape(2, 1).nodes(5) == 10 and TreeShape(3, 3).nodes(0) == 0
+    for bad in ("4", "4x", "0x2", "axb"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", "drafter", "--draft-tree", bad])
+        err = capsys.readouterr().err
+        assert "BRANCHxBEAM" in err or "at least 1" in err
+
+
 def test_router_without_verifier_says_what_to_do():
     env = {**os.environ, "SPECDEC_VERIFIER": ""}
     result = subprocess.run([sys.executable, "-m", "specdec.cli", "serve", "router"], capture_output=True,
