@@ -21,13 +21,13 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from drafter_cost import _timed  # noqa: E402  (bench/ is on the path when run as a script)
 from specdec import models  # noqa: E402
 from specdec.engine import LlamaEngine, Row, tree_visibility  # noqa: E402
 from specdec.feature_drafter import FeatureRunner, load_feature_drafter  # noqa: E402
@@ -35,19 +35,11 @@ from specdec.verification import verify_tree_greedy  # noqa: E402
 
 
 def timed(fn, device, repeats: int) -> float:
-    """Median milliseconds of fn(), synchronized, after 3 warm-up calls (CUDA graphs captured there)."""
-    def once() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return (time.perf_counter() - started) * 1e3
-
+    """Median milliseconds of fn(), synchronized (drafter_cost's timer), after 3 warm-up calls (CUDA graphs are
+    captured there)."""
     for _ in range(3):
-        once()
-    return statistics.median(once() for _ in range(repeats))
+        _timed(fn, device)
+    return statistics.median(_timed(fn, device) for _ in range(repeats))
 
 
 def main() -> int:
