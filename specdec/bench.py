@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import platform
 import statistics
 import time
@@ -60,6 +61,9 @@ class Row:
     tau: float
     acceptance_by_position: list[float] = field(default_factory=list)
     wire_bytes_per_token: float = 0.0
+    # CPU time (user + system, every thread) each process spent per committed token during the level: the bench's
+    # client and, when this run started them, the router, the drafter and the verifier (torch work included)
+    cpu_ms_per_token: dict[str, float] = field(default_factory=dict)
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -142,6 +146,18 @@ def summarize(mode: str, concurrency: int, results: list[RequestResult], wall: f
         acceptance_by_position=[round(a / d, 3) if d else 0.0 for a, d in zip(accepted, drafted)],
         wire_bytes_per_token=round(sum(r.wire_bytes for r in results) / max(tokens, 1), 1),
     )
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU seconds of a process so far, all its threads (this process when pid is None); Linux's
+    /proc for another process (0.0 where it cannot be read)."""
+    if pid is None:
+        return time.process_time()
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def _sum_lists(lists: list[list[int]]) -> list[int]:
@@ -270,6 +286,7 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows: list[Row] = []
     started: list = []
+    pids: dict[str, dict[str, int]] = {m: {} for m in modes}  # per mode: the processes serving it, by tier
     try:
         routers: dict[str, str] = {}
         if args.address:
@@ -300,6 +317,9 @@ def run(args) -> int:
                                               out / f"router-{mode.replace('/', '_')}.log")
                 started.append(router)
                 routers[mode] = router.address
+                pids[mode] = {"router": router.proc.pid, "verifier": verifier.proc.pid}
+                if drafters:
+                    pids[mode]["drafter"] = drafter.proc.pid
         for mode in modes:  # first passes capture CUDA graphs (and compile): keep them out of the figures
             if args.warmup:
                 print(f"warming up {mode}...", flush=True)
@@ -309,15 +329,20 @@ def run(args) -> int:
             for mode in modes:
                 requests = max(args.requests or len(prompts), concurrency)
                 k = 0 if mode == "off" else args.k
+                tiers = {"client": None, **pids[mode]}
+                cpu_before = {tier: cpu_seconds(pid) for tier, pid in tiers.items()}
                 results, wall = asyncio.run(
                     run_level(routers[mode], prompts, concurrency, requests, args.max_new_tokens, k)
                 )
                 row = summarize(mode, concurrency, results, wall)
+                row.cpu_ms_per_token = {tier: round(1000 * (cpu_seconds(pid) - cpu_before[tier]) / max(row.tokens, 1), 3)
+                                        for tier, pid in tiers.items()}
                 rows.append(row)
                 print(f"{mode:>6} x{concurrency:<4} per-user {row.per_user_tps:8.1f} tok/s  aggregate "
                       f"{row.aggregate_tps:8.1f} tok/s  TTFT p50 {row.ttft_p50_ms:7.1f} ms  ITL p50 "
                       f"{row.itl_p50_ms:6.2f} ms p99 {row.itl_p99_ms:6.2f} ms  tau {row.tau:5.2f}  accept@pos "
-                      f"{row.acceptance_by_position}  wire {row.wire_bytes_per_token} B/tok", flush=True)
+                      f"{row.acceptance_by_position}  wire {row.wire_bytes_per_token} B/tok  CPU ms/tok "
+                      + " ".join(f"{tier} {ms}" for tier, ms in row.cpu_ms_per_token.items()), flush=True)
     finally:
         for proc in reversed(started):
             proc.stop()
