@@ -144,13 +144,14 @@ def run_shape(name: str, forms: list[str], variants: list[str], kv: int, steps: 
                     walls.append((time.perf_counter() - began) * 1000 / steps)
                 entry["decode_step_ms"] = round(statistics.median(walls), 4)
                 _, buffers, _ = engine._graphs._loaded(cache, rows, engine._graphs.floor, kv + 1)
-                step = lambda: engine._graphs.step(cache, *buffers, min(engine_module._bucket(kv + 1, 128), 2048))  # noqa: E731
-                busy, table = kernel_table(step)
+                length = min(engine_module._bucket(kv + 1, 128), 2048)
+                busy, table = kernel_table(lambda: engine._graphs.step(cache, *buffers, length))
                 entry["busy_ms_outside_graph"] = round(busy, 4)
                 entry["kernels_per_step"] = sum(r[1] for r in table)
                 entry["kernels"] = table
                 out[name][key] = entry
-                print(f"{time.perf_counter() - T0:.0f}s", key, json.dumps({k: v for k, v in entry.items() if k != "kernels"}), flush=True)
+                figures = {k: v for k, v in entry.items() if k != "kernels"}
+                print(f"{time.perf_counter() - T0:.0f}s", key, json.dumps(figures), flush=True)
                 for row in table[:20]:
                     print("   ", row, flush=True)
                 del engine, cache, graph

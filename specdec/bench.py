@@ -335,8 +335,9 @@ def run(args) -> int:
                     run_level(routers[mode], prompts, concurrency, requests, args.max_new_tokens, k)
                 )
                 row = summarize(mode, concurrency, results, wall)
-                row.cpu_ms_per_token = {tier: round(1000 * (cpu_seconds(pid) - cpu_before[tier]) / max(row.tokens, 1), 3)
-                                        for tier, pid in tiers.items()}
+                row.cpu_ms_per_token = {
+                    tier: round(1000 * (cpu_seconds(pid) - cpu_before[tier]) / max(row.tokens, 1), 3)
+                    for tier, pid in tiers.items()}
                 rows.append(row)
                 print(f"{mode:>6} x{concurrency:<4} per-user {row.per_user_tps:8.1f} tok/s  aggregate "
                       f"{row.aggregate_tps:8.1f} tok/s  TTFT p50 {row.ttft_p50_ms:7.1f} ms  ITL p50 "

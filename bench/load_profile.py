@@ -1,0 +1,151 @@
+"""Where the host's time goes under load: each server process's Python, sampled while many users decode.
+
+Starts a verifier, a drafter (for a speculating mode) and a router as `specdec bench` does, warms them up, then
+runs one level of `--concurrency` users while py-spy (`pip install py-spy`; not a dependency of specdec) samples
+every server process. For each process it prints the CPU milliseconds per committed token (all threads: torch
+work included) and, from py-spy's samples of threads holding the GIL (`--gil`), the share of the wall time that
+process spent in Python with the GIL held (a process near 100% is bound by its Python, whatever its device
+does) and the functions that held it longest, inclusive and self. Writes `load_profile.json` and the raw
+samples (`<tier>.txt`, py-spy's collapsed stacks) under `--out`.
+
+    .venv/bin/python bench/load_profile.py --target /tmp/tiny-llama --concurrency 64 --out out/load-profile
+    python bench/load_profile.py --target /root/m/smollm2.gguf --device cuda:0 --mode model=DRAFTER \\
+        --concurrency 64 --out $OUT/load-profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from specdec.bench import (  # noqa: E402
+    DEFAULT_PROMPTS,
+    cpu_seconds,
+    load_prompts,
+    run_level,
+    start_router_process,
+    start_verifier_process,
+)
+from specdec.launch import ServerProcess  # noqa: E402
+
+
+def summarize_samples(path: Path, rate: int, seconds: float, top: int) -> dict:
+    """py-spy's collapsed stacks ("thread;frame;frame count" lines) -> GIL share and the top functions."""
+    total, own, inclusive = 0, collections.Counter(), collections.Counter()
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")[1:]]  # drop the thread, the line numbers
+        if frames:
+            own[frames[-1]] += n
+        for frame in set(frames):
+            inclusive[frame] += n
+
+    def share(counter):
+        return [[name[:120], round(100 * n / max(total, 1), 1)] for name, n in counter.most_common(top)]
+
+    return {"gil_held_pct_of_wall": round(100 * total / (rate * seconds), 1), "samples": total,
+            "inclusive_pct": share(inclusive), "self_pct": share(own)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", required=True, help="target model SPEC")
+    parser.add_argument("--mode", default="off", help="off, ngram, or model=DRAFTER (as `specdec bench --modes`)")
+    parser.add_argument("--device", default="cpu", help="verifier's device")
+    parser.add_argument("--drafter-device", default=None, help="drafter's device (default: the verifier's)")
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=0, help="requests in the level (default 16 x concurrency)")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--k", type=int, default=5, help="draft tokens asked per request in a speculating mode")
+    parser.add_argument("--seconds", type=int, default=15, help="how long py-spy samples (from the level's start)")
+    parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
+    parser.add_argument("--prompts", default=str(DEFAULT_PROMPTS))
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        raise SystemExit("py-spy is not installed: pip install py-spy")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = load_prompts(Path(args.prompts))
+    slots = max(args.concurrency, 4)
+    started = []
+    try:
+        verifier = start_verifier_process(args.target, args.device, slots, 2048, 0, out / "verifier.log")
+        started.append(verifier)
+        pids = {"verifier": verifier.proc.pid}
+        drafter_flags = []
+        if args.mode != "off":
+            spec = "ngram" if args.mode == "ngram" else args.mode.partition("=")[2]
+            spec, _, tree = spec.partition("@")
+            drafter = ServerProcess("drafter", "--model", spec, "--target", args.target,
+                                    *(["--draft-tree", tree] if tree else []),
+                                    "--device", args.drafter_device or args.device, "--max-sessions", str(slots),
+                                    log=out / "drafter.log")
+            started.append(drafter)
+            pids["drafter"] = drafter.proc.pid
+            drafter_flags = ["--drafter", drafter.address]
+        router = start_router_process(verifier.address, drafter_flags, args.target, out / "router.log")
+        started.append(router)
+        pids["router"] = router.proc.pid
+        k = 0 if args.mode == "off" else args.k
+        print("warming up...", flush=True)
+        asyncio.run(run_level(router.address, prompts, min(4, args.concurrency), 8, 16, k))
+        spies = {tier: subprocess.Popen([spy, "record", "-p", str(pid), "-d", str(args.seconds), "-r", str(args.rate),
+                                         "--gil", "--nonblocking", "-f", "raw", "-o", str(out / f"{tier}.txt")],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                 for tier, pid in pids.items()}
+        cpu_before = {tier: cpu_seconds(pid) for tier, pid in pids.items()}
+        requests = args.requests or 16 * args.concurrency
+        print(f"{args.mode}: {args.concurrency} users, {requests} requests of {args.max_new_tokens} tokens; "
+              f"py-spy samples the first {args.seconds:g} s", flush=True)
+        results, wall = asyncio.run(run_level(router.address, prompts, args.concurrency, requests,
+                                              args.max_new_tokens, k))
+        tokens = sum(r.tokens for r in results)
+        cpu = {tier: round(1000 * (cpu_seconds(pid) - cpu_before[tier]) / max(tokens, 1), 3)
+               for tier, pid in pids.items()}
+        for tier, proc in spies.items():
+            if proc.wait() != 0:
+                print(f"py-spy on the {tier} failed: {proc.stderr.read().decode()[-400:]}", flush=True)
+    finally:
+        for proc in reversed(started):
+            proc.stop()
+    if wall < args.seconds:
+        print(f"note: the level took {wall:.1f} s, less than the {args.seconds:g} s sampled: the GIL shares below are "
+              "diluted by the idle tail; raise --requests", flush=True)
+    report = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "mode": args.mode,
+              "concurrency": args.concurrency, "tokens": tokens, "wall_s": round(wall, 2),
+              "aggregate_tokens_per_s": round(tokens / wall, 1), "cpu_ms_per_token": cpu, "tiers": {}}
+    print(f"aggregate {tokens / wall:.1f} tokens/s; CPU ms per token: {cpu}")
+    for tier in pids:
+        path = out / f"{tier}.txt"
+        if not path.exists():
+            continue
+        summary = summarize_samples(path, args.rate, args.seconds, args.top)
+        report["tiers"][tier] = summary
+        print(f"\n{tier}: GIL held {summary['gil_held_pct_of_wall']}% of the wall time")
+        for name, pct in summary["inclusive_pct"]:
+            print(f"  {pct:5.1f}%  {name}")
+        print("  self:")
+        for name, pct in summary["self_pct"][:12]:
+            print(f"  {pct:5.1f}%  {name}")
+    (out / "load_profile.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
