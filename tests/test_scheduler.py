@@ -267,6 +267,33 @@ def test_steps_queued_ahead_between_chunks_keep_the_tokens(engine, eos, referenc
     assert run(decode(2, eos, 13))[0] == (expected[:13], FINISH_LENGTH, len(ids) + 13)
 
 
+def test_greedy_chunks_bound_their_steps_by_the_pace_so_far(engine, eos, references, monkeypatch):
+    """A chunk's step bound picks the KV-length bucket a GPU attends over: the first chunk may take any room, later
+    ones about what fits in decode_chunk_ms at the last chunk's pace (+2), and the tokens stay the same."""
+    ids, expected = references[PROMPTS[1]]
+    asked = []
+    decode_greedy = engine.decode_greedy
+    monkeypatch.setattr(engine, "decode_greedy", lambda cache, rows, steps, more=None: asked.append(steps)
+                        or decode_greedy(cache, rows, steps, more))
+
+    async def main():
+        scheduler = _scheduler(engine, eos, max_sessions=1, max_sequence_length=128, decode_chunk_ms=100)
+        result = await scheduler.open(SessionSettings("d", ids, 20, GREEDY))
+        tokens = list(result.tokens)
+        while result.session.finish == FINISH_NONE:
+            result = await scheduler.step("d", len(result.session.tokens), [], chunk=True)
+            tokens += result.tokens
+        pace = scheduler._chunk_step_ms
+        await scheduler.stop()
+        return tokens, pace
+
+    tokens, pace = run(main())
+    assert tokens == expected[:20]
+    assert asked[0] == 19 and len(asked) > 2  # the first chunk: all the room left; then several more
+    assert all(steps <= int(100 / (0.5 * pace)) + 2 for steps in asked[1:-1])  # (the pace varies between chunks)
+    assert max(asked[1:]) < 19
+
+
 def test_greedy_chunk_yields_to_queued_work(engine, eos, references):
     """A greedy decode chunk ends within a step or two of other work being queued (here a new session's prompt),
     so a long chunk never makes a newcomer wait for it; what it committed is still the greedy continuation."""

@@ -90,6 +90,7 @@ class Scheduler:
         queue, before the hand-off could overlap them)."""
         self.engine = engine
         self.decode_chunk_ms = decode_chunk_ms
+        self._chunk_step_ms: float | None = None  # the last greedy chunk's pace (see _greedy_chunk)
         if decode_ahead_steps is None:
             decode_ahead_steps = 2 if engine.device.type == "cuda" else 0
         self.decode_ahead_steps = decode_ahead_steps if hasattr(engine, "decode_ahead") else 0
@@ -370,11 +371,16 @@ class Scheduler:
         def more(done: int) -> bool:  # asked before each step after the first
             return self._another_step(started, done)
 
-        # (a bound for the run, not its length: on a GPU it picks the graph's KV-length bucket)
+        # A bound for the run, not its length; but on a GPU it picks the graph's KV-length bucket, and every step
+        # attends over the whole bucket, so it is kept near what fits in decode_chunk_ms at the last chunk's pace
+        # (with 64 steps of room, a session at 200 tokens attended over 512 keys where 256 would do).
         room = min(_MAX_CHUNK_STEPS, *(w.session.max_length - len(w.session.tokens) for w in works))
+        if self._chunk_step_ms:
+            room = min(room, int(self.decode_chunk_ms / self._chunk_step_ms) + 2)
         rows = [Row(w.session.slot, w.session.kv_length, [w.session.tokens[-1]]) for w in works]
         tokens = self.engine.decode_greedy(self.cache, rows, room, more)
         steps = len(tokens[0])
+        self._chunk_step_ms = (time.perf_counter() - started) * 1e3 / steps
         self.verify_passes = [len(works)] * steps
         out = []
         for work, row_tokens in zip(works, tokens):
