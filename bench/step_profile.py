@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from gpu_engine import timed  # noqa: E402  (bench/ is on the path when run as a script)
 from specdec import engine as engine_module  # noqa: E402
 from specdec.engine import LlamaEngine, Row  # noqa: E402
 
@@ -59,21 +60,6 @@ def attend_grouped(q, keys, values, mask):
 VARIANTS = {"sdpa": engine_module._attend, "grouped": attend_grouped}
 
 
-def event_ms(fn, runs: int) -> float:
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def kernel_table(fn, runs: int = 10, top: int = 30) -> tuple[float, list]:
     from torch.profiler import ProfilerActivity, profile
 
@@ -98,7 +84,7 @@ def kernel_table(fn, runs: int = 10, top: int = 30) -> tuple[float, list]:
 def floor_ms(weight_bytes: int) -> float:
     big = torch.empty(weight_bytes // 2, dtype=torch.bfloat16, device="cuda")
     dst = torch.empty_like(big)
-    copy_ms = event_ms(lambda: dst.copy_(big), 10)
+    copy_ms = timed(lambda: dst.copy_(big), 10)
     del big, dst
     return weight_bytes / (2 * weight_bytes / (copy_ms / 1000)) * 1000
 
@@ -134,7 +120,7 @@ def run_shape(name: str, forms: list[str], variants: list[str], kv: int, steps: 
                 entry = {"warmup_s": round(time.perf_counter() - started, 1),
                          "max_logit_diff_vs_first": float((logits - reference).abs().max()),
                          "same_argmax_as_first": bool(logits.argmax() == reference.argmax()),
-                         "replay_ms": round(event_ms(graph.replay, 100), 4)}
+                         "replay_ms": round(timed(graph.replay, 100), 4)}
                 engine.decode_greedy(cache, rows, steps)  # captures the decode graph for this kv bucket
                 torch.cuda.synchronize()
                 walls = []
