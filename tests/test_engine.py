@@ -187,43 +187,6 @@ def test_decode_greedy_equals_one_step_at_a_time():
                 assert torch.equal(chunk_cache.keys[layer][row.slot, :, :n], loop_cache.keys[layer][row.slot, :, :n])
 
 
-def test_steps_queued_ahead_are_taken_up_by_the_next_decode():
-    """decode_ahead queues greedy steps the next decode_greedy of the same rows takes up: the same tokens as
-    decoding straight on, whether it asks for fewer, as many or more steps than were queued. Other rows, a pass of
-    any kind, or a slot allocated drop them (and the tokens stay right: their KV is overwritten)."""
-    engine = LlamaEngine(tiny_model("llama", seed=9))
-    prompts = [list(range(5, 14)), list(range(20, 33))]
-    (loop_cache, rows), _ = _prefilled(engine, prompts), None
-    expected = _decode_one_step_at_a_time(engine, loop_cache, rows, 12)
-
-    def after(n):  # the rows once n tokens of `expected` are committed
-        return [Row(r.slot, r.start + n, [e[n - 1]]) for r, e in zip(rows, expected)]
-
-    for first, queued, asked in ((4, 2, 1), (4, 2, 2), (4, 3, 6), (1, 4, 8)):
-        cache, _ = _prefilled(engine, prompts)
-        assert engine.decode_greedy(cache, rows, first) == [e[:first] for e in expected]
-        engine.decode_ahead(cache, after(first), queued)
-        assert cache.ahead is not None
-        taken = []
-        take = cache.take_ahead
-        cache.take_ahead = lambda r: taken.append(take(r)) or taken[-1]
-        assert engine.decode_greedy(cache, after(first), asked) == [e[first:first + asked] for e in expected]
-        assert taken[0] is not None and cache.ahead is None
-
-    for interrupt in ("other rows", "pass", "allocate"):
-        cache, _ = _prefilled(engine, prompts)
-        engine.decode_greedy(cache, rows, 4)
-        engine.decode_ahead(cache, after(4), 3)
-        if interrupt == "other rows":
-            assert engine.decode_greedy(cache, after(4)[:1], 2) == [expected[0][4:6]]
-        elif interrupt == "pass":
-            engine.forward(cache, [Row(2, 0, [1, 2, 3])])
-        else:
-            cache.allocate()
-        assert cache.ahead is None
-        assert engine.decode_greedy(cache, after(4), 5) == [e[4:9] for e in expected]
-
-
 def test_decode_greedy_on_padded_buffers_equals_one_step_at_a_time():
     """What the CUDA-graph path of decode_greedy does, on the CPU: rows padded to a batch bucket and a width of 2
     (a compiled graph's floor), one fixed KV length for every step, the packed buffers advanced in place."""

@@ -78,22 +78,14 @@ class Scheduler:
         prefix_cache: PrefixCache | None = None,
         decode_chunk_ms: float = 10.0,
         max_tree_nodes: int = 128,
-        decode_ahead_steps: int | None = None,
     ):
         """decode_chunk_ms: when a tick holds only plain decode steps asked with chunk=True (speculation off),
         one for every open session, and nothing else is queued, it keeps decoding those sessions while another
         step fits in this many milliseconds of the tick: one hand-off and one message per chunk instead of per
-        token (greedy sessions in one engine call: see _greedy_chunk). 0 = one step.
-        decode_ahead_steps: after such a greedy chunk, steps queued on the device while its tokens go out and the
-        next requests come in (LlamaEngine.decode_ahead); the next chunk takes them up. Default: 2 on a GPU (a
-        chunk's hand-off idled an H200 for ~1.1 ms, about a step), 0 on a CPU (there the steps would run, not
-        queue, before the hand-off could overlap them)."""
+        token (greedy sessions in one engine call: see _greedy_chunk). 0 = one step."""
         self.engine = engine
         self.decode_chunk_ms = decode_chunk_ms
         self._chunk_step_ms: float | None = None  # the last greedy chunk's pace (see _greedy_chunk)
-        if decode_ahead_steps is None:
-            decode_ahead_steps = 2 if engine.device.type == "cuda" else 0
-        self.decode_ahead_steps = decode_ahead_steps if hasattr(engine, "decode_ahead") else 0
         self.verify_passes: list[int] = []  # rows of each verify pass of the last tick (for the metrics)
         self.prefix_cache = prefix_cache
         self.vocab_size = engine.shape.vocab_size
@@ -322,7 +314,7 @@ class Scheduler:
         # stack on an H200 at 64 users made 1,509-1,684 tokens/s that way against 2,266-2,307 one step a tick)
         chunk = not prefills and len(blocks) == len(self.sessions) and all(w.chunk for _, w in blocks)
         if blocks and chunk and all(self._greedy_chunk_ok(w) for _, w in blocks):
-            for (i, _), res in zip(blocks, self._greedy_chunk([w for _, w in blocks], deliver)):
+            for (i, _), res in zip(blocks, self._greedy_chunk([w for _, w in blocks])):
                 results[i] = res
         elif blocks:
             for group in self._passes(blocks):
@@ -359,13 +351,12 @@ class Scheduler:
         settings = work.session.settings
         return settings.sampling.greedy and not settings.return_features and hasattr(self.engine, "decode_greedy")
 
-    def _greedy_chunk(self, works: list[_Work], deliver=None) -> list[StepResult]:
+    def _greedy_chunk(self, works: list[_Work]) -> list[StepResult]:
         """A tick of greedy plain decode steps only (speculation off): steps while another fits in
         decode_chunk_ms and no other work is queued (the rule of _decode_chunk), up to what the session nearest
         its length limit may take, in one engine call that feeds each argmax back on the device
         (LlamaEngine.decode_greedy). Tokens past a session's EOS are dropped. The same tokens as one step per
-        tick (tested), without the host between steps. Then, when every session goes on and nothing else waits,
-        the results are delivered (deliver) and decode_ahead_steps more are queued for the next chunk."""
+        tick (tested), without the host between steps."""
         started = time.perf_counter()
 
         def more(done: int) -> bool:  # asked before each step after the first
@@ -391,12 +382,6 @@ class Scheduler:
                 committed += session.commit([token])
                 session.stats.record_block(0, 0)
             out.append(StepResult(committed, 0, session, len(works)))
-        if (self.decode_ahead_steps and deliver is not None and not self._queue
-                and all(w.session.finish == FINISH_NONE for w in works)):
-            for work, result in zip(works, out):
-                deliver(work, result)
-            self.engine.decode_ahead(self.cache, [Row(w.session.slot, w.session.kv_length, [w.session.tokens[-1]])
-                                                  for w in works], self.decode_ahead_steps)
         return out
 
     def _decode_chunk(self, blocks: list[tuple[int, _Work]], results: dict[int, StepResult], started: float) -> None:
