@@ -479,7 +479,7 @@ class _GraphRunner:
         self.engine = engine
         self.max_batch = max_batch
         self.max_width = max_width
-        self.pool = torch.cuda.graph_pool_handle()
+        self.pool = self._new_pool()
         self.graphs: dict[tuple, tuple] = {}
         self.step = self._eager_step
         # Buckets of at least 2 rows and 2 tokens: torch.compile specializes sizes 0 and 1, so this keeps every
@@ -511,7 +511,7 @@ class _GraphRunner:
         width = _bucket(max(len(r.tokens) for r in rows), self.floor)
         # Capture and replay on the engine's own device: the current device of this thread may be another GPU
         # (a drafter and a verifier in one process), and a graph captured on the wrong device is empty.
-        with torch.cuda.device(self.engine.device):
+        with self._on_device():
             entry = self._loaded(cache, rows, width, kv_len, taps)
             if entry is None:
                 return None
@@ -523,7 +523,7 @@ class _GraphRunner:
         """LlamaEngine.decode_greedy on one graph: its inputs copied in once, then up to `steps` replays, each
         followed by the argmax and the in-place update of the graph's own input buffers, queued without reading
         anything back, so the device runs the steps back to back while the host queues the next."""
-        with torch.cuda.device(self.engine.device):
+        with self._on_device():
             graph, buffers, (_, logits) = self._loaded(cache, rows, self.floor, max(r.start for r in rows) + steps)
 
             def step():
@@ -547,14 +547,15 @@ class _GraphRunner:
             buffer.copy_(value, non_blocking=True)
         return entry
 
-    def _capture(self, cache: KVCache, batch: int, width: int, length: int, taps: tuple[int, ...]):
-        engine = self.engine
-        dev = engine.device
-        buffers = [t.to(dev) for t in _pack([], batch, width, cache.scratch)]
+    # The CUDA specifics, one method each (tests stand them in on a CPU to run this class's own logic there).
+    def _new_pool(self):
+        return torch.cuda.graph_pool_handle()
 
-        def step():
-            return self.step(cache, *buffers, length, taps)
+    def _on_device(self):
+        return torch.cuda.device(self.engine.device)
 
+    def _record(self, step):
+        """step() captured as a CUDA graph: (the graph, step's outputs, which each replay rewrites in place)."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -564,6 +565,17 @@ class _GraphRunner:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             outputs = step()
+        return graph, outputs
+
+    def _capture(self, cache: KVCache, batch: int, width: int, length: int, taps: tuple[int, ...]):
+        engine = self.engine
+        dev = engine.device
+        buffers = [t.to(dev) for t in _pack([], batch, width, cache.scratch)]
+
+        def step():
+            return self.step(cache, *buffers, length, taps)
+
+        graph, outputs = self._record(step)
         logits = outputs[1]
         # A replay must reproduce the eager pass on the same inputs; a graph that does not (say, captured empty)
         # would return stale logits silently, so refuse it loudly instead.

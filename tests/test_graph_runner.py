@@ -1,0 +1,128 @@
+"""The CUDA-graph runner's own logic (buckets, padding, static buffers, wide tree passes, the capture check) run on
+the CPU: a stand-in "graph" re-runs the captured pass and rewrites its outputs in place, as a replay does, so every
+other line of engine._GraphRunner is the one a GPU runs. CI has no GPU; the real capture is checked on the H200 by
+bench/gpu_engine.py."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import pytest
+import torch
+
+from specdec.engine import LlamaEngine, Row, _GraphRunner, tree_visibility
+from tests.test_engine import _decode_one_step_at_a_time, tiny_model
+
+
+class _Replayed:
+    def __init__(self, step, outputs):
+        self.step, self.outputs = step, outputs
+
+    def replay(self):
+        for output, new in zip(self.outputs, self.step()):
+            output.copy_(new)
+
+
+class CpuGraphRunner(_GraphRunner):
+    broken = False  # capture graphs that replay nothing (what the capture check is for)
+
+    def _new_pool(self):
+        return None
+
+    def _on_device(self):
+        return contextlib.nullcontext()
+
+    def _record(self, step):
+        # a captured graph has run nothing yet: its outputs hold garbage until a replay writes them
+        outputs = tuple(torch.full_like(output, float("nan")) for output in step())
+        graph = _Replayed(step, outputs)
+        if self.broken:
+            graph.replay = lambda: None
+        return graph, outputs
+
+
+def _engines(seed=3, broken=False, kind="qwen2"):
+    model = tiny_model(kind, seed=seed)
+    eager, graphed = LlamaEngine(model), LlamaEngine(model)
+    graphed._graphs = CpuGraphRunner(graphed, max_batch=8, max_width=4)
+    graphed._graphs.broken = broken
+    return eager, graphed
+
+
+def _prefill(engines, prompts, max_len=64):
+    caches = []
+    for engine in engines:
+        cache = engine.new_cache(len(prompts) + 1, max_len)
+        engine.forward(cache, [Row(i, 0, p) for i, p in enumerate(prompts)])
+        caches.append(cache)
+    return caches
+
+
+PROMPTS = [list(range(5, 14)), list(range(20, 41)), [7, 8, 9]]
+
+
+def test_graphed_passes_equal_eager_ones_across_buckets():
+    """Ragged rows padded to a batch bucket (3 -> 4), widths 1 and 3 (-> 4), KV lengths in a 64 bucket: the same
+    logits and hidden states as the eager pass, and the same KV in the real slots; a bucket's graph is reused."""
+    eager, graphed = _engines()
+    caches = _prefill((eager, graphed), PROMPTS)
+    for width in (1, 3):
+        rows = [Row(i, len(p), list(range(60, 60 + width)), all_logits=True) for i, p in enumerate(PROMPTS)]
+        (want, _, want_hidden), (got, _, got_hidden) = (
+            e.forward_flat(c, rows, hidden=[1, 2]) for e, c in zip((eager, graphed), caches))
+        assert torch.allclose(got, want, atol=1e-5) and torch.equal(got.argmax(-1), want.argmax(-1))
+        assert torch.allclose(got_hidden, want_hidden, atol=1e-5)
+        for layer in range(3):
+            for i, p in enumerate(PROMPTS):
+                n = len(p) + width
+                assert torch.allclose(caches[1].keys[layer][i, :, :n], caches[0].keys[layer][i, :, :n], atol=1e-6)
+    assert len(graphed._graphs.graphs) == 2  # (batch 4, width 1) and (batch 4, width 4), taps [1]
+    again = [Row(0, len(PROMPTS[0]) + 3, [1])]
+    assert torch.allclose(graphed.forward(caches[1], again)[0], eager.forward(caches[0], again)[0], atol=1e-5)
+
+
+def test_graphed_decode_greedy_equals_eager():
+    """decode_greedy on the graph's own buffers (the inputs copied in once, the argmax fed back in place) gives
+    the tokens of eager single steps, for a ragged batch and one row, and a stop asked for stops it."""
+    eager, graphed = _engines(seed=7, kind="qwen3")
+    for prompts in (PROMPTS, PROMPTS[1:2]):
+        caches = _prefill((eager, graphed), prompts)
+        rows = [Row(i, len(p), [p[-1] + 1]) for i, p in enumerate(prompts)]
+        want = _decode_one_step_at_a_time(eager, caches[0], rows, 9)
+        assert graphed.decode_greedy(caches[1], rows, 9) == want
+        assert len({t for tokens in want for t in tokens}) > 3
+        stopped = graphed.decode_greedy(_prefill((graphed,), prompts)[0], rows, 9, more=lambda i: i < 4)
+        assert stopped == [tokens[:4] for tokens in want]
+
+
+def test_wide_draft_tree_passes_run_on_their_own_graphs():
+    """A draft tree wider than the chain graphs (here 6 nodes > 4) verifies on a tree bucket of few rows, with each
+    node's logits those of the eager pass."""
+    eager, graphed = _engines(seed=6)
+    caches = _prefill((eager, graphed), PROMPTS[:2])
+    parents = [-1, -1, 0, 0, 1, 2]
+    visible = tree_visibility(parents)
+    start = len(PROMPTS[0]) - 1  # the tree's root is the newest committed token, whose KV this pass writes
+    tree = Row(0, start, [PROMPTS[0][-1], 50, 51, 52, 53, 54, 55], all_logits=True, tree_base=start, visible=visible)
+    chain = Row(1, len(PROMPTS[1]), [61, 62], all_logits=True)
+    want = eager.forward(caches[0], [tree, chain])
+    got = graphed.forward(caches[1], [tree, chain])
+    assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(got, want))
+    assert any(key[2] > 4 for key in graphed._graphs.graphs)  # a tree bucket was captured
+
+
+def test_a_graph_that_does_not_replay_the_pass_is_refused(caplog):
+    """The capture check: a chain bucket whose graph does not reproduce the eager pass is an error (stale logits
+    would be served silently otherwise); a wide tree bucket's falls back to eager passes with a warning."""
+    eager, graphed = _engines(seed=7, broken=True)
+    caches = _prefill((eager, graphed), PROMPTS[:1])
+    with pytest.raises(RuntimeError, match="does not match the eager pass"):
+        graphed.forward(caches[1], [Row(0, len(PROMPTS[0]), [3])])
+    start = len(PROMPTS[0]) - 1
+    tree = Row(0, start, [PROMPTS[0][-1], 50, 51, 52, 53, 54], all_logits=True, tree_base=start,
+               visible=tree_visibility([-1, -1, 0, 1, 2]))
+    with caplog.at_level(logging.WARNING, logger="specdec.engine"):
+        got = graphed.forward(caches[1], [tree])[0]
+    assert "verifying such trees eagerly" in caplog.text
+    assert torch.allclose(got, eager.forward(caches[0], [tree])[0], atol=1e-5)
