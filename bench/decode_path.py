@@ -216,7 +216,7 @@ class DecodePath:
         print(f"loading {a.target} on {a.device} in this process...", flush=True)
         # The same builder as `specdec serve verifier`; 2 slots: one for the scheduler's session, one for layers 1-2.
         self.scheduler = await compute.run(build_scheduler, a.target, a.device, 2, a.max_sequence_length, 16, 0, None,
-                                           a.decode_chunk_ms)
+                                           a.decode_chunk_ms, a.decode_ahead_steps)
         self.scheduler.start()
         self.servicer = VerifierServicer(self.scheduler, a.target)
         print("starting verifier and router processes...", flush=True)
@@ -359,11 +359,14 @@ def main() -> int:
                         help="also time engine.decode_greedy this many steps a call, beside the layers (0 = skip)")
     parser.add_argument("--decode-chunk-ms", type=float, default=10.0,
                         help="the verifier's --decode-chunk-ms for layers 3-5 (0 = one token per tick)")
+    parser.add_argument("--decode-ahead-steps", type=int, default=0,
+                        help="the verifier's --decode-ahead-steps for layers 3-5")
     args = parser.parse_args()
 
     # One switch for every engine of the run: this process's reads it, the servers inherit it (their --compile).
     os.environ["SPECDEC_COMPILE"] = args.compile
     os.environ["SPECDEC_DECODE_CHUNK_MS"] = str(args.decode_chunk_ms)  # the verifier process reads its flag here
+    os.environ["SPECDEC_DECODE_AHEAD_STEPS"] = str(args.decode_ahead_steps)
     out = Path(args.out or f"out/decode-path-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     compute.set_threads()  # as the servers size theirs: the CPU limit

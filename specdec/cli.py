@@ -79,6 +79,9 @@ def _verifier_flags(p: argparse.ArgumentParser) -> None:
     flag(p, "--decode-chunk-ms", default=10.0, type=float,
          help="speculation off, every open session in the tick: keep decoding while another step fits in this "
          "many ms and nothing else waits (fewer hand-offs and messages per token; 0 = one token per tick)")
+    flag(p, "--decode-ahead-steps", default=0, type=int,
+         help="greedy steps such a chunk queues behind its own, which the next chunk takes up, so a GPU keeps "
+         "working while the tokens go out (e.g. 2; on a CPU they run before the tokens go out; default 0)")
     flag(p, "--prefix-cache-blocks", default=256, type=int,
          help="prefix cache size in 16-token KV blocks (0 = off); the memory budget of reused prompts")
     flag(p, "--advise-speculation-max-sessions", default=-1, type=int,
@@ -258,6 +261,7 @@ def cmd_serve_all(args) -> int:
         verifier = await start_verifier(
             "127.0.0.1", 0, args.model, args.device, args.max_sessions, args.max_sequence_length, args.max_block,
             args.grace, args.prefix_cache_blocks, store=store, decode_chunk_ms=args.decode_chunk_ms,
+            decode_ahead_steps=args.decode_ahead_steps,
             advise=(args.advise_speculation_max_sessions, args.advise_draft_tokens),
         )
         drafter_model = args.drafter_model
@@ -351,6 +355,7 @@ def cmd_serve_verifier(args) -> int:
         args.host, args.port, args.model, args.device, args.max_sessions, args.max_sequence_length, args.max_block,
         args.grace, args.prefix_cache_blocks, redis_url=args.redis_url, advertise=args.advertise,
         locality_ttl=args.locality_ttl, redis_timeout=args.redis_timeout, decode_chunk_ms=args.decode_chunk_ms,
+        decode_ahead_steps=args.decode_ahead_steps,
         advise=(args.advise_speculation_max_sessions, args.advise_draft_tokens),
     ), args)
 

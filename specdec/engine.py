@@ -12,6 +12,7 @@ This module does not own sampling, verification or scheduling.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Sequence
@@ -79,6 +80,16 @@ class Row:
     visible: list[list[int]] | torch.Tensor | None = None  # or as bools [len(tokens), offsets] (tree_visibility)
 
 
+@dataclass
+class _Ahead:
+    """Greedy steps queued past a decode_greedy call (its `ahead`), for the next call to take up."""
+
+    rows: list[tuple[int, int, int]]  # (slot, start, token) of each row the next call must ask for
+    tokens: torch.Tensor  # [rows, steps] the steps' tokens, on the device
+    state: tuple  # (step, buffers, limit) of LlamaEngine._greedy_state, where the steps left them
+    limit: int  # positions the state can go on to (its graph's KV length)
+
+
 class KVCache:
     """Preallocated KV slots: keys/values [num_slots + 1, kv_heads, max_len, head_dim] per layer.
 
@@ -94,12 +105,23 @@ class KVCache:
         self.scratch = num_slots
         self.max_len = max_len
         self._free = list(range(num_slots - 1, -1, -1))
+        self.ahead: _Ahead | None = None  # greedy steps queued for a next decode_greedy (any other use drops them)
 
     def allocate(self) -> int | None:
+        self.ahead = None
         return self._free.pop() if self._free else None
 
     def release(self, slot: int) -> None:
+        self.ahead = None
         self._free.append(slot)
+
+    def take_ahead(self, rows: list[Row]) -> _Ahead | None:
+        """The steps queued ahead for exactly these rows (slots, starts and tokens, in order), or None; either
+        way they are dropped from the cache."""
+        ahead, self.ahead = self.ahead, None
+        if ahead is None or ahead.rows != [(r.slot, r.start, r.tokens[0]) for r in rows]:
+            return None
+        return ahead
 
     @property
     def free_slots(self) -> int:
@@ -109,6 +131,7 @@ class KVCache:
     def move(self, slots: list[int], sources: list[int], targets: list[int]) -> None:
         """Copies the KV at index sources[i] of slot slots[i] to index targets[i], every layer, all entries read
         before any is written: a draft tree's accepted path moved to where its tokens sit as a chain."""
+        self.ahead = None
         if not slots:
             return
         slot, source, target = torch.tensor([slots, sources, targets], device=self.keys[0].device)  # one copy
@@ -204,6 +227,7 @@ class LlamaEngine:
         layer's returns those layers' outputs side by side instead [..., len(hidden) * hidden_size] (with CUDA
         graphs, from graphs captured for that list)."""
         taps = self.inner_taps(hidden)
+        cache.ahead = None  # (greedy steps queued ahead read KV this pass may change)
         batch, width = len(rows), max(len(r.tokens) for r in rows)
         kv_len = max(r.start + len(r.tokens) for r in rows)
         picks = [
@@ -236,7 +260,8 @@ class LlamaEngine:
         return logits, sizes
 
     @torch.inference_mode()
-    def decode_greedy(self, cache: KVCache, rows: list[Row], steps: int, more=None) -> list[list[int]]:
+    def decode_greedy(self, cache: KVCache, rows: list[Row], steps: int, more=None,
+                      ahead: int = 0) -> list[list[int]]:
         """Up to `steps` greedy decode steps for every row at once: each row is one token (a session's last
         committed one, at its start position), and each step's argmax is fed back as the next step's token on
         the device. more(i), when given, is asked before step i > 0 is queued and ends the run early when it says
@@ -245,20 +270,59 @@ class LlamaEngine:
         host-to-device copy waits for the device) and reads the argmax back every step. The caller owns
         stopping at EOS: tokens after it are simply not committed, and the KV they wrote lies past the session's
         length, so the next pass overwrites it. Every position written, start .. start + steps - 1, must lie
-        inside the cache."""
+        inside the cache.
+
+        ahead: then queue this many more steps right behind them, which the read-back does not wait for: the next
+        call for exactly the rows these steps lead to (same slots, start + steps run, the last token) takes them
+        up and goes on from where they left the device, on a GPU with nothing read back or copied in between. So
+        the device keeps working while the caller hands the tokens on. Any other pass over the cache, a KV move,
+        or a slot allocated or released drops them (their KV lies past the committed tokens)."""
         if any(len(r.tokens) != 1 for r in rows) or steps < 1:
             raise ValueError("decode_greedy takes rows of one token each and at least one step")
-        if self._graphs is not None and self._graphs.accepts(len(rows), 1):
-            return self._graphs.decode_greedy(cache, rows, steps, more)
+        graphed = self._graphs is not None and self._graphs.accepts(len(rows), 1)
+        with self._graphs._on_device() if graphed else contextlib.nullcontext():
+            queued = cache.take_ahead(rows)
+            done = 0 if queued is None else queued.tokens.shape[1]
+            end = max(r.start for r in rows) + max(steps, done)  # one past the last position these steps reach
+            extra = max(0, ahead - max(0, done - steps))  # new steps queued behind them, to have `ahead` waiting
+            if end + extra > cache.max_len:
+                extra = 0
+            if queued is not None and end + extra <= queued.limit:
+                state, tokens = queued.state, queued.tokens  # go on from the device's own buffers
+            elif queued is not None:  # from the host: the queued tokens read back, the inputs packed after them
+                after = [Row(r.slot, r.start + done, [t]) for r, t in zip(rows, queued.tokens[:, -1].tolist())]
+                state, tokens = self._greedy_state(cache, after, end + extra, graphed), queued.tokens
+            else:
+                state, tokens = self._greedy_state(cache, rows, end + extra, graphed), None
+            step, buffers, limit = state
+            if steps > done:
+                new = _greedy_steps(step, buffers, steps - done, cache.scratch, more and (lambda i: more(done + i)))
+                tokens = new[: len(rows)] if tokens is None else torch.cat((tokens, new[: len(rows)]), 1)
+            read = _read_back(tokens[:, :steps])
+            tail = tokens[:, steps:]
+            if extra:
+                tail = torch.cat((tail, _greedy_steps(step, buffers, extra, cache.scratch)[: len(rows)]), 1)
+            result = read()
+            if tail.shape[1]:
+                cache.ahead = _Ahead([(r.slot, r.start + len(t), t[-1]) for r, t in zip(rows, result)], tail,
+                                     state, limit)
+            return result
+
+    def _greedy_state(self, cache: KVCache, rows: list[Row], end: int, graphed: bool):
+        """(step, buffers, limit) for greedy steps of these rows, their inputs packed in: step() runs one decode
+        pass over the buffers and returns its logits [batch, 1, vocab]; _greedy_steps advances the buffers in
+        place; positions must stay below limit. end: one past the last position the steps will write."""
+        if graphed:
+            return self._graphs.greedy_state(cache, rows, end)
         inputs = [t.to(self.device) for t in _pack(rows, len(rows), 1, cache.scratch)]
         single = rows[0].slot if len(rows) == 1 else None
-        first = max(r.start for r in rows) + 1
-        kv_lens = iter(range(first, first + steps))
+        kv_len = [max(r.start for r in rows) + 1]
 
         def step():  # the pass forward_flat makes for these rows, at the exact KV length of each step
-            return self._head(self._layers(cache, *inputs, next(kv_lens), single))
+            kv_len[0] += 1
+            return self._head(self._layers(cache, *inputs, kv_len[0] - 1, single))
 
-        return _greedy_steps(step, inputs, steps, cache.scratch, more).tolist()
+        return step, inputs, cache.max_len
 
     def inner_taps(self, hidden: bool | Sequence[int]) -> tuple[int, ...]:
         """The layers before the last whose outputs forward_flat's `hidden` asks for (ValueError for a list that
@@ -463,6 +527,23 @@ def _greedy_steps(step, inputs, steps: int, scratch: int, more=None) -> torch.Te
     return out[:, :ran]
 
 
+def _read_back(tokens: torch.Tensor):
+    """A function returning tokens as lists, whose wait covers only the device work queued before this call (on
+    CUDA: a copy into pinned memory and an event), so work queued after it keeps the device busy meanwhile."""
+    if not tokens.is_cuda:
+        return tokens.tolist
+    host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+    host.copy_(tokens, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def read():
+        copied.synchronize()
+        return host.tolist()
+
+    return read
+
+
 def _bucket(n: int, floor: int = 1) -> int:
     return max(floor, 1 << (n - 1).bit_length())
 
@@ -519,24 +600,24 @@ class _GraphRunner:
             graph.replay()
             return outputs
 
-    def decode_greedy(self, cache: KVCache, rows: list[Row], steps: int, more=None) -> list[list[int]]:
-        """LlamaEngine.decode_greedy on one graph: its inputs copied in once, then up to `steps` replays, each
-        followed by the argmax and the in-place update of the graph's own input buffers, queued without reading
-        anything back, so the device runs the steps back to back while the host queues the next."""
-        with self._on_device():
-            graph, buffers, (_, logits) = self._loaded(cache, rows, self.floor, max(r.start for r in rows) + steps)
+    def greedy_state(self, cache: KVCache, rows: list[Row], end: int):
+        """LlamaEngine.decode_greedy's steps on one graph (the caller is on the engine's device): the rows' inputs
+        copied into its buffers once, then each step a replay followed by the argmax and the in-place update of
+        those buffers, queued without reading anything back, so the device runs the steps back to back while the
+        host queues the next. Returns (step, buffers, the graph's KV length)."""
+        length = self._length(cache, end)
+        graph, buffers, (_, logits) = self._loaded(cache, rows, self.floor, end)
 
-            def step():
-                graph.replay()
-                return logits
+        def step():
+            graph.replay()
+            return logits
 
-            out = _greedy_steps(step, buffers, steps, cache.scratch, more)
-            return out[: len(rows)].tolist()
+        return step, buffers, length
 
     def _loaded(self, cache: KVCache, rows: list[Row], width: int, kv_len: int, taps: tuple[int, ...] = ()):
         """The (graph, input buffers, outputs) of these rows' bucket, captured on first use, with the rows' packed
         inputs copied into its buffers."""
-        batch, length = _bucket(len(rows), self.floor), min(_bucket(kv_len, floor=128), cache.max_len)
+        batch, length = _bucket(len(rows), self.floor), self._length(cache, kv_len)
         key = (id(cache), batch, width, length, taps)
         if key not in self.graphs:
             self.graphs[key] = self._capture(cache, batch, width, length, taps)
@@ -546,6 +627,10 @@ class _GraphRunner:
         for buffer, value in zip(entry[1], _pack(rows, batch, width, cache.scratch)):
             buffer.copy_(value, non_blocking=True)
         return entry
+
+    @staticmethod
+    def _length(cache: KVCache, kv_len: int) -> int:
+        return min(_bucket(kv_len, floor=128), cache.max_len)
 
     # The CUDA specifics, one method each (tests stand them in on a CPU to run this class's own logic there).
     def _new_pool(self):

@@ -26,7 +26,10 @@ CONTEXT = 512
 
 @pytest.fixture(scope="module")
 def cluster():
-    verifier = ServerProcess("verifier", "--max-sequence-length", str(CONTEXT), "--max-sessions", "8")
+    # --decode-ahead-steps 2: greedy decode chunks queue steps for the next one (meant for GPUs; off by default),
+    # so the tests below that compare speculation off with transformers run through them
+    verifier = ServerProcess("verifier", "--max-sequence-length", str(CONTEXT), "--max-sessions", "8",
+                             "--decode-ahead-steps", "2")
     drafter = ServerProcess("drafter", "--model", "ngram")
     router = ServerProcess("router", "--verifier", verifier.address, "--drafter", drafter.address,
                            "--max-new-tokens-limit", "1024")

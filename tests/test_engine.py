@@ -187,6 +187,51 @@ def test_decode_greedy_equals_one_step_at_a_time():
                 assert torch.equal(chunk_cache.keys[layer][row.slot, :, :n], loop_cache.keys[layer][row.slot, :, :n])
 
 
+def test_steps_queued_ahead_are_taken_up_by_the_next_decode():
+    """decode_greedy(ahead=n) queues n more steps the next call for the rows they lead to takes up: the same
+    tokens as decoding straight on, whether it asks for fewer (the rest stay queued), as many or more steps than
+    were queued, chained call after call. Other rows, a pass of any kind, or a slot allocated drop them (the tokens stay right: their
+    KV is overwritten)."""
+    engine = LlamaEngine(tiny_model("llama", seed=9))
+    prompts = [list(range(5, 14)), list(range(20, 33))]
+    loop_cache, rows = _prefilled(engine, prompts)
+    expected = _decode_one_step_at_a_time(engine, loop_cache, rows, 16)
+
+    def after(n):  # the rows once n tokens of `expected` are committed
+        return [Row(r.slot, r.start + n, [e[n - 1]]) for r, e in zip(rows, expected)]
+
+    for first, queued, asked in ((4, 2, 1), (4, 2, 2), (4, 3, 6), (1, 4, 8)):
+        cache, _ = _prefilled(engine, prompts)
+        assert engine.decode_greedy(cache, rows, first, ahead=queued) == [e[:first] for e in expected]
+        assert cache.ahead is not None and cache.ahead.tokens.shape == (2, queued)
+        assert engine.decode_greedy(cache, after(first), asked) == [e[first:first + asked] for e in expected]
+        left = queued - asked  # queued steps not asked for stay queued, for the call after
+        assert (cache.ahead is None) if left <= 0 else cache.ahead.tokens.shape == (2, left)
+        made = first + asked
+        assert engine.decode_greedy(cache, after(made), 3) == [e[made:made + 3] for e in expected]
+
+    cache, _ = _prefilled(engine, prompts)  # chained: every call takes up the last one's and queues more
+    made = 0
+    for asked in (3, 4, 2, 5):
+        taken = cache.ahead is not None
+        assert engine.decode_greedy(cache, after(made) if made else rows, asked, ahead=2) == [
+            e[made:made + asked] for e in expected]
+        assert taken == (made > 0)
+        made += asked
+
+    for interrupt in ("other rows", "pass", "allocate"):
+        cache, _ = _prefilled(engine, prompts)
+        engine.decode_greedy(cache, rows, 4, ahead=3)
+        if interrupt == "other rows":
+            assert engine.decode_greedy(cache, after(4)[:1], 2) == [expected[0][4:6]]
+        elif interrupt == "pass":
+            engine.forward(cache, [Row(2, 0, [1, 2, 3])])
+        else:
+            cache.allocate()
+        assert cache.ahead is None
+        assert engine.decode_greedy(cache, after(4), 5) == [e[4:9] for e in expected]
+
+
 def test_decode_greedy_on_padded_buffers_equals_one_step_at_a_time():
     """What the CUDA-graph path of decode_greedy does, on the CPU: rows padded to a batch bucket and a width of 2
     (a compiled graph's floor), one fixed KV length for every step, the packed buffers advanced in place."""

@@ -96,6 +96,31 @@ def test_graphed_decode_greedy_equals_eager():
         assert stopped == [tokens[:4] for tokens in want]
 
 
+def test_graphed_steps_queued_ahead_go_on_from_the_graphs_own_buffers(monkeypatch):
+    """With ahead, the next chunk goes on from the graph's buffers where the queued steps left them (no inputs
+    packed in again) while its bucket holds the positions, and packs afresh on a larger bucket when not; the tokens
+    are the single steps' either way."""
+    from specdec import engine as engine_module
+
+    eager, graphed = _engines(seed=7, kind="qwen3")
+    caches = _prefill((eager, graphed), PROMPTS, max_len=256)
+    rows = [Row(i, len(p), [p[-1] + 1]) for i, p in enumerate(PROMPTS)]
+    want = _decode_one_step_at_a_time(eager, caches[0], rows, 150)
+    packs = []
+    pack = engine_module._pack
+    monkeypatch.setattr(engine_module, "_pack", lambda *a, **k: packs.append(len(a[0])) or pack(*a, **k))
+    made, got = 0, [[] for _ in rows]
+    for asked in (5, 8, 8, 8, 60, 61):
+        ask_rows = rows if not made else [Row(r.slot, r.start + made, [w[made - 1]]) for r, w in zip(rows, want)]
+        for tokens, new in zip(got, graphed.decode_greedy(caches[1], ask_rows, asked, ahead=2)):
+            tokens += new
+        made += asked
+    assert got == [w[:made] for w in want]
+    # packed for the first chunk (positions up to 28: the 128-key bucket), which held the next four (up to 112);
+    # the last one (up to 173) needed the 256-key bucket, packed afresh
+    assert len([n for n in packs if n]) == 2
+
+
 def test_wide_draft_tree_passes_run_on_their_own_graphs():
     """A draft tree wider than the chain graphs (here 6 nodes > 4) verifies on a tree bucket of few rows, with each
     node's logits those of the eager pass."""

@@ -235,14 +235,46 @@ def test_greedy_chunk_stops_at_eos_and_length(engine, eos, references):
     assert run(decode(eos, 13)) == (expected[:13], FINISH_LENGTH, len(ids) + 13)
 
 
+def test_steps_queued_ahead_between_chunks_keep_the_tokens(engine, eos, references):
+    """With decode_ahead_steps, each greedy chunk queues two more steps behind its own, which the
+    next chunk takes up: the same tokens as without, stopping at the same EOS and length; the queued steps are
+    really taken up (not dropped each time)."""
+    from verifier_service.session import FINISH_EOS, FINISH_LENGTH
+
+    ids, expected = references[PROMPTS[2]]
+    stop_at = next(i for i in range(6, len(expected)) if expected[i] not in expected[:i])
+
+    async def decode(ahead, eos_ids, max_new_tokens):
+        scheduler = _scheduler(engine, frozenset(eos_ids), max_sessions=1, max_sequence_length=128,
+                               decode_ahead_steps=ahead, decode_chunk_ms=40)
+        taken = []
+        take = scheduler.cache.take_ahead
+        scheduler.cache.take_ahead = lambda rows: taken.append(take(rows)) or taken[-1]
+        result = await scheduler.open(SessionSettings("d", ids, max_new_tokens, GREEDY))
+        tokens, updates = list(result.tokens), 0
+        while result.session.finish == FINISH_NONE:
+            result = await scheduler.step("d", len(result.session.tokens), [], chunk=True)
+            tokens += result.tokens
+            updates += 1
+        await scheduler.stop()
+        return (tokens, result.session.finish, len(result.session.tokens)), updates, sum(t is not None for t in taken)
+
+    plain, _, used = run(decode(0, eos, 20))
+    assert plain == (expected[:20], FINISH_LENGTH, len(ids) + 20) and used == 0
+    ahead, updates, used = run(decode(2, eos, 20))
+    assert ahead == plain and used >= max(1, updates - 2)
+    assert run(decode(2, {expected[stop_at]}, 20))[0] == (expected[:stop_at], FINISH_EOS, len(ids) + stop_at + 1)
+    assert run(decode(2, eos, 13))[0] == (expected[:13], FINISH_LENGTH, len(ids) + 13)
+
+
 def test_greedy_chunks_bound_their_steps_by_the_pace_so_far(engine, eos, references, monkeypatch):
     """A chunk's step bound picks the KV-length bucket a GPU attends over: the first chunk may take any room, later
     ones about what fits in decode_chunk_ms at the last chunk's pace (+2), and the tokens stay the same."""
     ids, expected = references[PROMPTS[1]]
     asked = []
     decode_greedy = engine.decode_greedy
-    monkeypatch.setattr(engine, "decode_greedy", lambda cache, rows, steps, more=None: asked.append(steps)
-                        or decode_greedy(cache, rows, steps, more))
+    monkeypatch.setattr(engine, "decode_greedy", lambda cache, rows, steps, more=None, **kw: asked.append(steps)
+                        or decode_greedy(cache, rows, steps, more, **kw))
 
     async def main():
         scheduler = _scheduler(engine, eos, max_sessions=1, max_sequence_length=128, decode_chunk_ms=100)

@@ -46,7 +46,8 @@ def eos_ids_of(hf_model) -> frozenset[int]:
 
 
 def build_scheduler(model: str, device: str, max_sessions: int, max_sequence_length: int, max_draft_tokens: int,
-                    prefix_cache_blocks: int = 0, on_change=None, decode_chunk_ms: float = 10.0):
+                    prefix_cache_blocks: int = 0, on_change=None, decode_chunk_ms: float = 10.0,
+                    decode_ahead_steps: int = 0):
     hf_model = models.load_hf_model(model)
     engine = make_engine(hf_model, device=device, dtype=default_dtype(device))
     prefix_cache = None
@@ -54,7 +55,8 @@ def build_scheduler(model: str, device: str, max_sessions: int, max_sequence_len
         prefix_cache = PrefixCache(engine.shape, prefix_cache_blocks, engine.device, engine.dtype, model_seed(model),
                                    on_change, features=True)
     scheduler = Scheduler(engine, eos_ids_of(hf_model), max_sessions, max_sequence_length, max_draft_tokens,
-                          prefix_cache, decode_chunk_ms)
+                          prefix_cache, decode_chunk_ms,
+                          decode_ahead_steps=decode_ahead_steps)
     del hf_model  # the engine holds its own copies of the weights
     return scheduler
 
@@ -75,6 +77,7 @@ async def start_verifier(
     locality_ttl: float = 30.0,
     redis_timeout: float = 0.05,
     decode_chunk_ms: float = 10.0,
+    decode_ahead_steps: int = 0,
     advise: tuple[int, int] = (-1, -1),
 ) -> GrpcServer:
     """`store`: an in-process locality store (all-in-one); `redis_url` makes a Redis one; neither: no hints.
@@ -91,7 +94,8 @@ async def start_verifier(
                             else f"{socket.gethostname()}:{server.port}")
         publisher = Publisher(store, pod, ttl=locality_ttl)
     scheduler = compute.call(build_scheduler, model, device, max_sessions, max_sequence_length, max_draft_tokens,
-                             prefix_cache_blocks, publisher.changed if publisher else None, decode_chunk_ms)
+                             prefix_cache_blocks, publisher.changed if publisher else None, decode_chunk_ms,
+                             decode_ahead_steps)
     scheduler.metrics = telemetry.instrument_verifier(scheduler)  # None unless this process serves /metrics
     scheduler.start()
     if publisher is not None:

@@ -78,12 +78,18 @@ class Scheduler:
         prefix_cache: PrefixCache | None = None,
         decode_chunk_ms: float = 10.0,
         max_tree_nodes: int = 128,
+        decode_ahead_steps: int = 0,
     ):
         """decode_chunk_ms: when a tick holds only plain decode steps asked with chunk=True (speculation off),
         one for every open session, and nothing else is queued, it keeps decoding those sessions while another
         step fits in this many milliseconds of the tick: one hand-off and one message per chunk instead of per
-        token (greedy sessions in one engine call: see _greedy_chunk). 0 = one step."""
+        token (greedy sessions in one engine call: see _greedy_chunk). 0 = one step.
+        decode_ahead_steps: greedy steps a chunk queues on the device behind its own, which the read-back of its
+        tokens does not wait for and the next chunk takes up (LlamaEngine.decode_greedy's `ahead`): the device
+        keeps working while the tokens go out and the next request comes in. For GPUs (on a CPU the queued steps
+        run before the tokens can go out); 0 until measured there (docs/benchmarks.md)."""
         self.engine = engine
+        self.decode_ahead_steps = decode_ahead_steps
         self.decode_chunk_ms = decode_chunk_ms
         self._chunk_step_ms: float | None = None  # the last greedy chunk's pace (see _greedy_chunk)
         self.verify_passes: list[int] = []  # rows of each verify pass of the last tick (for the metrics)
@@ -369,7 +375,8 @@ class Scheduler:
         if self._chunk_step_ms:
             room = min(room, int(self.decode_chunk_ms / self._chunk_step_ms) + 2)
         rows = [Row(w.session.slot, w.session.kv_length, [w.session.tokens[-1]]) for w in works]
-        tokens = self.engine.decode_greedy(self.cache, rows, room, more)
+        ahead = 0 if self._queue else self.decode_ahead_steps  # (queued work would wait for those steps)
+        tokens = self.engine.decode_greedy(self.cache, rows, room, more, ahead=ahead)
         steps = len(tokens[0])
         self._chunk_step_ms = (time.perf_counter() - started) * 1e3 / steps
         self.verify_passes = [len(works)] * steps
