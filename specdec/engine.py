@@ -91,16 +91,21 @@ class _Ahead:
 
 
 class KVCache:
-    """Preallocated KV slots: keys/values [num_slots + 1, kv_heads, max_len, head_dim] per layer.
+    """Preallocated KV slots: keys/values [num_slots + 1, kv_heads, max_len, head_dim] per layer (views of
+    all_keys/all_values [layers, ...]).
 
     The extra last slot is scratch: padding tokens of a batch write there, so every pass writes a fixed number of
     entries without a host-side filter (which also makes passes capturable as CUDA graphs).
     """
 
     def __init__(self, shape: LlamaShape, num_slots: int, max_len: int, device, dtype):
-        size = (num_slots + 1, shape.num_kv_heads, max_len, shape.head_dim)
-        self.keys = [torch.zeros(size, device=device, dtype=dtype) for _ in range(shape.num_layers)]
-        self.values = [torch.zeros(size, device=device, dtype=dtype) for _ in range(shape.num_layers)]
+        size = (shape.num_layers, num_slots + 1, shape.num_kv_heads, max_len, shape.head_dim)
+        # one tensor each for every layer (a KV move is then one indexed copy, not one per layer); keys[i] and
+        # values[i] are layer i's views of them
+        self.all_keys = torch.zeros(size, device=device, dtype=dtype)
+        self.all_values = torch.zeros(size, device=device, dtype=dtype)
+        self.keys = list(self.all_keys.unbind(0))
+        self.values = list(self.all_values.unbind(0))
         self.num_slots = num_slots
         self.scratch = num_slots
         self.max_len = max_len
@@ -130,14 +135,15 @@ class KVCache:
     @torch.inference_mode()
     def move(self, slots: list[int], sources: list[int], targets: list[int]) -> None:
         """Copies the KV at index sources[i] of slot slots[i] to index targets[i], every layer, all entries read
-        before any is written: a draft tree's accepted path moved to where its tokens sit as a chain."""
+        before any is written: a draft tree's accepted path moved to where its tokens sit as a chain. Two indexed
+        copies for the whole cache (per layer, they were 4 kernels a layer: ~0.5 ms of launches a tree round on a
+        GPU, estimated)."""
         self.ahead = None
         if not slots:
             return
         slot, source, target = torch.tensor([slots, sources, targets], device=self.keys[0].device)  # one copy
-        for keys, values in zip(self.keys, self.values):
-            keys[slot, :, target] = keys[slot, :, source]
-            values[slot, :, target] = values[slot, :, source]
+        for both in (self.all_keys, self.all_values):
+            both[:, slot, :, target] = both[:, slot, :, source]
 
 
 class _Layer:
