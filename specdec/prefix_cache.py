@@ -34,9 +34,11 @@ class PrefixCache:
 
     def __init__(self, shape: LlamaShape, num_blocks: int, device, dtype, seed: bytes,
                  on_change: Callable[[list[str], list[str]], None] | None = None, features: bool = False):
-        size = (num_blocks, shape.num_kv_heads, BLOCK_TOKENS, shape.head_dim)
-        self.keys = [torch.zeros(size, device=device, dtype=dtype) for _ in range(shape.num_layers)]
-        self.values = [torch.zeros(size, device=device, dtype=dtype) for _ in range(shape.num_layers)]
+        # every layer's blocks in one tensor each for keys and values, as the KVCache keeps its slots, so a restore
+        # or a save is one indexed copy each, not one per layer
+        size = (shape.num_layers, num_blocks, shape.num_kv_heads, BLOCK_TOKENS, shape.head_dim)
+        self.keys = torch.zeros(size, device=device, dtype=dtype)
+        self.values = torch.zeros(size, device=device, dtype=dtype)
         self.num_blocks = num_blocks
         self.seed = seed
         self.on_change = on_change
@@ -78,12 +80,12 @@ class PrefixCache:
         if not found:
             return 0, None
         ids = [self._index[h] for h in hashes[:found]]
-        blocks = torch.tensor(ids, device=self.keys[0].device)
+        blocks = torch.tensor(ids, device=self.keys.device)
         n = found * BLOCK_TOKENS
-        for pool, slots in ((self.keys, cache.keys), (self.values, cache.values)):
-            for layer_pool, layer_slots in zip(pool, slots):
-                chunk = layer_pool.index_select(0, blocks)  # [found, kv_heads, 16, head_dim]
-                layer_slots[slot, :, :n] = chunk.transpose(0, 1).reshape(chunk.shape[1], n, chunk.shape[3])
+        for pool, slots in ((self.keys, cache.all_keys), (self.values, cache.all_values)):
+            chunk = pool.index_select(1, blocks)  # [layers, found, kv_heads, 16, head_dim]
+            layers, _, kv_heads, _, head_dim = chunk.shape
+            slots[:, slot, :, :n] = chunk.transpose(1, 2).reshape(layers, kv_heads, n, head_dim)
         self._touch(hashes[:found])
         # At least one token is always recomputed: the prefill needs the last prompt token's logits.
         n = min(n, len(tokens) - 1)
@@ -114,14 +116,13 @@ class PrefixCache:
                 if self.features is not None:
                     self.features.pop(block, None)  # a reused block's old hidden states are not this one's
             self._touch(hashes)
-            src = torch.tensor(new, device=self.keys[0].device)
-            dst = torch.tensor(targets, device=self.keys[0].device)
+            src = torch.tensor(new, device=self.keys.device)
+            dst = torch.tensor(targets, device=self.keys.device)
             width = len(hashes) * BLOCK_TOKENS
-            for pool, slots in ((self.keys, cache.keys), (self.values, cache.values)):
-                for layer_pool, layer_slots in zip(pool, slots):
-                    kv_heads, _, head_dim = layer_slots.shape[1:]
-                    blocks = layer_slots[slot, :, :width].reshape(kv_heads, len(hashes), BLOCK_TOKENS, head_dim)
-                    layer_pool[dst] = blocks.index_select(1, src).transpose(0, 1)
+            for pool, slots in ((self.keys, cache.all_keys), (self.values, cache.all_values)):
+                layers, _, kv_heads, _, head_dim = slots.shape
+                blocks = slots[:, slot, :, :width].reshape(layers, kv_heads, len(hashes), BLOCK_TOKENS, head_dim)
+                pool[:, dst] = blocks.index_select(2, src).transpose(1, 2)
         if features is not None and self.features is not None:
             for i in new + lacking:
                 rows = features[i * BLOCK_TOKENS : (i + 1) * BLOCK_TOKENS]
