@@ -84,8 +84,8 @@ class PrefixCache:
         n = found * BLOCK_TOKENS
         for pool, slots in ((self.keys, cache.all_keys), (self.values, cache.all_values)):
             chunk = pool.index_select(1, blocks)  # [layers, found, kv_heads, 16, head_dim]
-            layers, _, kv_heads, _, head_dim = chunk.shape
-            slots[:, slot, :, :n] = chunk.transpose(1, 2).reshape(layers, kv_heads, n, head_dim)
+            num_layers, _, kv_heads, _, head_dim = chunk.shape
+            slots[:, slot, :, :n] = chunk.transpose(1, 2).reshape(num_layers, kv_heads, n, head_dim)
         self._touch(hashes[:found])
         # At least one token is always recomputed: the prefill needs the last prompt token's logits.
         n = min(n, len(tokens) - 1)
@@ -120,8 +120,9 @@ class PrefixCache:
             dst = torch.tensor(targets, device=self.keys.device)
             width = len(hashes) * BLOCK_TOKENS
             for pool, slots in ((self.keys, cache.all_keys), (self.values, cache.all_values)):
-                layers, _, kv_heads, _, head_dim = slots.shape
-                blocks = slots[:, slot, :, :width].reshape(layers, kv_heads, len(hashes), BLOCK_TOKENS, head_dim)
+                num_layers, _, kv_heads, _, head_dim = slots.shape
+                blocks = slots[:, slot, :, :width].reshape(num_layers, kv_heads, len(hashes), BLOCK_TOKENS,
+                                                           head_dim)
                 pool[:, dst] = blocks.index_select(2, src).transpose(1, 2)
         if features is not None and self.features is not None:
             for i in new + lacking:
