@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 import torch
@@ -460,3 +461,45 @@ def test_draft_trees_verify_in_passes_of_their_own_of_at_most_four_rows(engine, 
              + [_Work(None, None, [])])
     passes = [[i for i, _ in group] for group in s._passes(list(enumerate(works)))]
     assert passes == [[6], [0], [1, 2, 3, 4], [5]]  # (on the CPU plain decode rows and chain blocks run apart)
+
+
+def test_an_unexpected_error_fails_its_session_instead_of_hanging_it(engine, eos, references, caplog):
+    """A bug or a failing device inside a pass (here a TypeError in the prefill) reaches the drafter as an INTERNAL
+    error on that session (logged with its traceback), and the stream goes on serving other sessions: before, only
+    specdec's own errors were answered, and the drafter waited for a reply that never came."""
+    import grpc
+
+    from specdec.proto import session_pb2, verifier_pb2
+    from verifier_service.service import VerifierServicer
+
+    ids, expected = references[PROMPTS[0]]
+
+    async def main():
+        scheduler = _scheduler(engine, eos, max_sessions=2, max_sequence_length=128)
+        prefill = scheduler._prefill
+
+        def failing(works, deliver=None):
+            if any(w.session.id == "broken" for w in works):
+                raise TypeError("object of type 'int' has no len()")
+            return prefill(works, deliver)
+
+        scheduler._prefill = failing
+
+        async def requests():
+            for sid in ("broken", "fine"):
+                yield verifier_pb2.VerifyRequest(open=session_pb2.SessionSpec(session_id=sid, prompt_ids=ids,
+                                                                              max_new_tokens=4))
+                await asyncio.sleep(0.3)  # one prefill at a time
+
+        replies = {}
+        async for reply in VerifierServicer(scheduler, "m").Verify(requests(), None):
+            replies[reply.session_id] = reply
+        await scheduler.stop()
+        return replies, scheduler.sessions
+
+    with caplog.at_level(logging.ERROR, logger="verifier_service.service"):
+        replies, sessions = run(asyncio.wait_for(main(), 60))
+    assert replies["broken"].error.code == grpc.StatusCode.INTERNAL.value[0]
+    assert "TypeError" in replies["broken"].error.message and "broken" in caplog.text
+    assert not replies["fine"].HasField("error") and list(replies["fine"].update.token_ids) == expected[:1]
+    assert "broken" not in sessions

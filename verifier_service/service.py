@@ -147,7 +147,10 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
                         max_draft_tokens=limit,
                     )
                 )
-            except SpecdecError as exc:
+            except Exception as exc:  # fails this session only, whatever went wrong: a drafter must never wait
+                if not isinstance(exc, SpecdecError):  # (a bug, or the device failing: INTERNAL, and logged)
+                    log.exception("session %s failed on an unexpected error", session_id)
+                    exc = SpecdecError(f"the verifier failed on this session: {type(exc).__name__}: {exc}")
                 self.scheduler.close(session_id)
                 end_span(session_id, exc)
                 error = verifier_pb2.VerifyError(code=exc.code.value[0], message=str(exc))
