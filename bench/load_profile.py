@@ -33,10 +33,10 @@ from specdec.bench import (  # noqa: E402
     cpu_seconds,
     load_prompts,
     run_level,
+    start_drafter_process,
     start_router_process,
     start_verifier_process,
 )
-from specdec.launch import ServerProcess  # noqa: E402
 
 
 def summarize_samples(path: Path, rate: int, seconds: float, top: int) -> dict:
@@ -91,12 +91,8 @@ def main() -> None:
         pids = {"verifier": verifier.proc.pid}
         drafter_flags = []
         if args.mode != "off":
-            spec = "ngram" if args.mode == "ngram" else args.mode.partition("=")[2]
-            spec, _, tree = spec.partition("@")
-            drafter = ServerProcess("drafter", "--model", spec, "--target", args.target,
-                                    *(["--draft-tree", tree] if tree else []),
-                                    "--device", args.drafter_device or args.device, "--max-sessions", str(slots),
-                                    log=out / "drafter.log")
+            drafter = start_drafter_process(args.mode, args.target, args.drafter_device or args.device, slots, 0,
+                                            out / "drafter.log")
             started.append(drafter)
             pids["drafter"] = drafter.proc.pid
             drafter_flags = ["--drafter", drafter.address]

@@ -274,9 +274,20 @@ def start_router_process(verifier_address: str, drafter_flags: list[str], target
     return ServerProcess("router", "--verifier", verifier_address, *drafter_flags, "--model", target, log=log)
 
 
-def run(args) -> int:
+def start_drafter_process(mode: str, target: str, device: str, max_sessions: int, prefix_cache_blocks: int,
+                          log: Path, default_drafter: str | None = None):
+    """`specdec serve drafter` for a speculating mode, in its own process: `ngram`, or `model[=SPEC[@BRANCHxBEAM]]`
+    (its own drafter, with draft trees of that shape; SPEC defaults to default_drafter)."""
     from specdec.launch import ServerProcess
 
+    spec = "ngram" if mode == "ngram" else mode.partition("=")[2] or default_drafter
+    spec, _, tree = spec.partition("@")
+    return ServerProcess("drafter", "--model", spec, "--target", target, *(["--draft-tree", tree] if tree else []),
+                         "--device", device, "--max-sessions", str(max_sessions),
+                         *(["--prefix-cache-blocks", str(prefix_cache_blocks)] if spec != "ngram" else []), log=log)
+
+
+def run(args) -> int:
     prompts = load_prompts(Path(args.prompts))
     levels = [int(c) for c in args.concurrency.split(",")]
     modes = args.modes.split(",")
@@ -301,16 +312,10 @@ def run(args) -> int:
                 drafters = []
                 if mode != "off":
                     # `model=SPEC` names its own drafter, so one run can compare several
-                    spec = "ngram" if mode == "ngram" else mode.partition("=")[2] or args.drafter_model
-                    spec, _, tree = spec.partition("@")  # model=SPEC@BRANCHxBEAM: draft trees of that shape
                     print(f"starting {mode} drafter...", flush=True)
-                    drafter = ServerProcess("drafter", "--model", spec, "--target", args.target,
-                                            *(["--draft-tree", tree] if tree else []),
-                                            "--device", args.drafter_device,
-                                            "--max-sessions", str(slots),
-                                            *(["--prefix-cache-blocks", str(args.prefix_cache_blocks)]
-                                              if spec != "ngram" else []),
-                                            log=out / f"drafter-{mode.replace('/', '_')}.log")
+                    drafter = start_drafter_process(mode, args.target, args.drafter_device, slots,
+                                                    args.prefix_cache_blocks,
+                                                    out / f"drafter-{mode.replace('/', '_')}.log", args.drafter_model)
                     started.append(drafter)
                     drafters = ["--drafter", drafter.address]
                 router = start_router_process(verifier.address, drafters, args.target,

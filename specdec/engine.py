@@ -86,8 +86,8 @@ class _Ahead:
 
     rows: list[tuple[int, int, int]]  # (slot, start, token) of each row the next call must ask for
     tokens: torch.Tensor  # [rows, steps] the steps' tokens, on the device
-    state: tuple  # (step, buffers, limit) of LlamaEngine._greedy_state, where the steps left them
-    limit: int  # positions the state can go on to (its graph's KV length)
+    state: tuple  # (step, buffers, limit) of LlamaEngine._greedy_state, where the steps left them; positions
+    # stay below limit (its graph's KV length)
 
 
 class KVCache:
@@ -293,14 +293,14 @@ class LlamaEngine:
             extra = max(0, ahead - max(0, done - steps))  # new steps queued behind them, to have `ahead` waiting
             if end + extra > cache.max_len:
                 extra = 0
-            if queued is not None and end + extra <= queued.limit:
+            if queued is not None and end + extra <= queued.state[2]:
                 state, tokens = queued.state, queued.tokens  # go on from the device's own buffers
             elif queued is not None:  # from the host: the queued tokens read back, the inputs packed after them
                 after = [Row(r.slot, r.start + done, [t]) for r, t in zip(rows, queued.tokens[:, -1].tolist())]
                 state, tokens = self._greedy_state(cache, after, end + extra, graphed), queued.tokens
             else:
                 state, tokens = self._greedy_state(cache, rows, end + extra, graphed), None
-            step, buffers, limit = state
+            step, buffers, _ = state
             if steps > done:
                 new = _greedy_steps(step, buffers, steps - done, cache.scratch, more and (lambda i: more(done + i)))
                 tokens = new[: len(rows)] if tokens is None else torch.cat((tokens, new[: len(rows)]), 1)
@@ -310,8 +310,7 @@ class LlamaEngine:
                 tail = torch.cat((tail, _greedy_steps(step, buffers, extra, cache.scratch)[: len(rows)]), 1)
             result = read()
             if tail.shape[1]:
-                cache.ahead = _Ahead([(r.slot, r.start + len(t), t[-1]) for r, t in zip(rows, result)], tail,
-                                     state, limit)
+                cache.ahead = _Ahead([(r.slot, r.start + len(t), t[-1]) for r, t in zip(rows, result)], tail, state)
             return result
 
     def _greedy_state(self, cache: KVCache, rows: list[Row], end: int, graphed: bool):
@@ -550,6 +549,9 @@ def _read_back(tokens: torch.Tensor):
     return read
 
 
+TREE_PASS_ROWS = 4  # draft trees per verify pass: CUDA graphs take wide tree passes of this many rows at most
+
+
 def _bucket(n: int, floor: int = 1) -> int:
     return max(floor, 1 << (n - 1).bit_length())
 
@@ -587,7 +589,7 @@ class _GraphRunner:
                                 taps=taps)
         return x, self.engine._head(x[..., -self.engine.shape.hidden_size :])
 
-    TREE_BATCH, TREE_WIDTH = 4, 128  # draft trees' verify passes: few rows (a graph's logits are [batch, width, vocab])
+    TREE_BATCH, TREE_WIDTH = TREE_PASS_ROWS, 128  # draft trees' verify passes (a graph's logits: [batch, width, vocab])
 
     def accepts(self, batch: int, width: int, tree: bool = False) -> bool:
         if tree and self.max_width < width <= self.TREE_WIDTH:

@@ -322,8 +322,8 @@ class FeatureRunner:
             draws = branch * sum(expanded)
             uniforms = torch.stack([torch.rand(draws, generator=generators[b] if generators else None,
                                                dtype=torch.float64) for b in range(n)]).to(dev)
-        bases = torch.tensor([r.start + len(r.tokens) for r in rows], device=dev)
-        base_max = max(r.start + len(r.tokens) for r in rows)
+        ends = [r.start + len(r.tokens) for r in rows]
+        bases, base_max = torch.tensor(ends, device=dev), max(ends)
         slots = torch.tensor([r.slot for r in rows], device=dev)
         span = max(1, sum(expanded[1:]))  # tree nodes written to the KV, all levels
         parent_index = torch.full((n, 1), -1, device=dev)  # the expanded nodes' indices in the tree (root: -1)

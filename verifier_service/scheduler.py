@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from specdec import compute
-from specdec.engine import LlamaEngine, Row, tree_visibility
+from specdec.engine import TREE_PASS_ROWS, LlamaEngine, Row, tree_visibility
 from specdec.errors import Exhausted, InvalidInput, Unavailable
 from specdec.hf_engine import TransformersEngine
 from specdec.sampling import probs_from_logits, sample
@@ -34,7 +34,6 @@ from verifier_service.session import FINISH_LENGTH, FINISH_NONE, Session, Sessio
 log = logging.getLogger(__name__)
 
 _MAX_CHUNK_STEPS = 64  # most steps of one greedy decode chunk (8 fit in 10 ms on an H200)
-_TREE_PASS_ROWS = 4  # draft trees per verify pass (the engine's CUDA graphs take wide passes of up to 4 rows)
 _PROB_TOLERANCE = 1e-3  # how far a declared draft distribution may sum from 1 (float32 on the wire)
 
 
@@ -337,10 +336,10 @@ class Scheduler:
         or one speculative session makes every decoding session of the tick compute k + 1 tokens (measured: 8 users
         with one speculating at 37.5 tokens/s against 42.1 with none). Draft trees (up to ~70 tokens a row) run in
         passes of their own, a few rows each: chains padded to a tree's width would cost every session of the tick,
-        and only passes of few tree rows replay as CUDA graphs (engine._GraphRunner.TREE_BATCH)."""
+        and only passes of few tree rows replay as CUDA graphs (engine.TREE_PASS_ROWS)."""
         trees = [b for b in blocks if b[1].draft_parents is not None]
         blocks = [b for b in blocks if b[1].draft_parents is None]
-        tree_passes = [trees[i : i + _TREE_PASS_ROWS] for i in range(0, len(trees), _TREE_PASS_ROWS)]
+        tree_passes = [trees[i : i + TREE_PASS_ROWS] for i in range(0, len(trees), TREE_PASS_ROWS)]
         plain = [b for b in blocks if not b[1].draft_tokens]
         drafted = [b for b in blocks if b[1].draft_tokens]
         if self.engine.device.type != "cpu" or not plain or not drafted:
