@@ -302,12 +302,12 @@ class LlamaEngine:
                 state, tokens = self._greedy_state(cache, rows, end + extra, graphed), None
             step, buffers, _ = state
             if steps > done:
-                new = _greedy_steps(step, buffers, steps - done, cache.scratch, more and (lambda i: more(done + i)))
+                new = _greedy_steps(step, buffers[0], steps - done, more and (lambda i: more(done + i)))
                 tokens = new[: len(rows)] if tokens is None else torch.cat((tokens, new[: len(rows)]), 1)
             read = _read_back(tokens[:, :steps])
             tail = tokens[:, steps:]
             if extra:
-                tail = torch.cat((tail, _greedy_steps(step, buffers, extra, cache.scratch)[: len(rows)]), 1)
+                tail = torch.cat((tail, _greedy_steps(step, buffers[0], extra)[: len(rows)]), 1)
             result = read()
             if tail.shape[1]:
                 cache.ahead = _Ahead([(r.slot, r.start + len(t), t[-1]) for r, t in zip(rows, result)], tail, state)
@@ -315,8 +315,8 @@ class LlamaEngine:
 
     def _greedy_state(self, cache: KVCache, rows: list[Row], end: int, graphed: bool):
         """(step, buffers, limit) for greedy steps of these rows, their inputs packed in: step() runs one decode
-        pass over the buffers and returns its logits [batch, 1, vocab]; _greedy_steps advances the buffers in
-        place; positions must stay below limit. end: one past the last position the steps will write."""
+        pass over the buffers, advances them in place (_feed_back) and returns the tokens [batch]; positions must
+        stay below limit. end: one past the last position the steps will write."""
         if graphed:
             return self._graphs.greedy_state(cache, rows, end)
         inputs = [t.to(self.device) for t in _pack(rows, len(rows), 1, cache.scratch)]
@@ -325,7 +325,7 @@ class LlamaEngine:
 
         def step():  # the pass forward_flat makes for these rows, at the exact KV length of each step
             kv_len[0] += 1
-            return self._head(self._layers(cache, *inputs, kv_len[0] - 1, single))
+            return _feed_back(self._head(self._layers(cache, *inputs, kv_len[0] - 1, single)), inputs, cache.scratch)
 
         return step, inputs, cache.max_len
 
@@ -506,23 +506,30 @@ def _pack(rows: list[Row], batch: int, width: int, scratch: int, span: int | Non
 _LOOKAHEAD = 2  # decode_greedy queues at most this many steps ahead of the device
 
 
-def _greedy_steps(step, inputs, steps: int, scratch: int, more=None) -> torch.Tensor:
-    """Runs `step()` (a decode pass over the packed `inputs`, returning logits [batch, width, vocab]) up to `steps`
-    times, feeding each row's argmax back through `inputs` in place: tokens [batch, steps run] on the device.
+def _feed_back(logits: torch.Tensor, inputs, scratch: int) -> torch.Tensor:
+    """One greedy step's end: each row's argmax of its first token's logits [batch, width, vocab] becomes its next
+    token, one position on, in the packed `inputs` of the decode pass, in place (padding stays padding; a compiled
+    graph's second token is padding). Returns the tokens [batch]."""
+    tokens, positions, write_slots, write_pos, _, base, _ = inputs
+    picked = logits[:, 0].argmax(-1)
+    tokens[:, 0] = picked
+    positions += 1
+    base += 1
+    write_pos.copy_(torch.where(write_slots == scratch, 0, positions.reshape(-1)))
+    return picked
+
+
+def _greedy_steps(step, tokens: torch.Tensor, steps: int, more=None) -> torch.Tensor:
+    """Runs `step()` (one greedy step over packed buffers whose tokens [batch, 1] are `tokens`: a decode pass and
+    _feed_back, returning the tokens [batch]) up to `steps` times: tokens [batch, steps run] on their device.
     more(i), when given, is asked before queuing step i > 0 and stops the run when it says no; on CUDA the host
     stays at most _LOOKAHEAD steps ahead of the device (it waits on an event, which drains nothing), so what more()
     sees is at most that many steps old and stopping takes effect within as many steps."""
-    tokens, positions, write_slots, write_pos, _, base, _ = inputs
     out = torch.empty(tokens.shape[0], steps, dtype=torch.long, device=tokens.device)
     done: list = []  # on CUDA: an event after each queued step
     ran = 0
     while ran < steps and (ran == 0 or more is None or more(ran)):
-        out[:, ran] = step()[:, 0].argmax(-1)
-        # the next step's inputs: each row's new token one position on (padding stays padding)
-        tokens[:, 0] = out[:, ran]
-        positions += 1
-        base += 1
-        write_pos.copy_(torch.where(write_slots == scratch, 0, positions.reshape(-1)))
+        out[:, ran] = step()
         ran += 1
         if tokens.is_cuda:
             done.append(torch.cuda.Event())
@@ -574,6 +581,7 @@ class _GraphRunner:
         # Buckets of at least 2 rows and 2 tokens: torch.compile specializes sizes 0 and 1, so this keeps every
         # bucket on the one dynamic compilation (a padded row or token costs next to nothing here).
         self.floor = 2 if compile else 1
+        self.feed_back = _feed_back
         if compile:
             from torch import _dynamo
 
@@ -582,6 +590,7 @@ class _GraphRunner:
             # the calibration's fastest minimal step used max-autotune); unset = the default mode
             mode = os.environ.get("SPECDEC_COMPILE_MODE") or None
             self.step = torch.compile(self._eager_step, dynamic=True, mode=mode)
+            self.feed_back = torch.compile(_feed_back, dynamic=True)  # its five small updates as one kernel
 
     def _eager_step(self, cache: KVCache, tokens, positions, write_slots, write_pos, slots, base, visible,
                     length: int, taps: tuple[int, ...] = ()):
@@ -609,26 +618,27 @@ class _GraphRunner:
             return outputs
 
     def greedy_state(self, cache: KVCache, rows: list[Row], end: int):
-        """LlamaEngine.decode_greedy's steps on one graph (the caller is on the engine's device): the rows' inputs
-        copied into its buffers once, then each step a replay followed by the argmax and the in-place update of
-        those buffers, queued without reading anything back, so the device runs the steps back to back while the
-        host queues the next. Returns (step, buffers, the graph's KV length)."""
+        """LlamaEngine.decode_greedy's steps on one graph (the caller is on the engine's device) that holds the
+        pass and its _feed_back, so a replay is a whole greedy step: the rows' inputs copied into its buffers once,
+        then each step one replay, queued without reading anything back, so the device runs the steps back to back
+        while the host queues the next. Returns (step, buffers, the graph's KV length)."""
         length = self._length(cache, end)
-        graph, buffers, (_, logits) = self._loaded(cache, rows, self.floor, end)
+        graph, buffers, outputs = self._loaded(cache, rows, self.floor, end, greedy=True)
 
         def step():
             graph.replay()
-            return logits
+            return outputs[-1]
 
         return step, buffers, length
 
-    def _loaded(self, cache: KVCache, rows: list[Row], width: int, kv_len: int, taps: tuple[int, ...] = ()):
+    def _loaded(self, cache: KVCache, rows: list[Row], width: int, kv_len: int, taps: tuple[int, ...] = (),
+                greedy: bool = False):
         """The (graph, input buffers, outputs) of these rows' bucket, captured on first use, with the rows' packed
-        inputs copied into its buffers."""
+        inputs copied into its buffers. greedy: the graph of a greedy step (see greedy_state) instead of a pass."""
         batch, length = _bucket(len(rows), self.floor), self._length(cache, kv_len)
-        key = (id(cache), batch, width, length, taps)
+        key = (id(cache), batch, width, length, taps, greedy)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(cache, batch, width, length, taps)
+            self.graphs[key] = self._capture(cache, batch, width, length, taps, greedy)
         entry = self.graphs[key]
         if entry is None:
             return None
@@ -660,19 +670,25 @@ class _GraphRunner:
             outputs = step()
         return graph, outputs
 
-    def _capture(self, cache: KVCache, batch: int, width: int, length: int, taps: tuple[int, ...]):
+    def _capture(self, cache: KVCache, batch: int, width: int, length: int, taps: tuple[int, ...],
+                 greedy: bool = False):
         engine = self.engine
         dev = engine.device
         buffers = [t.to(dev) for t in _pack([], batch, width, cache.scratch)]
 
         def step():
-            return self.step(cache, *buffers, length, taps)
+            outputs = self.step(cache, *buffers, length, taps)
+            return (*outputs, self.feed_back(outputs[1], buffers, cache.scratch)) if greedy else outputs
 
         graph, outputs = self._record(step)
         logits = outputs[1]
         # A replay must reproduce the eager pass on the same inputs; a graph that does not (say, captured empty)
-        # would return stale logits silently, so refuse it loudly instead.
+        # would return stale logits silently, so refuse it loudly instead. (A greedy step advances its inputs:
+        # both runs start from the same ones.)
+        inputs = [b.clone() for b in buffers]
         graph.replay()
+        for buffer, value in zip(buffers, inputs):
+            buffer.copy_(value)
         # (Against the same function run outside the graph: a compiled pass fuses, so it rounds differently from
         # the eager one, and both verify and decode use the one pass, so the output stays the engine's own.)
         if not torch.allclose(logits.float(), step()[1].float(), rtol=1e-2, atol=1e-2):

@@ -235,7 +235,7 @@ def test_steps_queued_ahead_are_taken_up_by_the_next_decode():
 def test_decode_greedy_on_padded_buffers_equals_one_step_at_a_time():
     """What the CUDA-graph path of decode_greedy does, on the CPU: rows padded to a batch bucket and a width of 2
     (a compiled graph's floor), one fixed KV length for every step, the packed buffers advanced in place."""
-    from specdec.engine import _greedy_steps
+    from specdec.engine import _feed_back, _greedy_steps
 
     engine = LlamaEngine(tiny_model("llama", seed=8))
     prompts = [list(range(3, 3 + n)) for n in (6, 15, 11)]
@@ -245,9 +245,9 @@ def test_decode_greedy_on_padded_buffers_equals_one_step_at_a_time():
 
     def step():
         with torch.inference_mode():
-            return engine._head(engine._layers(padded_cache, *buffers, 64))
+            return _feed_back(engine._head(engine._layers(padded_cache, *buffers, 64)), buffers, padded_cache.scratch)
 
-    assert _greedy_steps(step, buffers, 8, padded_cache.scratch)[:3].tolist() == expected
+    assert _greedy_steps(step, buffers[0], 8)[:3].tolist() == expected
 
 
 @settings(max_examples=200, deadline=None)

@@ -35,7 +35,8 @@ class CpuGraphRunner(_GraphRunner):
 
     def _record(self, step):
         # a captured graph has run nothing yet: its outputs hold garbage until a replay writes them
-        outputs = tuple(torch.full_like(output, float("nan")) for output in step())
+        outputs = tuple(torch.full_like(output, float("nan") if output.is_floating_point() else -1)
+                        for output in step())
         graph = _Replayed(step, outputs)
         if self.broken:
             graph.replay = lambda: None
