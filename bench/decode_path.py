@@ -359,8 +359,8 @@ def main() -> int:
                         help="also time engine.decode_greedy this many steps a call, beside the layers (0 = skip)")
     parser.add_argument("--decode-chunk-ms", type=float, default=10.0,
                         help="the verifier's --decode-chunk-ms for layers 3-5 (0 = one token per tick)")
-    parser.add_argument("--decode-ahead-steps", type=int, default=0,
-                        help="the verifier's --decode-ahead-steps for layers 3-5")
+    parser.add_argument("--decode-ahead-steps", type=int, default=-1,
+                        help="the verifier's --decode-ahead-steps for layers 3-5 (-1: its default for the device)")
     args = parser.parse_args()
 
     # One switch for every engine of the run: this process's reads it, the servers inherit it (their --compile).

@@ -79,9 +79,10 @@ def _verifier_flags(p: argparse.ArgumentParser) -> None:
     flag(p, "--decode-chunk-ms", default=10.0, type=float,
          help="speculation off, every open session in the tick: keep decoding while another step fits in this "
          "many ms and nothing else waits (fewer hand-offs and messages per token; 0 = one token per tick)")
-    flag(p, "--decode-ahead-steps", default=0, type=int,
+    flag(p, "--decode-ahead-steps", default=-1, type=int,
          help="greedy steps such a chunk queues behind its own, which the next chunk takes up, so a GPU keeps "
-         "working while the tokens go out (e.g. 2; on a CPU they run before the tokens go out; default 0)")
+         "working while the tokens go out (-1: measured default for the device, 2 on CUDA, 0 on CPU, where they "
+         "would run before the tokens go out)")
     flag(p, "--prefix-cache-blocks", default=256, type=int,
          help="prefix cache size in 16-token KV blocks (0 = off); the memory budget of reused prompts")
     flag(p, "--advise-speculation-max-sessions", default=-1, type=int,

@@ -26,7 +26,7 @@ CONTEXT = 512
 
 @pytest.fixture(scope="module")
 def cluster():
-    # --decode-ahead-steps 2: greedy decode chunks queue steps for the next one (meant for GPUs; off by default),
+    # --decode-ahead-steps 2: greedy decode chunks queue steps for the next one (the default on GPUs; 0 on a CPU),
     # so the tests below that compare speculation off with transformers run through them
     verifier = ServerProcess("verifier", "--max-sequence-length", str(CONTEXT), "--max-sessions", "8",
                              "--decode-ahead-steps", "2")

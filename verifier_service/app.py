@@ -45,11 +45,19 @@ def eos_ids_of(hf_model) -> frozenset[int]:
     return frozenset(ids)
 
 
+# Greedy steps a decode chunk queues for the next on a GPU: one user's tokens/s through the whole stack 697 -> 797
+# with 2 on an H200 (docs/benchmarks.md, ninth session); on a CPU queued steps delay the tokens instead.
+DECODE_AHEAD_STEPS_ON_GPU = 2
+
+
 def build_scheduler(model: str, device: str, max_sessions: int, max_sequence_length: int, max_draft_tokens: int,
                     prefix_cache_blocks: int = 0, on_change=None, decode_chunk_ms: float = 10.0,
-                    decode_ahead_steps: int = 0):
+                    decode_ahead_steps: int = -1):
+    """decode_ahead_steps: -1 = the measured default for the device (DECODE_AHEAD_STEPS_ON_GPU, 0 on a CPU)."""
     hf_model = models.load_hf_model(model)
     engine = make_engine(hf_model, device=device, dtype=default_dtype(device))
+    if decode_ahead_steps < 0:
+        decode_ahead_steps = DECODE_AHEAD_STEPS_ON_GPU if engine.device.type == "cuda" else 0
     prefix_cache = None
     if prefix_cache_blocks > 0 and engine.supports_prefix_cache:
         prefix_cache = PrefixCache(engine.shape, prefix_cache_blocks, engine.device, engine.dtype, model_seed(model),
@@ -77,7 +85,7 @@ async def start_verifier(
     locality_ttl: float = 30.0,
     redis_timeout: float = 0.05,
     decode_chunk_ms: float = 10.0,
-    decode_ahead_steps: int = 0,
+    decode_ahead_steps: int = -1,
     advise: tuple[int, int] = (-1, -1),
 ) -> GrpcServer:
     """`store`: an in-process locality store (all-in-one); `redis_url` makes a Redis one; neither: no hints.

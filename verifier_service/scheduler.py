@@ -86,7 +86,7 @@ class Scheduler:
         decode_ahead_steps: greedy steps a chunk queues on the device behind its own, which the read-back of its
         tokens does not wait for and the next chunk takes up (LlamaEngine.decode_greedy's `ahead`): the device
         keeps working while the tokens go out and the next request comes in. For GPUs (on a CPU the queued steps
-        run before the tokens can go out); 0 until measured there (docs/benchmarks.md)."""
+        run before the tokens can go out): the verifier's default there is 2 (verifier_service.app)."""
         self.engine = engine
         self.decode_ahead_steps = decode_ahead_steps
         self.decode_chunk_ms = decode_chunk_ms
