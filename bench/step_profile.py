@@ -11,7 +11,7 @@ torch.compile'd then graphed) and each attention variant, one session with `--kv
 - `floor_ms`: weight bytes / measured copy bandwidth (read + write), the bandwidth floor of a batch-1 step.
 
 Attention variants (`--attention`): `sdpa` (the engine's: masked SDPA with grouped heads), `grouped` (matmuls over
-each kv head's group of query heads, masked softmax in fp32). Each variant's logits are compared with `sdpa`'s.
+each kv head's group of query heads, masked softmax in fp32), `flex` (torch's flex_attention). Each variant's logits are compared with `sdpa`'s.
 
     python bench/step_profile.py --shapes smollm2,8b --compile no,yes --json $OUT/step_profile.json
 """
@@ -57,7 +57,25 @@ def attend_grouped(q, keys, values, mask):
     return torch.matmul(weights, values).view(batch, heads, width, dim)
 
 
-VARIANTS = {"sdpa": engine_module._attend, "grouped": attend_grouped}
+_FLEX = None
+
+
+def attend_flex(q, keys, values, mask):
+    """torch's flex_attention (its own Triton kernel; split over the keys for a few queries), compiled on its own
+    when the pass is not, the mask added as a score modification."""
+    global _FLEX
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if _FLEX is None:
+        _FLEX = torch.compile(flex_attention, dynamic=False)
+
+    def bias(score, b, h, q_index, kv_index):
+        return score + mask[b, 0, q_index, kv_index]
+
+    return _FLEX(q, keys, values, score_mod=bias, enable_gqa=True)
+
+
+VARIANTS = {"sdpa": engine_module._attend, "grouped": attend_grouped, "flex": attend_flex}
 
 
 def kernel_table(fn, runs: int = 10, top: int = 30) -> tuple[float, list]:
