@@ -3,7 +3,8 @@
 1. Parity: CUDA-graphed passes against eager passes of the same engine (bf16): max |logit diff| and argmax
    agreement for decode (1 token) and verify (6 tokens) at batch 1 and 4.
 2. Step time (CUDA events, median of 50): default target, batch 1 and 64, 1 and 6 tokens, eager vs graphed;
-   transformers' eager forward for reference.
+   the prefill of 1 and of 4 prompts of 60 tokens (graphed: a wide bucket); transformers' eager forward for
+   reference.
 3. An 8B-shaped Llama (random bf16 weights): one graphed decode step at batch 1 against weight bytes / measured
    copy bandwidth.
 
@@ -112,6 +113,12 @@ def part_parity_and_timing(spec: str, results: dict, compile_too: bool = False) 
                     r.start = 200
                 timing[f"{name}_batch{batch}_width{width}_ms"] = round(timed(lambda: engine.forward(cache, rows)), 3)
                 del cache
+    for prompts in (1, 4):
+        for name, engine in (("eager", eager), *variants):
+            cache = engine.new_cache(prompts, 1024)
+            rows = [Row(b, 0, list(range(100, 160))) for b in range(prompts)]
+            timing[f"{name}_prefill{prompts}x60_ms"] = round(timed(lambda: engine.forward(cache, rows)), 3)
+            del cache
     ids = torch.arange(100, 300, device="cuda")[None]
     with torch.inference_mode():
         out = hf(ids, use_cache=True)

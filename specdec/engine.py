@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -191,6 +193,10 @@ class LlamaEngine:
         self.shape = LlamaShape.from_hf_config(hf_model.config)
         self.device = torch.device(device)
         self.dtype = dtype
+        # what ran: forward_flat's "graphed" / "eager" passes, decode_greedy's "greedy_steps", and the CUDA graphs
+        # captured on the way ("captures", "capture_s"); the verifier logs them when it stops (on a GPU an eager
+        # pass costs several graphed ones: it is launch-bound)
+        self.passes: Counter = Counter()
         inner = hf_model.model
         self.embed = inner.embed_tokens.weight.detach().to(self.device, dtype)
         self.lm_head = hf_model.lm_head.weight.detach().to(self.device, dtype)
@@ -208,10 +214,11 @@ class LlamaEngine:
         return KVCache(self.shape, num_slots, max_len, self.device, self.dtype)
 
     def enable_cuda_graphs(self, max_batch: int = 256, max_width: int = 16, compile: bool = False) -> None:
-        """Replays decode/verify passes (up to max_batch rows of up to max_width tokens, and draft trees' verify
-        passes of a few rows up to _GraphRunner.TREE_WIDTH tokens wide) as CUDA graphs, captured lazily per
-        (batch, width, kv length) bucket. Prefills and larger passes stay eager. With `compile`, what
-        is captured is the torch.compile'd pass (one compilation, dynamic in batch, width and kv length)."""
+        """Replays decode/verify passes (up to max_batch rows of up to max_width tokens) and wide passes of a few
+        rows (up to _GraphRunner.WIDE_BATCH rows of up to WIDE_WIDTH tokens: draft trees' verify passes, the
+        prefills of one or a few prompts) as CUDA graphs, captured lazily per (batch, width, kv length) bucket.
+        Larger passes stay eager. With `compile`, what is captured is the torch.compile'd pass (one compilation,
+        dynamic in batch, width and kv length)."""
         if self.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self._graphs = _GraphRunner(self, max_batch, max_width, compile)
@@ -243,9 +250,9 @@ class LlamaEngine:
         pick_t = torch.tensor([p[1] for p in picks]).to(self.device)
         span = tree_span(rows)
         graphed = None
-        if self._graphs is not None and span <= width and self._graphs.accepts(
-                batch, width, tree=any(r.visible is not None for r in rows)):
+        if self._graphs is not None and span <= width and self._graphs.accepts(batch, width):
             graphed = self._graphs.run(cache, rows, kv_len, taps)  # None: this bucket's graph failed its check
+        self.passes["graphed" if graphed is not None else "eager"] += 1
         if graphed is not None:
             x, all_logits = graphed
             logits = all_logits[pick_b, pick_t].float()
@@ -303,11 +310,13 @@ class LlamaEngine:
             step, buffers, _ = state
             if steps > done:
                 new = _greedy_steps(step, buffers[0], steps - done, more and (lambda i: more(done + i)))
+                self.passes["greedy_steps"] += new.shape[1]
                 tokens = new[: len(rows)] if tokens is None else torch.cat((tokens, new[: len(rows)]), 1)
             read = _read_back(tokens[:, :steps])
             tail = tokens[:, steps:]
             if extra:
                 tail = torch.cat((tail, _greedy_steps(step, buffers[0], extra)[: len(rows)]), 1)
+                self.passes["greedy_steps"] += extra
             result = read()
             if tail.shape[1]:
                 cache.ahead = _Ahead([(r.slot, r.start + len(t), t[-1]) for r, t in zip(rows, result)], tail, state)
@@ -556,7 +565,7 @@ def _read_back(tokens: torch.Tensor):
     return read
 
 
-TREE_PASS_ROWS = 4  # draft trees per verify pass: CUDA graphs take wide tree passes of this many rows at most
+TREE_PASS_ROWS = 4  # draft trees per verify pass: CUDA graphs take wide passes of this many rows at most
 
 
 def _bucket(n: int, floor: int = 1) -> int:
@@ -598,12 +607,14 @@ class _GraphRunner:
                                 taps=taps)
         return x, self.engine._head(x[..., -self.engine.shape.hidden_size :])
 
-    TREE_BATCH, TREE_WIDTH = TREE_PASS_ROWS, 128  # draft trees' verify passes (a graph's logits: [batch, width, vocab])
+    # Wide passes: draft trees' verify passes, and prefills of a few prompts (eager, a prefill costs about an eager
+    # step: launch-bound on a GPU). A graph's logits are [batch, width, vocab].
+    WIDE_BATCH, WIDE_WIDTH = TREE_PASS_ROWS, 128
 
-    def accepts(self, batch: int, width: int, tree: bool = False) -> bool:
-        if tree and self.max_width < width <= self.TREE_WIDTH:
-            return batch <= self.TREE_BATCH
-        return batch <= self.max_batch and width <= self.max_width
+    def accepts(self, batch: int, width: int) -> bool:
+        if width <= self.max_width:
+            return batch <= self.max_batch
+        return width <= self.WIDE_WIDTH and batch <= self.WIDE_BATCH
 
     def run(self, cache: KVCache, rows: list[Row], kv_len: int, taps: tuple[int, ...] = ()) -> torch.Tensor:
         width = _bucket(max(len(r.tokens) for r in rows), self.floor)
@@ -638,7 +649,10 @@ class _GraphRunner:
         batch, length = _bucket(len(rows), self.floor), self._length(cache, kv_len)
         key = (id(cache), batch, width, length, taps, greedy)
         if key not in self.graphs:
+            began = time.perf_counter()
             self.graphs[key] = self._capture(cache, batch, width, length, taps, greedy)
+            self.engine.passes["captures"] += 1
+            self.engine.passes["capture_s"] += time.perf_counter() - began
         entry = self.graphs[key]
         if entry is None:
             return None
@@ -692,9 +706,9 @@ class _GraphRunner:
         # (Against the same function run outside the graph: a compiled pass fuses, so it rounds differently from
         # the eager one, and both verify and decode use the one pass, so the output stays the engine's own.)
         if not torch.allclose(logits.float(), step()[1].float(), rtol=1e-2, atol=1e-2):
-            if width > self.max_width:  # a draft tree's wide bucket: run those passes eagerly (same logits, slower)
-                log.warning("CUDA graph for %d draft-tree rows of %d tokens does not match the eager pass; "
-                            "verifying such trees eagerly", batch, width)
+            if width > self.max_width:  # a wide bucket: run those passes eagerly (same logits, slower)
+                log.warning("CUDA graph for %d rows of %d tokens does not match the eager pass; running such wide "
+                            "passes (draft trees' verifies, prefills) eagerly", batch, width)
                 return None
             raise RuntimeError(f"CUDA graph for batch {batch}, width {width}, kv length {length} does not match "
                                "the eager pass; run with cuda_graphs=False and report this")

@@ -78,7 +78,8 @@ def test_graphed_passes_equal_eager_ones_across_buckets():
             for i, p in enumerate(PROMPTS):
                 n = len(p) + width
                 assert torch.allclose(caches[1].keys[layer][i, :, :n], caches[0].keys[layer][i, :, :n], atol=1e-6)
-    assert len(graphed._graphs.graphs) == 2  # (batch 4, width 1) and (batch 4, width 4), taps [1]
+    # the prompts' prefill (3 rows, up to 21 tokens: a wide bucket), then (batch 4, width 1) and (4, 4), taps [1]
+    assert sorted(key[1:3] for key in graphed._graphs.graphs) == [(4, 1), (4, 4), (4, 32)]
     again = [Row(0, len(PROMPTS[0]) + 3, [1])]
     assert torch.allclose(graphed.forward(caches[1], again)[0], eager.forward(caches[0], again)[0], atol=1e-5)
 
@@ -138,6 +139,27 @@ def test_wide_draft_tree_passes_run_on_their_own_graphs():
     assert any(key[2] > 4 for key in graphed._graphs.graphs)  # a tree bucket was captured
 
 
+def test_prefills_of_a_few_prompts_run_on_wide_graphs():
+    """Prompts longer than the chain graphs' width (here 40 and 20 tokens > 4) prefill in one replay of a wide
+    bucket when they are few, with the eager pass's logits and KV; more rows than a wide bucket holds run eagerly."""
+    eager, graphed = _engines(seed=9)
+    caches = [engine.new_cache(6, 64) for engine in (eager, graphed)]
+    prompts = [list(range(5, 45)), list(range(50, 70))]
+    rows = [Row(i, 0, p) for i, p in enumerate(prompts)]
+    want, got = eager.forward(caches[0], rows), graphed.forward(caches[1], rows)
+    assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(got, want))
+    for layer in range(3):
+        for i, p in enumerate(prompts):
+            assert torch.allclose(caches[1].keys[layer][i, :, : len(p)], caches[0].keys[layer][i, :, : len(p)],
+                                  atol=1e-6)
+    assert [key[1:3] for key in graphed._graphs.graphs] == [(2, 64)]
+    many = [Row(i, 0, list(range(7 + i, 27 + i))) for i in range(5)]  # 5 rows > WIDE_BATCH
+    want, got = eager.forward(caches[0], many), graphed.forward(caches[1], many)
+    assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(got, want))
+    assert len(graphed._graphs.graphs) == 1
+    assert {k: v for k, v in graphed.passes.items() if k != "capture_s"} == {"graphed": 1, "eager": 1, "captures": 1}
+
+
 def test_a_graph_that_does_not_replay_the_pass_is_refused(caplog):
     """The capture check: a chain bucket whose graph does not reproduce the eager pass is an error (stale logits
     would be served silently otherwise); a wide tree bucket's falls back to eager passes with a warning."""
@@ -150,5 +172,5 @@ def test_a_graph_that_does_not_replay_the_pass_is_refused(caplog):
                visible=tree_visibility([-1, -1, 0, 1, 2]))
     with caplog.at_level(logging.WARNING, logger="specdec.engine"):
         got = graphed.forward(caches[1], [tree])[0]
-    assert "verifying such trees eagerly" in caplog.text
+    assert "running such wide passes" in caplog.text
     assert torch.allclose(got, eager.forward(caches[0], [tree])[0], atol=1e-5)

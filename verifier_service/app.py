@@ -110,6 +110,11 @@ async def start_verifier(
         await publisher.start()
 
     async def on_stop():
+        passes = getattr(scheduler.engine, "passes", None)
+        if passes:
+            log.info("engine: %d graphed and %d eager passes, %d greedy decode steps; %d CUDA graphs captured in "
+                     "%.1f s", passes["graphed"], passes["eager"], passes["greedy_steps"], passes["captures"],
+                     passes["capture_s"])
         if publisher is not None:
             await publisher.stop()  # this pod's blocks leave the store at once, not after the TTL
         if store is not None:
