@@ -68,7 +68,7 @@ def _serving_flags(p: argparse.ArgumentParser, port: int, host: str = "0.0.0.0",
 def _compile_flag(p: argparse.ArgumentParser) -> None:
     flag(p, "--compile", default=False, type=_yes_no,
          help="on CUDA, torch.compile the decode/verify pass before capturing it (about 2x faster at batch 1 on "
-         "an H200; 1-2 minutes of warm-up on first use): yes|no")
+         "an H200; 1-2 minutes of compilation, before serving when a verifier warms its graphs up): yes|no")
 
 
 def _verifier_flags(p: argparse.ArgumentParser) -> None:
@@ -83,6 +83,11 @@ def _verifier_flags(p: argparse.ArgumentParser) -> None:
          help="greedy steps such a chunk queues behind its own, which the next chunk takes up, so a GPU keeps "
          "working while the tokens go out (-1: measured default for the device, 2 on CUDA, 0 on CPU, where they "
          "would run before the tokens go out)")
+    flag(p, "--graph-warmup-tokens", default=512, type=int,
+         help="on CUDA, capture the CUDA graphs of decode steps and verify passes for every batch size up to "
+         "--max-sessions and contexts up to this many tokens before serving, so no user waits for a capture "
+         "(seconds at start-up; with --compile, the compilation too); longer contexts capture on first use "
+         "(0 = all on first use)")
     flag(p, "--prefix-cache-blocks", default=256, type=int,
          help="prefix cache size in 16-token KV blocks (0 = off); the memory budget of reused prompts")
     flag(p, "--advise-speculation-max-sessions", default=-1, type=int,
@@ -264,6 +269,7 @@ def cmd_serve_all(args) -> int:
             args.grace, args.prefix_cache_blocks, store=store, decode_chunk_ms=args.decode_chunk_ms,
             decode_ahead_steps=args.decode_ahead_steps,
             advise=(args.advise_speculation_max_sessions, args.advise_draft_tokens),
+            graph_warmup_tokens=args.graph_warmup_tokens,
         )
         drafter_model = args.drafter_model
         if drafter_model == DEFAULT_DRAFTER and args.model != DEFAULT_TARGET:
@@ -358,6 +364,7 @@ def cmd_serve_verifier(args) -> int:
         locality_ttl=args.locality_ttl, redis_timeout=args.redis_timeout, decode_chunk_ms=args.decode_chunk_ms,
         decode_ahead_steps=args.decode_ahead_steps,
         advise=(args.advise_speculation_max_sessions, args.advise_draft_tokens),
+        graph_warmup_tokens=args.graph_warmup_tokens,
     ), args)
 
 

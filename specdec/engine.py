@@ -225,6 +225,15 @@ class LlamaEngine:
 
     _graphs = None
 
+    @torch.inference_mode()
+    def warm_cuda_graphs(self, cache: KVCache, max_rows: int, widths: Sequence[int] = (), max_kv: int = 512) -> int:
+        """Captures now, instead of on first use mid-serving, the CUDA graphs of greedy decode steps
+        (decode_greedy) and of passes `widths` tokens wide, for every batch bucket up to max_rows rows and every
+        KV-length bucket up to max_kv tokens. Returns how many graphs it captured (0 without CUDA graphs)."""
+        if self._graphs is None:
+            return 0
+        return self._graphs.warm(cache, max_rows, widths, max_kv)
+
     def forward(self, cache: KVCache, rows: list[Row]) -> list[torch.Tensor]:
         """Runs every row in one pass; returns per row logits [n, vocab] (n = len(tokens) or 1), float32."""
         logits, sizes = self.forward_flat(cache, rows)
@@ -646,19 +655,39 @@ class _GraphRunner:
                 greedy: bool = False):
         """The (graph, input buffers, outputs) of these rows' bucket, captured on first use, with the rows' packed
         inputs copied into its buffers. greedy: the graph of a greedy step (see greedy_state) instead of a pass."""
-        batch, length = _bucket(len(rows), self.floor), self._length(cache, kv_len)
+        batch = _bucket(len(rows), self.floor)
+        entry = self._graph(cache, batch, width, self._length(cache, kv_len), taps, greedy)
+        if entry is None:
+            return None
+        for buffer, value in zip(entry[1], _pack(rows, batch, width, cache.scratch)):
+            buffer.copy_(value, non_blocking=True)
+        return entry
+
+    def _graph(self, cache: KVCache, batch: int, width: int, length: int, taps: tuple[int, ...], greedy: bool):
+        """The bucket's (graph, input buffers, outputs), captured on first use; None if its graph failed the
+        capture check (run such passes eagerly)."""
         key = (id(cache), batch, width, length, taps, greedy)
         if key not in self.graphs:
             began = time.perf_counter()
             self.graphs[key] = self._capture(cache, batch, width, length, taps, greedy)
             self.engine.passes["captures"] += 1
             self.engine.passes["capture_s"] += time.perf_counter() - began
-        entry = self.graphs[key]
-        if entry is None:
-            return None
-        for buffer, value in zip(entry[1], _pack(rows, batch, width, cache.scratch)):
-            buffer.copy_(value, non_blocking=True)
-        return entry
+        return self.graphs[key]
+
+    def warm(self, cache: KVCache, max_rows: int, widths: Sequence[int], max_kv: int) -> int:
+        """LlamaEngine.warm_cuda_graphs."""
+        before = len(self.graphs)
+        batches = sorted({_bucket(n, self.floor) for n in range(1, min(max_rows, self.max_batch) + 1)})
+        lengths = {self._length(cache, max_kv)}  # and every smaller bucket
+        while min(lengths) > self._length(cache, 1):
+            lengths.add(self._length(cache, min(lengths) // 2))
+        kinds = [(self.floor, True), *sorted({(_bucket(w, self.floor), False) for w in widths if w <= self.max_width})]
+        with self._on_device():
+            for length in sorted(lengths):
+                for batch in batches:
+                    for width, greedy in kinds:
+                        self._graph(cache, batch, width, length, (), greedy)
+        return len(self.graphs) - before
 
     @staticmethod
     def _length(cache: KVCache, kv_len: int) -> int:

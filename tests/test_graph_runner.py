@@ -160,6 +160,22 @@ def test_prefills_of_a_few_prompts_run_on_wide_graphs():
     assert {k: v for k, v in graphed.passes.items() if k != "capture_s"} == {"graphed": 1, "eager": 1, "captures": 1}
 
 
+def test_graphs_warmed_before_serving_are_the_ones_replayed():
+    """warm_cuda_graphs captures the greedy decode steps' and the verify passes' buckets up front: decoding and
+    verifying afterwards capture nothing on the token path, and give the eager engine's tokens and logits."""
+    eager, graphed = _engines(seed=10)
+    caches = _prefill((eager, graphed), PROMPTS)
+    # batches 1, 2, 4 (up to 3 rows) x (a greedy step, a 2-token pass) x the one KV bucket of a 64-token cache
+    assert graphed.warm_cuda_graphs(caches[1], max_rows=3, widths=(2,), max_kv=64) == 6
+    captures = graphed.passes["captures"]
+    rows = [Row(i, len(p), [7]) for i, p in enumerate(PROMPTS)]
+    assert graphed.decode_greedy(caches[1], rows, 5) == eager.decode_greedy(caches[0], rows, 5)
+    blocks = [Row(i, len(p) + 5, [11, 12], all_logits=True) for i, p in enumerate(PROMPTS[:2])]
+    want, got = eager.forward(caches[0], blocks), graphed.forward(caches[1], blocks)
+    assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(got, want))
+    assert graphed.passes["captures"] == captures
+
+
 def test_a_graph_that_does_not_replay_the_pass_is_refused(caplog):
     """The capture check: a chain bucket whose graph does not reproduce the eager pass is an error (stale logits
     would be served silently otherwise); a wide tree bucket's falls back to eager passes with a warning."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 
 import torch
 
@@ -48,12 +49,17 @@ def eos_ids_of(hf_model) -> frozenset[int]:
 # Greedy steps a decode chunk queues for the next on a GPU: one user's tokens/s through the whole stack 697 -> 797
 # with 2 on an H200 (docs/benchmarks.md, ninth session); on a CPU queued steps delay the tokens instead.
 DECODE_AHEAD_STEPS_ON_GPU = 2
+# Verify passes' width buckets captured before serving: blocks of 2, 3-4 and 5-8 tokens (drafts of 1 to 7 tokens,
+# the adaptive lengths around the GPU's advised 5)
+WARM_VERIFY_WIDTHS = (2, 4, 8)
 
 
 def build_scheduler(model: str, device: str, max_sessions: int, max_sequence_length: int, max_draft_tokens: int,
                     prefix_cache_blocks: int = 0, on_change=None, decode_chunk_ms: float = 10.0,
-                    decode_ahead_steps: int = -1):
-    """decode_ahead_steps: -1 = the measured default for the device (DECODE_AHEAD_STEPS_ON_GPU, 0 on a CPU)."""
+                    decode_ahead_steps: int = -1, graph_warmup_tokens: int = 0):
+    """decode_ahead_steps: -1 = the measured default for the device (DECODE_AHEAD_STEPS_ON_GPU, 0 on a CPU).
+    graph_warmup_tokens: on CUDA, capture the decode steps' and verify passes' graphs of every batch bucket up to
+    max_sessions and KV lengths up to this many tokens before serving (0: each on first use, mid-serving)."""
     hf_model = models.load_hf_model(model)
     engine = make_engine(hf_model, device=device, dtype=default_dtype(device))
     if decode_ahead_steps < 0:
@@ -66,6 +72,13 @@ def build_scheduler(model: str, device: str, max_sessions: int, max_sequence_len
                           prefix_cache, decode_chunk_ms,
                           decode_ahead_steps=decode_ahead_steps)
     del hf_model  # the engine holds its own copies of the weights
+    warm = getattr(engine, "warm_cuda_graphs", None)
+    if graph_warmup_tokens > 0 and warm is not None and engine.device.type == "cuda":
+        began = time.perf_counter()
+        captured = warm(scheduler.cache, max_sessions, WARM_VERIFY_WIDTHS, graph_warmup_tokens)
+        log.info("captured %d CUDA graphs (greedy decode steps and %s-token verify passes, up to %d rows and %d "
+                 "tokens of context) in %.1f s", captured, "/".join(map(str, WARM_VERIFY_WIDTHS)), max_sessions,
+                 graph_warmup_tokens, time.perf_counter() - began)
     return scheduler
 
 
@@ -87,6 +100,7 @@ async def start_verifier(
     decode_chunk_ms: float = 10.0,
     decode_ahead_steps: int = -1,
     advise: tuple[int, int] = (-1, -1),
+    graph_warmup_tokens: int = 0,
 ) -> GrpcServer:
     """`store`: an in-process locality store (all-in-one); `redis_url` makes a Redis one; neither: no hints.
     `advise`: (speculation_max_sessions, draft_tokens) advised to routers and drafters; -1 = measured device default."""
@@ -103,7 +117,7 @@ async def start_verifier(
         publisher = Publisher(store, pod, ttl=locality_ttl)
     scheduler = compute.call(build_scheduler, model, device, max_sessions, max_sequence_length, max_draft_tokens,
                              prefix_cache_blocks, publisher.changed if publisher else None, decode_chunk_ms,
-                             decode_ahead_steps)
+                             decode_ahead_steps, graph_warmup_tokens)
     scheduler.metrics = telemetry.instrument_verifier(scheduler)  # None unless this process serves /metrics
     scheduler.start()
     if publisher is not None:
