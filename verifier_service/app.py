@@ -75,7 +75,11 @@ def build_scheduler(model: str, device: str, max_sessions: int, max_sequence_len
     warm = getattr(engine, "warm_cuda_graphs", None)
     if graph_warmup_tokens > 0 and warm is not None and engine.device.type == "cuda":
         began = time.perf_counter()
-        captured = warm(scheduler.cache, max_sessions, WARM_VERIFY_WIDTHS, graph_warmup_tokens)
+        try:
+            captured = warm(scheduler.cache, max_sessions, WARM_VERIFY_WIDTHS, graph_warmup_tokens)
+        except Exception as exc:  # (out of memory, say): fail at start-up, not mid-serving, and say what to change
+            raise RuntimeError(f"capturing CUDA graphs before serving failed ({exc}); --graph-warmup-tokens 0 "
+                               "captures each on first use instead, a lower --max-sessions captures fewer") from exc
         log.info("captured %d CUDA graphs (greedy decode steps and %s-token verify passes, up to %d rows and %d "
                  "tokens of context) in %.1f s", captured, "/".join(map(str, WARM_VERIFY_WIDTHS)), max_sessions,
                  graph_warmup_tokens, time.perf_counter() - began)
