@@ -5,12 +5,17 @@ runs one level of `--concurrency` users while py-spy (`pip install py-spy`; not 
 every server process. For each process it prints the CPU milliseconds per committed token (all threads: torch
 work included) and, from py-spy's samples of threads holding the GIL (`--gil`), the share of the wall time that
 process spent in Python with the GIL held (a process near 100% is bound by its Python, whatever its device
-does) and the functions that held it longest, inclusive and self. Writes `load_profile.json` and the raw
-samples (`<tier>.txt`, py-spy's collapsed stacks) under `--out`.
+does) and the functions that held it longest, inclusive and self. With `--busy`, every thread that is not idle
+is sampled instead (the share can pass 100%: several threads; threads blocked in a system call can count as
+busy), and `--native` adds C/C++ frames (torch's dispatch, a CUDA synchronization spinning): where a process's
+CPU goes when its Python does not hold the GIL. Native sampling pauses each process per sample, so the level
+runs slower than unprofiled.
+Writes `load_profile.json` and the raw samples (`<tier>.txt`, py-spy's collapsed stacks) under `--out`.
 
     .venv/bin/python bench/load_profile.py --target /tmp/tiny-llama --concurrency 64 --out out/load-profile
     python bench/load_profile.py --target /root/m/smollm2.gguf --device cuda:0 --mode model=DRAFTER \\
         --concurrency 64 --out $OUT/load-profile
+    python bench/load_profile.py ... --busy --native --out $OUT/load-profile-busy
 """
 
 from __future__ import annotations
@@ -39,8 +44,9 @@ from specdec.bench import (  # noqa: E402
 )
 
 
-def summarize_samples(path: Path, rate: int, seconds: float, top: int) -> dict:
-    """py-spy's collapsed stacks ("thread;frame;frame count" lines) -> GIL share and the top functions."""
+def summarize_samples(path: Path, rate: int, seconds: float, top: int, share_key: str = "gil_held_pct_of_wall") -> dict:
+    """py-spy's collapsed stacks ("thread;frame;frame count" lines) -> the sampled share of the wall time (under
+    share_key) and the top functions."""
     total, own, inclusive = 0, collections.Counter(), collections.Counter()
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
@@ -57,7 +63,7 @@ def summarize_samples(path: Path, rate: int, seconds: float, top: int) -> dict:
     def share(counter):
         return [[name[:120], round(100 * n / max(total, 1), 1)] for name, n in counter.most_common(top)]
 
-    return {"gil_held_pct_of_wall": round(100 * total / (rate * seconds), 1), "samples": total,
+    return {share_key: round(100 * total / (rate * seconds), 1), "samples": total,
             "inclusive_pct": share(inclusive), "self_pct": share(own)}
 
 
@@ -75,6 +81,9 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     parser.add_argument("--prompts", default=str(DEFAULT_PROMPTS))
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--busy", action="store_true",
+                        help="sample every thread that is not idle, not only the one holding the GIL")
+    parser.add_argument("--native", action="store_true", help="include C/C++ frames (py-spy --native)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
@@ -102,8 +111,10 @@ def main() -> None:
         k = 0 if args.mode == "off" else args.k
         print("warming up...", flush=True)
         asyncio.run(run_level(router.address, prompts, min(4, args.concurrency), 8, 16, k))
+        what = [] if args.busy else ["--gil"]
+        what += ["--native"] if args.native else ["--nonblocking"]  # (native frames need the process paused)
         spies = {tier: subprocess.Popen([spy, "record", "-p", str(pid), "-d", str(args.seconds), "-r", str(args.rate),
-                                         "--gil", "--nonblocking", "-f", "raw", "-o", str(out / f"{tier}.txt")],
+                                         *what, "-f", "raw", "-o", str(out / f"{tier}.txt")],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                  for tier, pid in pids.items()}
         cpu_before = {tier: cpu_seconds(pid) for tier, pid in pids.items()}
@@ -132,9 +143,11 @@ def main() -> None:
         path = out / f"{tier}.txt"
         if not path.exists():
             continue
-        summary = summarize_samples(path, args.rate, args.seconds, args.top)
+        key = "busy_pct_of_wall" if args.busy else "gil_held_pct_of_wall"
+        summary = summarize_samples(path, args.rate, args.seconds, args.top, key)
         report["tiers"][tier] = summary
-        print(f"\n{tier}: GIL held {summary['gil_held_pct_of_wall']}% of the wall time")
+        what = "threads busy" if args.busy else "GIL held"
+        print(f"\n{tier}: {what} {summary[key]}% of the wall time")
         for name, pct in summary["inclusive_pct"]:
             print(f"  {pct:5.1f}%  {name}")
         print("  self:")
