@@ -132,6 +132,15 @@ def part_parity_and_timing(spec: str, results: dict, compile_too: bool = False) 
     torch.cuda.empty_cache()
 
 
+def copy_bandwidth(nbytes: int) -> float:
+    """Bytes read + written per second by a device copy of nbytes (CUDA events): what a batch-1 step that streams
+    that many bytes of weights is bound by."""
+    big = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(big)
+    copy_ms = timed(lambda: dst.copy_(big), runs=20)
+    return 2 * big.numel() * 2 / (copy_ms / 1000)
+
+
 def part_8b(results: dict, compile_too: bool = False) -> None:
     import transformers
 
@@ -160,10 +169,7 @@ def part_8b(results: dict, compile_too: bool = False) -> None:
     if compiled is not None:
         compiled.forward(cache, [Row(0, 0, list(range(128)))])
         compiled_ms = timed(lambda: compiled.forward(cache, rows))
-    big = torch.empty(weight_bytes // 2, dtype=torch.bfloat16, device="cuda")
-    dst = torch.empty_like(big)
-    copy_ms = timed(lambda: dst.copy_(big), runs=20)
-    bandwidth = 2 * big.numel() * 2 / (copy_ms / 1000)  # bytes read + written per second
+    bandwidth = copy_bandwidth(weight_bytes)
     floor_ms = weight_bytes / bandwidth * 1000
     results["llama_8b_shape"] = {
         "weight_gb": round(weight_bytes / 1e9, 2), "decode_batch1_graphed_ms": round(step_ms, 3),

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from specdec.bench import (  # noqa: E402
     DEFAULT_PROMPTS,
+    cpu_ms_per_token,
     cpu_seconds,
     load_prompts,
     run_level,
@@ -124,8 +125,7 @@ def main() -> None:
         results, wall = asyncio.run(run_level(router.address, prompts, args.concurrency, requests,
                                               args.max_new_tokens, k))
         tokens = sum(r.tokens for r in results)
-        cpu = {tier: round(1000 * (cpu_seconds(pid) - cpu_before[tier]) / max(tokens, 1), 3)
-               for tier, pid in pids.items()}
+        cpu = cpu_ms_per_token(cpu_before, pids, tokens)
         for tier, proc in spies.items():
             if proc.wait() != 0:
                 print(f"py-spy on the {tier} failed: {proc.stderr.read().decode()[-400:]}", flush=True)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gpu_engine import timed  # noqa: E402  (bench/ is on the path when run as a script)
+from gpu_engine import copy_bandwidth, timed  # noqa: E402  (bench/ is on the path when run as a script)
 from specdec import engine as engine_module  # noqa: E402
 from specdec.engine import LlamaEngine, Row  # noqa: E402
 
@@ -100,11 +100,7 @@ def kernel_table(fn, runs: int = 10, top: int = 30) -> tuple[float, list]:
 
 
 def floor_ms(weight_bytes: int) -> float:
-    big = torch.empty(weight_bytes // 2, dtype=torch.bfloat16, device="cuda")
-    dst = torch.empty_like(big)
-    copy_ms = timed(lambda: dst.copy_(big), 10)
-    del big, dst
-    return weight_bytes / (2 * weight_bytes / (copy_ms / 1000)) * 1000
+    return weight_bytes / copy_bandwidth(weight_bytes) * 1000
 
 
 @torch.inference_mode()

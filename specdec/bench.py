@@ -160,6 +160,11 @@ def cpu_seconds(pid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
+def cpu_ms_per_token(before: dict[str, float], pids: dict[str, int | None], tokens: int) -> dict[str, float]:
+    """CPU milliseconds each process (by tier) spent per committed token since `before` (their cpu_seconds)."""
+    return {tier: round(1000 * (cpu_seconds(pid) - before[tier]) / max(tokens, 1), 3) for tier, pid in pids.items()}
+
+
 def _sum_lists(lists: list[list[int]]) -> list[int]:
     n = max((len(x) for x in lists), default=0)
     return [sum(x[i] for x in lists if i < len(x)) for i in range(n)]
@@ -340,9 +345,7 @@ def run(args) -> int:
                     run_level(routers[mode], prompts, concurrency, requests, args.max_new_tokens, k)
                 )
                 row = summarize(mode, concurrency, results, wall)
-                row.cpu_ms_per_token = {
-                    tier: round(1000 * (cpu_seconds(pid) - cpu_before[tier]) / max(row.tokens, 1), 3)
-                    for tier, pid in tiers.items()}
+                row.cpu_ms_per_token = cpu_ms_per_token(cpu_before, tiers, row.tokens)
                 rows.append(row)
                 print(f"{mode:>6} x{concurrency:<4} per-user {row.per_user_tps:8.1f} tok/s  aggregate "
                       f"{row.aggregate_tps:8.1f} tok/s  TTFT p50 {row.ttft_p50_ms:7.1f} ms  ITL p50 "
