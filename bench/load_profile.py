@@ -12,10 +12,17 @@ CPU goes when its Python does not hold the GIL. Native sampling pauses each proc
 runs slower than unprofiled.
 Writes `load_profile.json` and the raw samples (`<tier>.txt`, py-spy's collapsed stacks) under `--out`.
 
+With `--device-trace SECONDS`, py-spy stays off and the verifier and drafter each profile SECONDS of the level on
+their torch thread instead (specdec.device_trace, triggered with SIGUSR1 `--trace-after` seconds into the level):
+the device's busy share (each process and both together, on one GPU), the top kernels, the CUDA runtime calls,
+and the `specdec.*` spans (the verifier's ticks, the drafter's batches of drafts) with the device time of the
+kernels each launched. Chrome traces and summaries land under `--out`.
+
     .venv/bin/python bench/load_profile.py --target /tmp/tiny-llama --concurrency 64 --out out/load-profile
     python bench/load_profile.py --target /root/m/smollm2.gguf --device cuda:0 --mode model=DRAFTER \\
         --concurrency 64 --out $OUT/load-profile
     python bench/load_profile.py ... --busy --native --out $OUT/load-profile-busy
+    python bench/load_profile.py ... --device-trace 4 --out $OUT/load-profile-trace
 """
 
 from __future__ import annotations
@@ -24,15 +31,19 @@ import argparse
 import asyncio
 import collections
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from specdec import device_trace  # noqa: E402
 from specdec.bench import (  # noqa: E402
     DEFAULT_PROMPTS,
     cpu_ms_per_token,
@@ -85,13 +96,21 @@ def main() -> None:
     parser.add_argument("--busy", action="store_true",
                         help="sample every thread that is not idle, not only the one holding the GIL")
     parser.add_argument("--native", action="store_true", help="include C/C++ frames (py-spy --native)")
+    parser.add_argument("--device-trace", type=float, default=0.0, metavar="SECONDS",
+                        help="profile the verifier's and drafter's torch work for SECONDS instead of sampling with "
+                        "py-spy (specdec.device_trace)")
+    parser.add_argument("--trace-after", type=float, default=3.0,
+                        help="seconds into the level the device trace starts (past the first prefills)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    if not Path(spy).exists():
+    if not args.device_trace and not Path(spy).exists():
         raise SystemExit("py-spy is not installed: pip install py-spy")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.device_trace:  # read by the servers' SIGUSR1 handler (they inherit this environment)
+        os.environ["SPECDEC_DEVICE_TRACE_DIR"] = str(out.resolve())
+        os.environ["SPECDEC_DEVICE_TRACE_SECONDS"] = str(args.device_trace)
     prompts = load_prompts(Path(args.prompts))
     slots = max(args.concurrency, 4)
     started = []
@@ -114,16 +133,25 @@ def main() -> None:
         asyncio.run(run_level(router.address, prompts, min(4, args.concurrency), 8, 16, k))
         what = [] if args.busy else ["--gil"]
         what += ["--native"] if args.native else ["--nonblocking"]  # (native frames need the process paused)
-        spies = {tier: subprocess.Popen([spy, "record", "-p", str(pid), "-d", str(args.seconds), "-r", str(args.rate),
+        spies = {} if args.device_trace else {tier: subprocess.Popen([spy, "record", "-p", str(pid), "-d", str(args.seconds), "-r", str(args.rate),
                                          *what, "-f", "raw", "-o", str(out / f"{tier}.txt")],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                  for tier, pid in pids.items()}
         cpu_before = {tier: cpu_seconds(pid) for tier, pid in pids.items()}
         requests = args.requests or 16 * args.concurrency
-        print(f"{args.mode}: {args.concurrency} users, {requests} requests of {args.max_new_tokens} tokens; "
-              f"py-spy samples the first {args.seconds:g} s", flush=True)
+        traced = {tier: pid for tier, pid in pids.items() if tier != "router"}
+        if args.device_trace:
+            print(f"{args.mode}: {args.concurrency} users, {requests} requests of {args.max_new_tokens} tokens; "
+                  f"a device trace of {args.device_trace:g} s from {args.trace_after:g} s in", flush=True)
+            timer = threading.Timer(args.trace_after, lambda: [os.kill(pid, signal.SIGUSR1) for pid in traced.values()])
+            timer.start()
+        else:
+            print(f"{args.mode}: {args.concurrency} users, {requests} requests of {args.max_new_tokens} tokens; "
+                  f"py-spy samples the first {args.seconds:g} s", flush=True)
         results, wall = asyncio.run(run_level(router.address, prompts, args.concurrency, requests,
                                               args.max_new_tokens, k))
+        if args.device_trace:
+            summaries = wait_for_summaries(out, traced, args.trace_after + args.device_trace + 120 - wall)
         tokens = sum(r.tokens for r in results)
         cpu = cpu_ms_per_token(cpu_before, pids, tokens)
         for tier, proc in spies.items():
@@ -132,7 +160,7 @@ def main() -> None:
     finally:
         for proc in reversed(started):
             proc.stop()
-    if wall < args.seconds:
+    if not args.device_trace and wall < args.seconds:
         print(f"note: the level took {wall:.1f} s, less than the {args.seconds:g} s sampled: the GIL shares below are "
               "diluted by the idle tail; raise --requests", flush=True)
     report = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "mode": args.mode,
@@ -153,7 +181,43 @@ def main() -> None:
         print("  self:")
         for name, pct in summary["self_pct"][:12]:
             print(f"  {pct:5.1f}%  {name}")
+    if args.device_trace:
+        report["device_trace"] = report_traces(out, summaries, args.trace_after + args.device_trace > wall)
     (out / "load_profile.json").write_text(json.dumps(report, indent=1))
+
+
+def wait_for_summaries(out: Path, traced: dict[str, int], timeout: float) -> dict[str, dict]:
+    """Each traced server's summary (device_trace writes <name>-<pid>.summary.json once its trace is exported)."""
+    deadline = time.monotonic() + max(timeout, 10.0)
+    paths = {tier: out / f"{tier}-{pid}.summary.json" for tier, pid in traced.items()}
+    while time.monotonic() < deadline and not all(p.exists() for p in paths.values()):
+        time.sleep(0.5)
+    missing = [tier for tier, p in paths.items() if not p.exists()]
+    if missing:
+        print(f"no device trace came back from {', '.join(missing)} (see its log)", flush=True)
+    return {tier: json.loads(p.read_text()) for tier, p in paths.items() if p.exists()}
+
+
+def report_traces(out: Path, summaries: dict[str, dict], outlived: bool) -> dict:
+    """Prints each process's device summary and the device's busy share of the window, both processes together."""
+    if outlived:
+        print("note: the device trace outlasted the level, so its window holds an idle tail: raise --requests")
+    for tier, summary in summaries.items():
+        device = summary["device"]
+        print(f"\n{tier} device trace ({summary['wall_s']} s): device busy {device['busy_pct']}% "
+              f"({device['kernels']} kernels, {device['copies']['count']} copies {device['copies']['ms']} ms)")
+        for name, span in summary["spans"].items():
+            print(f"  span {name}: {span['count']} x {span['mean_host_ms']} ms host ({span['host_pct_of_wall']}% of "
+                  f"the window), device {span['device_pct']}% of it")
+        for row in summary["runtime"][:6]:
+            print(f"  runtime {row['name']}: {row['count']} calls, {row['ms']} ms")
+        for row in summary["device"]["top_kernels"][:6]:
+            print(f"  kernel {row['ms']:9.3f} ms  {row['count']:6d} x  {row['name'][:90]}")
+    shared = device_trace.shared_busy(sorted(out.glob("*.trace.json")))
+    if shared:
+        print(f"\nthe device, all traced processes together: busy {shared['busy_pct_all']}% of the "
+              f"{shared['window_ms']:.0f} ms they share (each: {shared['busy_pct_each']})")
+    return {"summaries": summaries, "shared": shared}
 
 
 if __name__ == "__main__":

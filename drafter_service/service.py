@@ -15,7 +15,7 @@ import torch
 
 from drafter_service.drafters import Draft, DraftRequest, TreeShape
 from drafter_service.link import VerifierLink
-from specdec import compute, telemetry
+from specdec import compute, device_trace, telemetry
 from specdec.errors import InvalidInput, SpecdecError, Unavailable
 from specdec.proto import drafter_pb2, drafter_pb2_grpc, verifier_pb2
 from specdec.sampling import SamplingConfig
@@ -81,7 +81,8 @@ class DraftBatcher:
             if not batch:
                 continue
             try:
-                drafts = await compute.run(self.drafter.propose, [r for r, _ in batch])
+                drafts = await compute.run(device_trace.traced("drafter.propose", self.drafter.propose),
+                                          [r for r, _ in batch])
             except Exception:  # a drafter bug costs speed (empty drafts), never a session
                 log.exception("drafting failed for %d sessions", len(batch))
                 drafts = [Draft([]) for _ in batch]
@@ -224,7 +225,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
             opened = True
             context_tokens = list(spec.prompt_ids) + list(verdict.update.token_ids)
             if features is not None:
-                await compute.run(features.add, verdict)
+                await compute.run(device_trace.traced("drafter.features", features.add), verdict)
             wire_bytes = spec.ByteSize() + verdict.ByteSize()
             yield drafter_pb2.DraftResponse(update=verdict.update, wire_bytes=wire_bytes)
             draft: Draft | None = None
@@ -262,7 +263,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                 wire_bytes += block.ByteSize() + verdict.ByteSize()
                 context_tokens.extend(verdict.update.token_ids)
                 if features is not None:
-                    await compute.run(features.add, verdict)
+                    await compute.run(device_trace.traced("drafter.features", features.add), verdict)
                 yield drafter_pb2.DraftResponse(update=verdict.update, wire_bytes=wire_bytes)
                 draft = await _usable_ahead(ahead, block, verdict, allowed_draft_length(verdict, k)) if ahead else None
             opened = False  # the verifier closes finished sessions itself

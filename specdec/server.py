@@ -17,6 +17,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from specdec import device_trace
+
 log = logging.getLogger(__name__)
 
 # Candidate blocks and verdicts are small, but prompts sent as token ids can be long.
@@ -101,7 +103,8 @@ class GrpcServer:
 
 
 async def run_servers(servers: list[GrpcServer]) -> None:
-    """Starts the servers, then drains them all on SIGTERM or SIGINT and returns when they have stopped."""
+    """Starts the servers, then drains them all on SIGTERM or SIGINT and returns when they have stopped; SIGUSR1
+    captures a device trace (specdec.device_trace)."""
     loop = asyncio.get_running_loop()
     for s in servers:
         await s.start()
@@ -112,4 +115,5 @@ async def run_servers(servers: list[GrpcServer]) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    device_trace.install("+".join(s.name for s in servers))
     await asyncio.gather(*(s.wait() for s in servers))

@@ -28,8 +28,11 @@ PROMPT = ("Here is a list of the planets of the solar system in order from the s
           "of them, written for a curious child who has just started to read about space and the night sky:")
 
 
-def _process(role: str, *args: str, metrics_port: int, trace_file: Path | None = None) -> ServerProcess:
+def _process(role: str, *args: str, metrics_port: int, trace_file: Path | None = None,
+             device_traces: Path | None = None) -> ServerProcess:
     env = {"SPECDEC_TRACE_FILE": str(trace_file)} if trace_file else {}
+    if device_traces:  # where SIGUSR1's device trace goes, and a short one
+        env.update(SPECDEC_DEVICE_TRACE_DIR=str(device_traces), SPECDEC_DEVICE_TRACE_SECONDS="1")
     log = ROOT / ".cache" / f"test-telemetry-{role}-{metrics_port}.log"
     log.parent.mkdir(exist_ok=True)
     return ServerProcess(role, *args, "--metrics-port", str(metrics_port), log=log, env=env)
@@ -38,16 +41,19 @@ def _process(role: str, *args: str, metrics_port: int, trace_file: Path | None =
 @pytest.fixture(scope="module")
 def tiers(tmp_path_factory):
     traces = tmp_path_factory.mktemp("traces")
+    device_traces = tmp_path_factory.mktemp("device-traces")
     ports = {role: free_port() for role in ("verifier", "drafter", "router")}
     verifier = _process("verifier", "--max-sessions", str(MAX_SESSIONS), "--max-sequence-length", "512",
-                        metrics_port=ports["verifier"], trace_file=traces / "verifier.jsonl")
+                        metrics_port=ports["verifier"], trace_file=traces / "verifier.jsonl",
+                        device_traces=device_traces)
     drafter = _process("drafter", "--model", "ngram", metrics_port=ports["drafter"],
                        trace_file=traces / "drafter.jsonl")
     # The one verifier process under two addresses: the router then has two candidates to choose between and
     # looks up cached prefixes (with a single candidate it skips the lookup), without loading a second model.
     router = _process("router", "--verifier", verifier.address, "--verifier", f"ipv4:{verifier.address}",
                       "--drafter", drafter.address, metrics_port=ports["router"], trace_file=traces / "router.jsonl")
-    yield {"verifier": verifier, "drafter": drafter, "router": router, "ports": ports, "traces": traces}
+    yield {"verifier": verifier, "drafter": drafter, "router": router, "ports": ports, "traces": traces,
+           "device_traces": device_traces}
     for p in (router, drafter, verifier):
         p.stop()
 
@@ -334,3 +340,81 @@ def test_a_tick_records_one_batch_size_per_forward_pass_and_acceptance_by_positi
     assert by_position("specdec.speculation.accepted_by_position") == {"1": 2, "2": 2, "3": 1}
     assert [p.value for p in points["specdec.verifier.queue_depth"]] == [3]
     assert [p.value for p in points["specdec.verifier.batch_occupancy_ratio"]] == [2 / 8]
+
+
+def test_a_device_trace_splits_each_span_into_the_device_time_of_the_kernels_it_launched():
+    from specdec.device_trace import summarize
+
+    def x(cat, name, ts, dur, tid=1, correlation=None):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": tid,
+                **({"args": {"correlation": correlation}} if correlation is not None else {})}
+
+    events = [
+        x("user_annotation", "specdec.verifier.tick", 0, 1000),
+        x("cuda_runtime", "cudaGraphLaunch", 100, 10, correlation=7),
+        x("cuda_runtime", "cudaGraphLaunch", 1500, 10, correlation=8),  # after the tick: not the tick's
+        x("kernel", "gemm", 200, 300, tid=9, correlation=7),
+        x("kernel", "attention", 400, 200, tid=9, correlation=7),  # overlaps the gemm: the union counts once
+        x("kernel", "gemm", 1600, 100, tid=9, correlation=8),
+        x("user_annotation", "other", 0, 5000),  # not specdec's: no span
+        {"ph": "M", "name": "process_name"},
+    ]
+    summary = summarize(events, wall_s=0.002)
+    assert summary["device"]["busy_ms"] == pytest.approx(0.5)  # 200-600 and 1600-1700 us
+    assert summary["device"]["busy_pct"] == pytest.approx(25.0)
+    assert summary["device"]["kernels"] == 3
+    assert summary["device"]["top_kernels"][0] == {"name": "gemm", "count": 2, "ms": 0.4}
+    assert list(summary["spans"]) == ["verifier.tick"]
+    tick = summary["spans"]["verifier.tick"]
+    assert (tick["count"], tick["host_ms"], tick["device_ms"], tick["device_pct"]) == (1, 1.0, 0.5, 50.0)
+    assert summary["runtime"][0] == {"name": "cudaGraphLaunch", "count": 2, "ms": 0.02}
+
+
+def test_device_busy_across_processes_counts_overlapping_kernels_once(tmp_path):
+    from specdec.device_trace import shared_busy
+
+    def trace(path, intervals):
+        path.write_text(json.dumps({"traceEvents": [
+            {"ph": "X", "cat": "kernel", "name": "k", "ts": s, "dur": e - s} for s, e in intervals]}))
+        return path
+
+    a = trace(tmp_path / "a.trace.json", [(0, 400), (600, 1000)])
+    b = trace(tmp_path / "b.trace.json", [(300, 500), (900, 1000)])
+    shared = shared_busy([a, b])
+    # the window both cover: 300-1000 us; busy 300-500 and 600-1000
+    assert shared == {"window_ms": 0.7, "busy_pct_all": pytest.approx(85.7),
+                      "busy_pct_each": {"a.trace.json": pytest.approx(71.4), "b.trace.json": pytest.approx(42.9)}}
+
+
+def test_sigusr1_writes_a_device_trace_of_the_verifiers_ticks_and_it_keeps_serving(tiers):
+    import os
+    import signal
+
+    verifier = tiers["verifier"]
+    directory = tiers["device_traces"]
+    done = threading.Event()
+
+    def load():
+        while not done.is_set():
+            generate(tiers["router"].address, "Name three colours.", 24, max_draft_tokens=0)
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    try:
+        time.sleep(0.5)
+        os.kill(verifier.proc.pid, signal.SIGUSR1)
+        summary_path = directory / f"verifier-{verifier.proc.pid}.summary.json"
+        deadline = time.monotonic() + 60
+        while not summary_path.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        done.set()
+        worker.join()
+    summary = json.loads(summary_path.read_text())
+    assert summary["process"] == "verifier"
+    assert summary["wall_s"] >= 1.0  # SPECDEC_DEVICE_TRACE_SECONDS of the fixture
+    tick = summary["spans"]["verifier.tick"]
+    assert tick["count"] >= 1 and tick["host_ms"] > 0
+    assert (directory / f"verifier-{verifier.proc.pid}.trace.json").exists()
+    responses, _ = generate(tiers["router"].address, "Name three colours.", 8)  # the server lived through it
+    assert responses[-1].finish_reason and responses[-1].usage.completion_tokens > 0
