@@ -61,8 +61,9 @@ def _serving_flags(p: argparse.ArgumentParser, port: int, host: str = "0.0.0.0",
          help="Prometheus metrics on http://HOST:PORT/metrics (0 = off); traces: see docs/telemetry.md")
     flag(p, "--grace", default=30.0, type=float, help="seconds sessions in flight get to finish after SIGTERM")
     flag(p, "--threads", default=0, type=int,
-         help="torch CPU threads of this process (0 = the CPU limit: a container's quota, else the usable cores); "
-         "several servers on one machine should share the cores between them")
+         help="torch CPU threads of this process (0 = the CPU limit: a container's quota, else the usable cores; "
+         "at most 2 when --device is a GPU, whose passes leave little CPU math); several servers on one machine "
+         "should share the cores between them")
 
 
 def _compile_flag(p: argparse.ArgumentParser) -> None:
@@ -415,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         from specdec import compute
 
-        compute.set_threads(args.threads or None)
+        compute.set_threads(args.threads or None, gpu=str(getattr(args, "device", "cpu")).startswith("cuda"))
     if getattr(args, "compile", False):
         os.environ["SPECDEC_COMPILE"] = "yes"  # read by every LlamaEngine this process builds
     _logging(args.verbose)

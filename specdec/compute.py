@@ -43,14 +43,22 @@ def cpu_limit(cpu_max: str | None = None) -> int:
     return max(1, min(available, math.ceil(int(quota) / int(period))))
 
 
-def set_threads(threads: int | None = None) -> int:
-    """Sizes the torch thread's OpenMP team: `threads`, else OMP_NUM_THREADS, else the CPU limit. PyTorch's default is every core of the
-    host, and a team larger than a container's CPU quota spins against itself (docs/locality.md: four verifiers
-    on 2 cores, 2 threads each against 1, aggregate 3.1 against 19.9 tokens/s)."""
+# A process whose passes run on a GPU does little CPU math (packing inputs, small host tensors), and a wide OpenMP
+# team spins around each such op: on a 16-core H200 host at 64 users, 2 threads instead of 16 cut the verifier's
+# and drafter's CPU time per token ~5x and raised throughput 7-9% (docs/benchmarks.md, tenth session).
+GPU_SERVING_THREADS = 2
+
+
+def set_threads(threads: int | None = None, gpu: bool = False) -> int:
+    """Sizes the torch thread's OpenMP team: `threads`, else OMP_NUM_THREADS, else the CPU limit (at most
+    GPU_SERVING_THREADS when the process's passes run on a GPU). PyTorch's default is every core of the host, and a
+    team larger than a container's CPU quota spins against itself (docs/locality.md: four verifiers on 2 cores,
+    2 threads each against 1, aggregate 3.1 against 19.9 tokens/s)."""
     import os
 
     import torch
 
-    threads = threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or cpu_limit()
+    threads = threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or (
+        min(cpu_limit(), GPU_SERVING_THREADS) if gpu else cpu_limit())
     call(torch.set_num_threads, threads)
     return threads

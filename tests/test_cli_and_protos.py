@@ -105,6 +105,24 @@ def test_threads_follow_the_container_cpu_quota():
     assert cpu_limit(f"{100000 * (cores + 8)} 100000") == cores
 
 
+def test_a_gpu_serving_process_keeps_a_small_cpu_team_unless_told_otherwise(monkeypatch):
+    import torch
+
+    from specdec import compute
+
+    before = compute.call(torch.get_num_threads)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        assert compute.set_threads(gpu=True) == min(compute.cpu_limit(), compute.GPU_SERVING_THREADS)
+        assert compute.call(torch.get_num_threads) == min(compute.cpu_limit(), compute.GPU_SERVING_THREADS)
+        assert compute.set_threads(gpu=False) == compute.cpu_limit()
+        assert compute.set_threads(3, gpu=True) == 3  # --threads wins
+        monkeypatch.setenv("OMP_NUM_THREADS", "5")
+        assert compute.set_threads(gpu=True) == 5
+    finally:
+        compute.set_threads(before)
+
+
 def test_light_commands_start_without_loading_torch():
     import subprocess
     import sys

@@ -56,11 +56,14 @@ def test_drafting_steps_equal_the_unrolled_training_passes(start, num_layers, ta
         torch.testing.assert_close(h[0], unrolled[d][0, position], atol=1e-4, rtol=1e-4)
 
 
-def test_batched_rows_equal_rows_alone():
-    model = _model()
-    runner = FeatureRunner(model, "cpu", torch.float32, num_slots=3, max_len=64)
-    seqs = [torch.randint(0, VOCAB, (n,)).tolist() for n in (4, 11, 7)]
-    feats = [torch.randn(len(s), 64) for s in seqs]
+@pytest.mark.parametrize("taps", [None, [1, 4, 7]], ids=["last-layer", "fused"])
+def test_batched_rows_equal_rows_alone(taps):
+    """(fused: rows of the target's three layers side by side and a row of the drafter's own prediction, one
+    hidden state wide, in one pass)"""
+    model = _model(taps=taps)
+    runner = FeatureRunner(model, "cpu", torch.float32, num_slots=4, max_len=64)
+    seqs = [torch.randint(0, VOCAB, (n,)).tolist() for n in (4, 11, 1, 7)]
+    feats = [torch.randn(len(s), model.feature_width if i != 2 else 64) for i, s in enumerate(seqs)]
     together, _ = runner.step([Row(i, 0, s) for i, s in enumerate(seqs)], feats)
     for i, (s, f) in enumerate(zip(seqs, feats)):
         alone, _ = runner.step([Row(i, 0, s)], [f])
