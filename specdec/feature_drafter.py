@@ -448,33 +448,41 @@ class FeatureRunner:
 
     @torch.inference_mode()
     def draft(self, rows: list[Row], features: list[torch.Tensor], steps: int, temperatures: list[float] | None = None,
-              uniforms: torch.Tensor | None = None, top_n: int = 64):
-        """`steps` draft tokens (target ids) after each row, all on the device: `step` over the rows, then steps - 1
-        one-token passes, each fed the previous pass's pick and predicted feature without a trip to the host; one
-        copy at the end instead of one sync per step. The same drafts as calling `step` and picking one step at a
-        time (tested).
+              uniforms: torch.Tensor | None = None, top_n: int = 64, forced: list[list[int]] | None = None):
+        """`steps` draft tokens (target ids) after each row, all on the device: `step` over the rows, then one-token
+        passes, each fed the previous pass's pick and predicted feature without a trip to the host; one copy at
+        the end instead of one sync per step. The same drafts as calling `step` and picking one step at a time
+        (tested).
+
+        forced: per row, tokens (target ids) to feed before drafting, the row's context the target has not made
+        features for yet (a proactive draft's guessed block): each is fed instead of that pass's pick, and the
+        row's drafts start after them. Every row then runs max(len(forced[b])) + steps passes.
 
         temperatures: per row, 0 = greedy (the argmax); None = every row greedy. Sampled rows draw from their top
-        `top_n` tokens with uniforms [rows, steps] in [0, 1) (the caller's, so a seeded session drafts the same
-        again; specdec.sampling.draft_picks). Returns (tokens [rows][steps], distributions): distributions is
-        None when every row is greedy, else per row and step the declared (target ids, float32 probabilities),
-        ([], []) on greedy rows (a point mass)."""
+        `top_n` tokens with uniforms [rows, passes] in [0, 1) (the caller's, so a seeded session drafts the same
+        again; specdec.sampling.draft_picks; row b's draws from column len(forced[b]) on). Returns (tokens
+        [rows][steps], distributions): distributions is None when every row is greedy, else per row and step the
+        declared (target ids, float32 probabilities), ([], []) on greedy rows (a point mass)."""
         dev = self.engine.device
         batch = len(rows)
+        lead = max((len(f) for f in forced), default=0) if forced else 0
         sampled = temperatures is not None and any(t > 0 for t in temperatures)
         if sampled:
             temps = torch.tensor(temperatures, dtype=torch.float64, device=dev)
             uniforms = uniforms.to(dev, torch.float64)
+        if lead:  # [rows, lead] target ids and [rows] counts
+            fed_first = torch.tensor([f + [0] * (lead - len(f)) for f in forced], device=dev)
+            n_forced = torch.tensor([len(f) for f in forced], device=dev)
         logits, h = self.step(rows, features)
-        first = [r.start + len(r.tokens) for r in rows]  # the position of each row's first drafted token
+        first = [r.start + len(r.tokens) for r in rows]  # the position of each row's first fed token
         slots = torch.tensor([r.slot for r in rows], device=dev)
         positions = torch.tensor(first, device=dev)
         vocab = self._vocab_index
-        picks, top_ids, top_probs = [], [], []  # per step: draft-vocabulary indices [rows] (and [rows, top_n])
-        for i in range(steps):
+        picks, top_ids, top_probs = [], [], []  # per pass: draft-vocabulary indices [rows] (and [rows, top_n])
+        fed = None  # the target ids the last pass's picks (or forced tokens) feed to the next [rows]
+        for i in range(lead + steps):
             if i:
-                tokens = picks[-1] if vocab is None else vocab[picks[-1]]
-                inputs = self._device_inputs(tokens, positions + i - 1, slots, h)
+                inputs = self._device_inputs(fed, positions + i - 1, slots, h)
                 out_h, out_logits = self._forward(inputs, batch, 1, max(first) + i)
                 h, logits = out_h[:batch, 0], out_logits[:batch, 0]
             if sampled:
@@ -484,13 +492,24 @@ class FeatureRunner:
             else:
                 pick = logits.argmax(-1)
             picks.append(pick)
-        drafted = torch.stack(picks, dim=1)  # [rows, steps]
+            fed = pick if vocab is None else vocab[pick]
+            if i < lead:
+                fed = torch.where(i < n_forced, fed_first[:, i], fed)
+        drafted = torch.stack(picks, dim=1)  # [rows, lead + steps]
+        own = None
+        if lead:  # row b's drafts: passes len(forced[b]) .. len(forced[b]) + steps - 1
+            own = n_forced[:, None] + torch.arange(steps, device=dev)  # [rows, steps]
+            drafted = drafted.gather(1, own)
         tokens = (drafted if vocab is None else vocab[drafted]).tolist()
         if not sampled:
             return tokens, None
-        ids = torch.stack(top_ids, dim=1)  # [rows, steps, top_n]
+        ids = torch.stack(top_ids, dim=1)  # [rows, lead + steps, top_n]
+        probs = torch.stack(top_probs, dim=1)
+        if own is not None:
+            ids = ids.gather(1, own[..., None].expand(-1, -1, ids.shape[-1]))
+            probs = probs.gather(1, own[..., None].expand(-1, -1, probs.shape[-1]))
         ids = (ids if vocab is None else vocab[ids]).tolist()
-        probs = torch.stack(top_probs, dim=1).tolist()
+        probs = probs.tolist()
         return tokens, [[(ids[b][i], probs[b][i]) if temperatures[b] > 0 else ([], []) for i in range(steps)]
                         for b in range(batch)]
 

@@ -433,6 +433,47 @@ def test_sampled_drafting_on_the_device_equals_step_by_step(draft_vocab):
     assert len({tuple(t) for t in tokens}) > 1
 
 
+@pytest.mark.parametrize("draft_vocab", [None, sorted(range(3, VOCAB, 2))], ids=["full-head", "reduced-head"])
+def test_forced_context_tokens_are_fed_on_the_device_before_drafting(draft_vocab):
+    """`draft(forced=...)`: a row's guessed context tokens (a proactive draft's) are fed first, one pass each,
+    and its drafts start after them; rows with fewer or none wait out the longest. The same tokens and declared
+    distributions as stepping each row alone from the host, feeding the forced tokens and then its picks."""
+    from specdec.sampling import draft_picks
+
+    model = _model(draft_vocab)
+    vocab = model.draft_vocab
+    seqs = [torch.randint(0, VOCAB, (n,)).tolist() for n in (3, 9, 6)]
+    feats = [torch.randn(len(s), 64) for s in seqs]
+    rows = [Row(slot, 0, s) for slot, s in enumerate(seqs)]
+    forced = [torch.randint(0, VOCAB, (n,)).tolist() for n in (2, 0, 1)]
+    temperatures, steps = [0.7, 0.0, 1.3], 3
+    uniforms = torch.rand(3, 2 + steps, dtype=torch.float64)
+    tokens, dists = FeatureRunner(model, "cpu", torch.float32, num_slots=3, max_len=64).draft(
+        rows, feats, steps, temperatures, uniforms, top_n=8, forced=forced)
+
+    for b, row in enumerate(rows):
+        runner = FeatureRunner(model, "cpu", torch.float32, num_slots=3, max_len=64)
+        logits, h = runner.step([row], [feats[b]])
+        expected, declared = [], []
+        for i in range(len(forced[b]) + steps):
+            if i < len(forced[b]):
+                token = forced[b][i]
+            else:
+                pick, ids, probs = draft_picks(logits, torch.tensor([temperatures[b]]), uniforms[b, i : i + 1], 8)
+                token = int(pick[0] if vocab is None else vocab[pick[0]])
+                expected.append(token)
+                declared.append(((ids[0] if vocab is None else vocab[ids[0]]).tolist(), probs[0].tolist()))
+            logits, h = runner.step([Row(row.slot, len(row.tokens) + i, [token])], [h])
+        assert tokens[b] == expected
+        if temperatures[b]:
+            assert [d[0] for d in dists[b]] == [d[0] for d in declared]
+            for got, want in zip(dists[b], declared):  # (batched passes against a row's own: float32 rounding)
+                assert got[1] == pytest.approx(want[1], abs=1e-5)
+        else:
+            assert dists[b] == [([], [])] * steps
+    assert len({tuple(t) for t in tokens}) > 1
+
+
 def test_draft_picks_draw_each_token_with_its_declared_probability():
     """Inverse-CDF draws over a grid of uniforms land on each declared token in proportion to its declared
     probability (within one grid step), never on one declared with probability 0; temperature 0 is the argmax."""
