@@ -86,13 +86,22 @@ async def capture(name: str, seconds: float, directory: Path) -> Path:
     stem = directory / f"{name}-{os.getpid()}"
     directory.mkdir(parents=True, exist_ok=True)
     log.info("device trace: %.1f s, writing %s.*", seconds, stem)
-    await compute.run(profiler.start)
-    began = time.perf_counter()
+    window = {}
+
+    def start():
+        profiler.start()
+        window["began"] = time.perf_counter()
+
+    def stop():  # the window ends where recording does, not after the (slow) stop and the tick queued before it
+        window["ended"] = time.perf_counter()
+        profiler.stop()
+
+    await compute.run(start)
     try:
         await asyncio.sleep(seconds)
     finally:
-        await compute.run(profiler.stop)
-    wall = time.perf_counter() - began
+        await compute.run(stop)
+    wall = window["ended"] - window["began"]
     trace = stem.with_suffix(".trace.json")
     await asyncio.to_thread(profiler.export_chrome_trace, str(trace))
     summary = await asyncio.to_thread(lambda: summarize(json.loads(trace.read_text())["traceEvents"], wall))
