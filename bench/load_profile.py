@@ -133,10 +133,11 @@ def main() -> None:
         asyncio.run(run_level(router.address, prompts, min(4, args.concurrency), 8, 16, k))
         what = [] if args.busy else ["--gil"]
         what += ["--native"] if args.native else ["--nonblocking"]  # (native frames need the process paused)
-        spies = {} if args.device_trace else {tier: subprocess.Popen([spy, "record", "-p", str(pid), "-d", str(args.seconds), "-r", str(args.rate),
-                                         *what, "-f", "raw", "-o", str(out / f"{tier}.txt")],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-                 for tier, pid in pids.items()}
+        spies = {} if args.device_trace else {
+            tier: subprocess.Popen([spy, "record", "-p", str(pid), "-d", str(args.seconds), "-r", str(args.rate),
+                                    *what, "-f", "raw", "-o", str(out / f"{tier}.txt")],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            for tier, pid in pids.items()}
         cpu_before = {tier: cpu_seconds(pid) for tier, pid in pids.items()}
         requests = args.requests or 16 * args.concurrency
         traced = {tier: pid for tier, pid in pids.items() if tier != "router"}

@@ -23,6 +23,7 @@ rolled back to what the context says is committed; nothing else is trusted. This
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -45,8 +46,9 @@ class DraftRequest:
     generator: torch.Generator | None = None
     # feature drafters: the target's hidden states [n, feature_width] of context tokens 0..n-1 (the last layer's, or
     # a fused drafter's taps' side by side; n <= len(context) - 1: the newest committed token has none yet, and a
-    # proactive draft's guessed tokens have none)
-    features: torch.Tensor | None = None
+    # proactive draft's guessed tokens have none); or a function making them, which the DraftBatcher calls on the
+    # torch thread before drafting
+    features: torch.Tensor | Callable[[], torch.Tensor] | None = None
     # a draft tree k levels deep instead of a chain (drafters that can: `can_draft_trees`); None = a chain
     tree: TreeShape | None = None
 

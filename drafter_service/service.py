@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
@@ -81,14 +84,19 @@ class DraftBatcher:
             if not batch:
                 continue
             try:
-                drafts = await compute.run(device_trace.traced("drafter.propose", self.drafter.propose),
-                                          [r for r, _ in batch])
+                drafts = await compute.run(device_trace.traced("drafter.propose", self._propose), [r for r, _ in batch])
             except Exception:  # a drafter bug costs speed (empty drafts), never a session
                 log.exception("drafting failed for %d sessions", len(batch))
                 drafts = [Draft([]) for _ in batch]
             for (_, future), draft in zip(batch, drafts):
                 if not future.done():
                     future.set_result(draft)
+
+    def _propose(self, requests: list[DraftRequest]) -> list[Draft]:
+        """On the torch thread: the requests' features made (those given as functions), then one drafter call."""
+        with device_trace.annotate("drafter.features"):
+            requests = [replace(r, features=r.features()) if callable(r.features) else r for r in requests]
+        return self.drafter.propose(requests)
 
 
 def next_draft_length(current: int, drafted: int, accepted: int, k_max: int) -> int:
@@ -138,29 +146,46 @@ class _Features:
     the newest, of the drafter's feature_width (several layers' side by side for a fused drafter); grown in place
     (capacity doubles), handed out as a view.
 
-    `add` runs on the torch thread (specdec.compute), never on the event loop's: torch's float16 kernels on that
-    thread left a process's later decoding ~25% slower for good on an AVX-512 CPU (docs/benchmarks.md)."""
+    A verdict's bytes are only staged on the event loop (`stage`: no torch work there: torch's float16 kernels on
+    that thread left a process's later decoding ~25% slower for good on an AVX-512 CPU, docs/benchmarks.md); they
+    become rows on the torch thread when a draft asks for them (`upto`), a whole batch's sessions in the batch's one
+    call. Staging them through a hop of its own to the torch thread per verdict queued every session of a round
+    behind the batch of drafts running there (docs/benchmarks.md, tenth session)."""
 
     def __init__(self, drafter):
         self.width = drafter.feature_width
         self._buffer = torch.empty(0, self.width, dtype=torch.float16)
-        self.count = 0
+        self._folded = 0  # rows in _buffer (torch thread)
+        self.count = 0  # rows staged or folded (event loop)
+        self._staged: list[bytes] = []
+        self._lock = threading.Lock()  # _staged: appended on the event loop, taken on the torch thread
 
-    def add(self, verdict) -> None:
+    def stage(self, verdict) -> None:
+        """On the event loop: keeps the verdict's features for the next draft."""
         if not verdict.features:
             return
-        new = torch.frombuffer(bytearray(verdict.features), dtype=torch.float16).view(-1, self.width)
-        if self.count + new.shape[0] > self._buffer.shape[0]:
-            grown = torch.empty(max(2 * self._buffer.shape[0], self.count + new.shape[0]), self.width,
-                                dtype=torch.float16)
-            grown[: self.count] = self._buffer[: self.count]
-            self._buffer = grown
-        self._buffer[self.count : self.count + new.shape[0]] = new
-        self.count += new.shape[0]
+        with self._lock:
+            self._staged.append(verdict.features)
+        self.count += len(verdict.features) // (2 * self.width)
 
-    @property
-    def rows(self) -> torch.Tensor:
-        return self._buffer[: self.count]
+    def upto(self, n: int) -> Callable[[], torch.Tensor]:
+        """A function giving rows 0..n-1 (on the torch thread): the count when the draft was asked for, so rows a
+        later verdict stages (the committed tokens a proactive draft guessed at) never pair with its guesses."""
+        return lambda: self._rows()[:n]
+
+    def _rows(self) -> torch.Tensor:
+        with self._lock:
+            staged, self._staged = self._staged, []
+        for data in staged:
+            new = torch.frombuffer(bytearray(data), dtype=torch.float16).view(-1, self.width)
+            if self._folded + new.shape[0] > self._buffer.shape[0]:
+                grown = torch.empty(max(2 * self._buffer.shape[0], self._folded + new.shape[0]), self.width,
+                                    dtype=torch.float16)
+                grown[: self._folded] = self._buffer[: self._folded]
+                self._buffer = grown
+            self._buffer[self._folded : self._folded + new.shape[0]] = new
+            self._folded += new.shape[0]
+        return self._buffer[: self._folded]
 
 
 def tree_for(shape: TreeShape | None, drafter, info, depth: int) -> TreeShape | None:
@@ -225,7 +250,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
             opened = True
             context_tokens = list(spec.prompt_ids) + list(verdict.update.token_ids)
             if features is not None:
-                await compute.run(device_trace.traced("drafter.features", features.add), verdict)
+                features.stage(verdict)
             wire_bytes = spec.ByteSize() + verdict.ByteSize()
             yield drafter_pb2.DraftResponse(update=verdict.update, wire_bytes=wire_bytes)
             draft: Draft | None = None
@@ -234,7 +259,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                 if draft is None:
                     draft = await self.batcher.propose(
                         DraftRequest(spec.session_id, context_tokens, k_now, sampling, generator,
-                                     features and features.rows, tree)
+                                     features and features.upto(features.count), tree)
                     )
                 block = verifier_pb2.DraftBlock(
                     session_id=spec.session_id,
@@ -251,7 +276,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                     k_ahead = next_draft_length(k, len(draft.tokens), len(draft.tokens), k_max)
                     ahead = asyncio.ensure_future(self.batcher.propose(DraftRequest(
                         spec.session_id, context_tokens + draft.tokens, k_ahead + 1, sampling, generator,
-                        features and features.rows)))
+                        features and features.upto(features.count))))
                 try:
                     verdict = await sending
                 except BaseException:
@@ -263,7 +288,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                 wire_bytes += block.ByteSize() + verdict.ByteSize()
                 context_tokens.extend(verdict.update.token_ids)
                 if features is not None:
-                    await compute.run(device_trace.traced("drafter.features", features.add), verdict)
+                    features.stage(verdict)
                 yield drafter_pb2.DraftResponse(update=verdict.update, wire_bytes=wire_bytes)
                 draft = await _usable_ahead(ahead, block, verdict, allowed_draft_length(verdict, k)) if ahead else None
             opened = False  # the verifier closes finished sessions itself

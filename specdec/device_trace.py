@@ -132,9 +132,9 @@ def summarize(events: list[dict], wall_s: float, top: int = 12) -> dict:
     - device: kernels, copies; busy_ms / busy_pct (the union of their intervals, over the window's wall time);
       top kernels by device time;
     - runtime: the CUDA runtime calls the host made (graph launches, synchronizations) by host time;
-    - spans: each `specdec.*` annotation: count, host ms (total, mean, share of the window), the device ms of the kernels its thread
-      launched inside it, and `device_pct`, that device time over the span's host time (low: the span's wall went
-      to the host or to waiting, not to the device).
+    - spans: each `specdec.*` annotation: count, host ms (total, mean, share of the window), the device ms of the
+      kernels its thread launched inside it, and `device_pct`, that device time over the span's host time (low: the
+      span's wall went to the host or to waiting, not to the device).
     `wall_s` is the profiled window's length."""
     device_intervals: list[tuple[float, float]] = []
     kernel_ms: dict[str, float] = collections.defaultdict(float)

@@ -56,3 +56,28 @@ def test_feature_sessions_ask_for_hidden_states_only_while_the_prompts_fit_one_v
     fused = SimpleNamespace(wants_features=True, feature_width=3 * 4096)  # a fused drafter reading three layers
     assert wants_features(fused, 1300)
     assert not wants_features(fused, 1400)  # 34 MB: each token's three layers count
+
+
+def test_a_sessions_features_staged_on_the_event_loop_become_rows_on_the_torch_thread_up_to_the_asked_count():
+    """_Features: verdicts' bytes are staged without torch work and folded when a draft reads them; a draft asked
+    for before a later verdict sees only the rows it was asked with (the later ones are the committed tokens a
+    proactive draft guessed at)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from drafter_service.service import _Features
+    from specdec import compute
+
+    features = _Features(SimpleNamespace(feature_width=3))
+    states = torch.randn(7, 3).to(torch.float16)
+    features.stage(SimpleNamespace(features=states[:4].numpy().tobytes()))  # the open: the prompt's rows
+    features.stage(SimpleNamespace(features=b""))  # a verdict without new rows
+    asked = features.upto(features.count)
+    features.stage(SimpleNamespace(features=states[4:7].numpy().tobytes()))  # the next verdict, before drafting
+    assert features.count == 7
+    assert torch.equal(compute.call(asked), states[:4])
+    assert torch.equal(compute.call(features.upto(features.count)), states)
+    features.stage(SimpleNamespace(features=torch.randn(300, 3).to(torch.float16).numpy().tobytes()))  # grows
+    assert compute.call(features.upto(features.count)).shape == (307, 3)
+    assert torch.equal(compute.call(features.upto(7)), states)
