@@ -115,7 +115,7 @@ def main() -> None:
     slots = max(args.concurrency, 4)
     started = []
     try:
-        verifier = start_verifier_process(args.target, args.device, slots, 2048, 0, out / "verifier.log")
+        verifier = start_verifier_process(args.target, args.device, slots, 2048, 0, out / "verifier.log", [args.mode])
         started.append(verifier)
         pids = {"verifier": verifier.proc.pid}
         drafter_flags = []

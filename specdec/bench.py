@@ -203,8 +203,7 @@ def _assistant_spec(args, modes: list[str]) -> str | None:
     from specdec import models
     from specdec.feature_drafter import is_feature_drafter
 
-    specs = [args.drafter_model if m == "model" else m.partition("=")[2].partition("@")[0]
-             for m in modes if m.startswith("model")]
+    specs = [mode_drafter(m, args.drafter_model) for m in modes if m.startswith("model")]
     return next((s for s in specs if s and not is_feature_drafter(models.resolve_drafter(s)[0])), None)
 
 
@@ -261,15 +260,29 @@ def plot(rows: list[Row], baselines: dict, path: Path) -> None:
 
 
 def start_verifier_process(target: str, device: str, max_sessions: int, max_sequence_length: int,
-                           prefix_cache_blocks: int, log: Path):
-    """`specdec serve verifier` in its own process (compilation follows SPECDEC_COMPILE, which it inherits)."""
+                           prefix_cache_blocks: int, log: Path, modes: list[str] = (),
+                           default_drafter: str | None = None):
+    """`specdec serve verifier` in its own process (compilation follows SPECDEC_COMPILE, which it inherits), its
+    graphs for the hidden states the modes' drafters read captured before serving, as a deployment's would be."""
+    from specdec.drafter_model import feature_layers
     from specdec.launch import ServerProcess
 
+    layers = {tuple(found) for m in modes if (found := feature_layers(mode_drafter(m, default_drafter) or "ngram"))}
+    warm = ["--graph-warmup-feature-layers", ";".join(",".join(map(str, t)) for t in sorted(layers))] if layers else []
     return ServerProcess("verifier", "--model", target, "--device", device, "--max-sessions", str(max_sessions),
                          "--max-sequence-length", str(max_sequence_length),
                          # 0 = off: a run sends the same prompts to this one verifier again and again (every mode,
                          # every warm-up), and with the cache on the later ones would prefill from cache.
-                         "--prefix-cache-blocks", str(prefix_cache_blocks), log=log)
+                         "--prefix-cache-blocks", str(prefix_cache_blocks), *warm, log=log)
+
+
+def mode_drafter(mode: str, default_drafter: str | None = None) -> str | None:
+    """The drafter SPEC of a mode: None for `off`, `ngram`, or model[=SPEC] (SPEC defaults to default_drafter)
+    without its @BRANCHxBEAM tree shape."""
+    if mode == "off":
+        return None
+    spec = "ngram" if mode == "ngram" else mode.partition("=")[2] or default_drafter
+    return spec and spec.partition("@")[0]
 
 
 def start_router_process(verifier_address: str, drafter_flags: list[str], target: str, log: Path):
@@ -285,8 +298,8 @@ def start_drafter_process(mode: str, target: str, device: str, max_sessions: int
     (its own drafter, with draft trees of that shape; SPEC defaults to default_drafter)."""
     from specdec.launch import ServerProcess
 
-    spec = "ngram" if mode == "ngram" else mode.partition("=")[2] or default_drafter
-    spec, _, tree = spec.partition("@")
+    spec = mode_drafter(mode, default_drafter)
+    tree = mode.partition("@")[2]
     return ServerProcess("drafter", "--model", spec, "--target", target, *(["--draft-tree", tree] if tree else []),
                          "--device", device, "--max-sessions", str(max_sessions),
                          *(["--prefix-cache-blocks", str(prefix_cache_blocks)] if spec != "ngram" else []), log=log)
@@ -311,7 +324,8 @@ def run(args) -> int:
             print("starting verifier...", flush=True)
             slots = max(*levels, min(args.warmup, 4))  # the warm-up's concurrency too
             verifier = start_verifier_process(args.target, args.verifier_device, slots,
-                                              args.max_sequence_length, args.prefix_cache_blocks, out / "verifier.log")
+                                              args.max_sequence_length, args.prefix_cache_blocks, out / "verifier.log",
+                                              modes, args.drafter_model)
             started.append(verifier)
             for mode in modes:
                 drafters = []

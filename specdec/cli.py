@@ -54,6 +54,18 @@ def _logging(verbose: bool) -> None:
     )
 
 
+def _layer_lists(text: str) -> list[list[int]]:
+    """"2,15,29;3,20,29" -> [[2, 15, 29], [3, 20, 29]]."""
+    try:
+        lists = [[int(x) for x in part.split(",") if x.strip()] for part in text.split(";") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: layer indices separated by commas, lists by semicolons, "
+                                         "e.g. 2,15,29") from None
+    if not lists or not all(lists):
+        raise argparse.ArgumentTypeError(f"{text!r}: no layers given")
+    return lists
+
+
 def _serving_flags(p: argparse.ArgumentParser, port: int, host: str = "0.0.0.0", metrics_port: int = 9464) -> None:
     flag(p, "--host", default=host, help="address to listen on")
     flag(p, "--port", default=port, type=int, help="port to listen on (0 picks a free one)")
@@ -89,6 +101,10 @@ def _verifier_flags(p: argparse.ArgumentParser) -> None:
          "--max-sessions and contexts up to this many tokens before serving, so no user waits for a capture "
          "(seconds at start-up; with --compile, the compilation too); longer contexts capture on first use "
          "(0 = all on first use)")
+    flag(p, "--graph-warmup-feature-layers", default=None, type=_layer_lists, metavar="LAYERS",
+         help="also capture before serving the verify passes that return these target layers' hidden states: a "
+         "fused drafter's `taps` from its config.json, e.g. 2,15,29 (several drafters: 2,15,29;3,20,29); else "
+         "they are captured when a session first asks for them, mid-serving")
     flag(p, "--prefix-cache-blocks", default=256, type=int,
          help="prefix cache size in 16-token KV blocks (0 = off); the memory budget of reused prompts")
     flag(p, "--advise-speculation-max-sessions", default=-1, type=int,
@@ -264,20 +280,25 @@ def cmd_serve_all(args) -> int:
     _start_telemetry(args, "specdec")  # one provider for the three tiers of this process
 
     async def main():
-        store = InProcessStore()  # all-in-one: the locality store is a dict shared by verifier and router
-        verifier = await start_verifier(
-            "127.0.0.1", 0, args.model, args.device, args.max_sessions, args.max_sequence_length, args.max_block,
-            args.grace, args.prefix_cache_blocks, store=store, decode_chunk_ms=args.decode_chunk_ms,
-            decode_ahead_steps=args.decode_ahead_steps,
-            advise=(args.advise_speculation_max_sessions, args.advise_draft_tokens),
-            graph_warmup_tokens=args.graph_warmup_tokens,
-        )
+        from specdec.drafter_model import feature_layers
+
         drafter_model = args.drafter_model
         if drafter_model == DEFAULT_DRAFTER and args.model != DEFAULT_TARGET:
             logging.getLogger("specdec").warning(
                 "the shipped drafter belongs to %s; drafting for %s with ngram (train one: specdec train-drafter)",
                 DEFAULT_TARGET, args.model)
             drafter_model = "ngram"
+        # the drafter here is known: its layers' verify graphs are captured with the others
+        layers = args.graph_warmup_feature_layers or ([feature_layers(drafter_model)] if feature_layers(drafter_model)
+                                                     else None)
+        store = InProcessStore()  # all-in-one: the locality store is a dict shared by verifier and router
+        verifier = await start_verifier(
+            "127.0.0.1", 0, args.model, args.device, args.max_sessions, args.max_sequence_length, args.max_block,
+            args.grace, args.prefix_cache_blocks, store=store, decode_chunk_ms=args.decode_chunk_ms,
+            decode_ahead_steps=args.decode_ahead_steps,
+            advise=(args.advise_speculation_max_sessions, args.advise_draft_tokens),
+            graph_warmup_tokens=args.graph_warmup_tokens, graph_warmup_feature_layers=layers,
+        )
         drafter = await start_drafter("127.0.0.1", 0, drafter_model, args.device,
                                       args.max_draft_tokens if args.max_draft_tokens > 0 else 5,
                                       grace=args.grace, target=args.model, tree=args.draft_tree)
@@ -366,6 +387,7 @@ def cmd_serve_verifier(args) -> int:
         decode_ahead_steps=args.decode_ahead_steps,
         advise=(args.advise_speculation_max_sessions, args.advise_draft_tokens),
         graph_warmup_tokens=args.graph_warmup_tokens,
+        graph_warmup_feature_layers=args.graph_warmup_feature_layers,
     ), args)
 
 

@@ -104,6 +104,22 @@ def target_hash(embed: torch.Tensor, lm_head: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
+def feature_layers(spec: str) -> list[int] | None:
+    """The target layers whose hidden states a drafter SPEC reads (a fused drafter's `taps`: what a verifier can
+    capture graphs for before serving), or None (ngram, a token drafter, a feature drafter of the last layer only,
+    or a SPEC that is no artifact here)."""
+    if spec == "ngram":
+        return None
+    try:
+        path, _ = models.resolve_drafter(spec)
+    except models.ModelNotFound:  # (an alias whose files are missing: make_drafter says so)
+        return None
+    if not is_drafter_artifact(path):
+        return None
+    taps = read_config(path).get("taps")
+    return [int(i) for i in taps] if taps else None
+
+
 def read_config(artifact_dir) -> dict:
     if not is_drafter_artifact(artifact_dir):
         raise models.ModelNotFound(

@@ -226,13 +226,17 @@ class LlamaEngine:
     _graphs = None
 
     @torch.inference_mode()
-    def warm_cuda_graphs(self, cache: KVCache, max_rows: int, widths: Sequence[int] = (), max_kv: int = 512) -> int:
+    def warm_cuda_graphs(self, cache: KVCache, max_rows: int, widths: Sequence[int] = (), max_kv: int = 512,
+                         feature_layers: Sequence[Sequence[int]] = ()) -> int:
         """Captures now, instead of on first use mid-serving, the CUDA graphs of greedy decode steps
         (decode_greedy) and of passes `widths` tokens wide, for every batch bucket up to max_rows rows and every
-        KV-length bucket up to max_kv tokens. Returns how many graphs it captured (0 without CUDA graphs)."""
+        KV-length bucket up to max_kv tokens; and for each list in feature_layers (forward_flat's `hidden`: a
+        fused drafter's layers), the passes `widths` wide that return those layers' outputs. Returns how many
+        graphs it captured (0 without CUDA graphs)."""
         if self._graphs is None:
             return 0
-        return self._graphs.warm(cache, max_rows, widths, max_kv)
+        taps = sorted({self.inner_taps(layers) for layers in feature_layers} - {()})
+        return self._graphs.warm(cache, max_rows, widths, max_kv, taps)
 
     def forward(self, cache: KVCache, rows: list[Row]) -> list[torch.Tensor]:
         """Runs every row in one pass; returns per row logits [n, vocab] (n = len(tokens) or 1), float32."""
@@ -674,19 +678,22 @@ class _GraphRunner:
             self.engine.passes["capture_s"] += time.perf_counter() - began
         return self.graphs[key]
 
-    def warm(self, cache: KVCache, max_rows: int, widths: Sequence[int], max_kv: int) -> int:
-        """LlamaEngine.warm_cuda_graphs."""
+    def warm(self, cache: KVCache, max_rows: int, widths: Sequence[int], max_kv: int,
+             taps: Sequence[tuple[int, ...]] = ()) -> int:
+        """LlamaEngine.warm_cuda_graphs (taps: inner_taps of each feature-layer list)."""
         before = len(self.graphs)
         batches = sorted({_bucket(n, self.floor) for n in range(1, min(max_rows, self.max_batch) + 1)})
         lengths = {self._length(cache, max_kv)}  # and every smaller bucket
         while min(lengths) > self._length(cache, 1):
             lengths.add(self._length(cache, min(lengths) // 2))
-        kinds = [(self.floor, True), *sorted({(_bucket(w, self.floor), False) for w in widths if w <= self.max_width})]
+        passes = sorted({_bucket(w, self.floor) for w in widths if w <= self.max_width})
+        # (width, taps, greedy): the greedy step, then the passes, plain and with each list's hidden states
+        kinds = [(self.floor, (), True), *((w, t, False) for t in [(), *taps] for w in passes)]
         with self._on_device():
             for length in sorted(lengths):
                 for batch in batches:
-                    for width, greedy in kinds:
-                        self._graph(cache, batch, width, length, (), greedy)
+                    for width, tapped, greedy in kinds:
+                        self._graph(cache, batch, width, length, tapped, greedy)
         return len(self.graphs) - before
 
     @staticmethod

@@ -23,3 +23,15 @@ def test_cpu_seconds_counts_another_process_busy_time_not_its_idle_time():
         child.wait()
     assert cpu_seconds(child.pid) == 0.0  # gone: nothing to read
     assert abs(cpu_seconds() - cpu_seconds(os.getpid())) < 0.05  # this process, both ways
+
+
+def test_a_modes_drafter_and_the_layers_its_verifier_warms():
+    from specdec.bench import mode_drafter
+    from specdec.drafter_model import feature_layers
+
+    assert mode_drafter("off") is None and mode_drafter("ngram") == "ngram"
+    assert mode_drafter("model", "drafters/x") == "drafters/x"
+    assert mode_drafter("model=drafters/smollm2-135m-instruct-fused@4x4") == "drafters/smollm2-135m-instruct-fused"
+    assert feature_layers(mode_drafter("model=drafters/smollm2-135m-instruct-fused@4x4")) == [2, 15, 29]
+    assert feature_layers("drafters/smollm2-135m-instruct-feature") is None  # the last layer only: no extra graphs
+    assert feature_layers("ngram") is None

@@ -176,6 +176,25 @@ def test_graphs_warmed_before_serving_are_the_ones_replayed():
     assert graphed.passes["captures"] == captures
 
 
+def test_a_fused_drafters_layers_warmed_before_serving_are_replayed_when_its_sessions_verify():
+    """warm_cuda_graphs(feature_layers=...) also captures the verify passes that return those layers' hidden states
+    (a fused drafter's sessions ask for them): verifying with them afterwards captures nothing and gives the eager
+    engine's logits and hidden states; a list the model cannot serve is refused before any capture."""
+    eager, graphed = _engines(seed=11)
+    caches = _prefill((eager, graphed), PROMPTS)
+    # batches 1, 2, 4 x (a greedy step, a 2-token pass, a 2-token pass returning layers 0 and 2) x one KV bucket
+    assert graphed.warm_cuda_graphs(caches[1], max_rows=3, widths=(2,), max_kv=64, feature_layers=[[0, 2]]) == 9
+    captures = graphed.passes["captures"]
+    blocks = [Row(i, len(p), [11, 12], all_logits=True) for i, p in enumerate(PROMPTS[:2])]
+    want = eager.forward_flat(caches[0], blocks, hidden=[0, 2])
+    got = graphed.forward_flat(caches[1], blocks, hidden=[0, 2])
+    assert torch.allclose(got[0], want[0], atol=1e-5) and got[1] == want[1]
+    assert torch.allclose(got[2], want[2], atol=1e-5)
+    assert graphed.passes["captures"] == captures
+    with pytest.raises(ValueError, match="must be layers of this model"):
+        graphed.warm_cuda_graphs(caches[1], max_rows=3, widths=(2,), max_kv=64, feature_layers=[[0, 7]])
+
+
 def test_a_graph_that_does_not_replay_the_pass_is_refused(caplog):
     """The capture check: a chain bucket whose graph does not reproduce the eager pass is an error (stale logits
     would be served silently otherwise); a wide tree bucket's falls back to eager passes with a warning."""

@@ -452,6 +452,20 @@ def test_grafana_dashboard_plots_every_contract_series_and_ships_as_a_labelled_c
     assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
 
 
+def test_verifiers_capture_the_shipped_drafters_layers_at_start_up_only_when_it_drafts(rendered):
+    """graphWarmupFeatureLayers=auto: the default install's verifiers warm the fused drafter's hidden-state graphs;
+    an install with another drafter (an 8B target, whose layers differ) gets none, and an explicit list wins."""
+    def verifier_args(docs):
+        return one(docs, "Deployment", f"{FULLNAME}-verifier")["spec"]["template"]["spec"]["containers"][0]["args"]
+
+    assert "--graph-warmup-feature-layers=2,15,29" in verifier_args(objects(rendered["default"]))
+    assert not any(a.startswith("--graph-warmup-feature-layers") for a in verifier_args(
+        objects(rendered["cloud-two-pools"])))
+    explicit = [doc for doc in yaml.safe_load_all(helm_template(
+        "--set", "verifier.graphWarmupFeatureLayers=3\\,20\\,31")) if doc]
+    assert "--graph-warmup-feature-layers=3,20,31" in verifier_args(explicit)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_the_chart_command_lines_are_ones_specdec_accepts(rendered, case):
     """Every container's args parse with the real CLI, so a renamed flag breaks this test, not a rollout."""

@@ -56,10 +56,13 @@ WARM_VERIFY_WIDTHS = (2, 4, 8)
 
 def build_scheduler(model: str, device: str, max_sessions: int, max_sequence_length: int, max_draft_tokens: int,
                     prefix_cache_blocks: int = 0, on_change=None, decode_chunk_ms: float = 10.0,
-                    decode_ahead_steps: int = -1, graph_warmup_tokens: int = 0):
+                    decode_ahead_steps: int = -1, graph_warmup_tokens: int = 0,
+                    graph_warmup_feature_layers: list[list[int]] | None = None):
     """decode_ahead_steps: -1 = the measured default for the device (DECODE_AHEAD_STEPS_ON_GPU, 0 on a CPU).
     graph_warmup_tokens: on CUDA, capture the decode steps' and verify passes' graphs of every batch bucket up to
-    max_sessions and KV lengths up to this many tokens before serving (0: each on first use, mid-serving)."""
+    max_sessions and KV lengths up to this many tokens before serving (0: each on first use, mid-serving), and
+    the verify passes that return the hidden states of each layer list in graph_warmup_feature_layers (the fused
+    drafters' layers this verifier will serve)."""
     hf_model = models.load_hf_model(model)
     engine = make_engine(hf_model, device=device, dtype=default_dtype(device))
     if decode_ahead_steps < 0:
@@ -74,14 +77,18 @@ def build_scheduler(model: str, device: str, max_sessions: int, max_sequence_len
     del hf_model  # the engine holds its own copies of the weights
     warm = getattr(engine, "warm_cuda_graphs", None)
     if graph_warmup_tokens > 0 and warm is not None and engine.device.type == "cuda":
+        for layers in graph_warmup_feature_layers or ():
+            engine.inner_taps(layers)  # a list this model cannot serve: a clear error before any capture
         began = time.perf_counter()
         try:
-            captured = warm(scheduler.cache, max_sessions, WARM_VERIFY_WIDTHS, graph_warmup_tokens)
+            captured = warm(scheduler.cache, max_sessions, WARM_VERIFY_WIDTHS, graph_warmup_tokens,
+                            graph_warmup_feature_layers or ())
         except Exception as exc:  # (out of memory, say): fail at start-up, not mid-serving, and say what to change
             raise RuntimeError(f"capturing CUDA graphs before serving failed ({exc}); --graph-warmup-tokens 0 "
                                "captures each on first use instead, a lower --max-sessions captures fewer") from exc
-        log.info("captured %d CUDA graphs (greedy decode steps and %s-token verify passes, up to %d rows and %d "
-                 "tokens of context) in %.1f s", captured, "/".join(map(str, WARM_VERIFY_WIDTHS)), max_sessions,
+        log.info("captured %d CUDA graphs (greedy decode steps and %s-token verify passes%s, up to %d rows and %d "
+                 "tokens of context) in %.1f s", captured, "/".join(map(str, WARM_VERIFY_WIDTHS)),
+                 "".join(f", with layers {layers}" for layers in graph_warmup_feature_layers or ()), max_sessions,
                  graph_warmup_tokens, time.perf_counter() - began)
     return scheduler
 
@@ -105,6 +112,7 @@ async def start_verifier(
     decode_ahead_steps: int = -1,
     advise: tuple[int, int] = (-1, -1),
     graph_warmup_tokens: int = 0,
+    graph_warmup_feature_layers: list[list[int]] | None = None,
 ) -> GrpcServer:
     """`store`: an in-process locality store (all-in-one); `redis_url` makes a Redis one; neither: no hints.
     `advise`: (speculation_max_sessions, draft_tokens) advised to routers and drafters; -1 = measured device default."""
@@ -121,7 +129,7 @@ async def start_verifier(
         publisher = Publisher(store, pod, ttl=locality_ttl)
     scheduler = compute.call(build_scheduler, model, device, max_sessions, max_sequence_length, max_draft_tokens,
                              prefix_cache_blocks, publisher.changed if publisher else None, decode_chunk_ms,
-                             decode_ahead_steps, graph_warmup_tokens)
+                             decode_ahead_steps, graph_warmup_tokens, graph_warmup_feature_layers)
     scheduler.metrics = telemetry.instrument_verifier(scheduler)  # None unless this process serves /metrics
     scheduler.start()
     if publisher is not None:
