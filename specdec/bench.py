@@ -267,7 +267,7 @@ def start_verifier_process(target: str, device: str, max_sessions: int, max_sequ
     from specdec.drafter_model import feature_layers
     from specdec.launch import ServerProcess
 
-    layers = {tuple(found) for m in modes if (found := feature_layers(mode_drafter(m, default_drafter) or "ngram"))}
+    layers = {tuple(found) for m in modes if (found := feature_layers(mode_drafter(m, default_drafter)))}
     warm = ["--graph-warmup-feature-layers", ";".join(",".join(map(str, t)) for t in sorted(layers))] if layers else []
     return ServerProcess("verifier", "--model", target, "--device", device, "--max-sessions", str(max_sessions),
                          "--max-sequence-length", str(max_sequence_length),

@@ -289,8 +289,8 @@ def cmd_serve_all(args) -> int:
                 DEFAULT_TARGET, args.model)
             drafter_model = "ngram"
         # the drafter here is known: its layers' verify graphs are captured with the others
-        layers = args.graph_warmup_feature_layers or ([feature_layers(drafter_model)] if feature_layers(drafter_model)
-                                                     else None)
+        found = feature_layers(drafter_model)
+        layers = args.graph_warmup_feature_layers or ([found] if found else None)
         store = InProcessStore()  # all-in-one: the locality store is a dict shared by verifier and router
         verifier = await start_verifier(
             "127.0.0.1", 0, args.model, args.device, args.max_sessions, args.max_sequence_length, args.max_block,

@@ -104,11 +104,11 @@ def target_hash(embed: torch.Tensor, lm_head: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-def feature_layers(spec: str) -> list[int] | None:
+def feature_layers(spec: str | None) -> list[int] | None:
     """The target layers whose hidden states a drafter SPEC reads (a fused drafter's `taps`: what a verifier can
-    capture graphs for before serving), or None (ngram, a token drafter, a feature drafter of the last layer only,
-    or a SPEC that is no artifact here)."""
-    if spec == "ngram":
+    capture graphs for before serving), or None (no drafter, ngram, a token drafter, a feature drafter of the last
+    layer only, or a SPEC that is no artifact here)."""
+    if not spec or spec == "ngram":
         return None
     try:
         path, _ = models.resolve_drafter(spec)
