@@ -259,8 +259,8 @@ class LlamaEngine:
         picks = [
             (b, t) for b, r in enumerate(rows) for t in (range(len(r.tokens)) if r.all_logits else [len(r.tokens) - 1])
         ]
-        pick_b = torch.tensor([p[0] for p in picks]).to(self.device)
-        pick_t = torch.tensor([p[1] for p in picks]).to(self.device)
+        pick_b = upload([p[0] for p in picks], self.device)
+        pick_t = upload([p[1] for p in picks], self.device)
         span = tree_span(rows)
         graphed = None
         if self._graphs is not None and span <= width and self._graphs.accepts(batch, width):
@@ -272,7 +272,7 @@ class LlamaEngine:
         else:
             inputs = _pack(rows, batch, width, cache.scratch, max(span, width))
             single = rows[0].slot if batch == 1 else None
-            x = self._layers(cache, *(t.to(self.device) for t in inputs), kv_len, single, taps)
+            x = self._layers(cache, *(upload(t, self.device) for t in inputs), kv_len, single, taps)
             # Logits only where a caller reads them: the LM head is a large share of a small model's cost.
             logits = self._head(x[pick_b, pick_t, -self.shape.hidden_size :]).float()  # [n_picks, vocab]
         sizes = [len(r.tokens) if r.all_logits else 1 for r in rows]
@@ -280,8 +280,8 @@ class LlamaEngine:
             if all(r.all_logits for r in rows):  # (verification) the picks are every token already
                 return logits, sizes, x[pick_b, pick_t]
             every = [(b, t) for b, r in enumerate(rows) for t in range(len(r.tokens))]
-            every_b = torch.tensor([p[0] for p in every]).to(self.device)
-            every_t = torch.tensor([p[1] for p in every]).to(self.device)
+            every_b = upload([p[0] for p in every], self.device)
+            every_t = upload([p[1] for p in every], self.device)
             return logits, sizes, x[every_b, every_t]
         return logits, sizes
 
@@ -341,7 +341,7 @@ class LlamaEngine:
         stay below limit. end: one past the last position the steps will write."""
         if graphed:
             return self._graphs.greedy_state(cache, rows, end)
-        inputs = [t.to(self.device) for t in _pack(rows, len(rows), 1, cache.scratch)]
+        inputs = [upload(t, self.device) for t in _pack(rows, len(rows), 1, cache.scratch)]
         single = rows[0].slot if len(rows) == 1 else None
         kv_len = [max(r.start for r in rows) + 1]
 
@@ -463,6 +463,20 @@ def tree_visibility(parents: list[int]) -> torch.Tensor:
         if torch.equal(parent, current):
             return seen
         current = parent
+
+
+def upload(data, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Host data (a tensor, or a list for torch.tensor) on `device` without waiting for the device. A plain
+    `.to(cuda)` of a pageable host tensor makes the host wait for every kernel already queued on the stream (13
+    such waits in a batch of drafts at 64 users on an H200, each the longer for sharing the GPU with another
+    process: docs/benchmarks.md, tenth session); staged in pinned memory (torch's caching host allocator, which
+    keeps the block until its copy is done) the copy is queued like a kernel and the host runs on."""
+    tensor = data if isinstance(data, torch.Tensor) else torch.tensor(data, dtype=dtype)
+    if dtype is not None:
+        tensor = tensor.to(dtype)
+    if torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def tree_span(rows: list[Row]) -> int:

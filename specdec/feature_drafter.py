@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specdec import drafter_model
-from specdec.engine import LlamaEngine, Row, _bucket, _pack, tree_span
+from specdec.engine import LlamaEngine, Row, _bucket, _pack, tree_span, upload
 from specdec.sampling import draft_picks, draw_without_replacement
 
 log = logging.getLogger(__name__)
@@ -262,7 +262,7 @@ class FeatureRunner:
     def _inputs(self, rows: list[Row], features: list[torch.Tensor], batch: int, width: int,
                 span: int | None = None) -> list[torch.Tensor]:
         dev = self.engine.device
-        packed = [t.to(dev) for t in _pack(rows, batch, width, self.cache.scratch, span)]
+        packed = [upload(t, dev) for t in _pack(rows, batch, width, self.cache.scratch, span)]
         return [*packed, self._feature_inputs(features, batch, width)]
 
     def _feature_inputs(self, features: list[torch.Tensor], batch: int, width: int) -> torch.Tensor:
@@ -284,10 +284,8 @@ class FeatureRunner:
             firsts = torch.cumsum(lengths, 0) - lengths  # where each row's states start in `flat`
             index = torch.repeat_interleave(starts - firsts, lengths) + torch.arange(int(lengths.sum()))
             flat = torch.cat([features[b] for b in members])
-            if flat.device.type == "cpu" and dev.type == "cuda":
-                flat = flat.pin_memory()  # (torch's caching host allocator: no fresh pinning per call)
-            states = self._input_state(flat.to(dev, dtype, non_blocking=True))
-            feats.index_copy_(0, index.to(dev, non_blocking=True), states)
+            states = self._input_state((upload(flat, dev) if flat.device.type == "cpu" else flat).to(dtype))
+            feats.index_copy_(0, upload(index, dev), states)
         return feats.view(batch, width, self.hidden_size)
 
     def _input_state(self, f: torch.Tensor) -> torch.Tensor:
@@ -307,7 +305,7 @@ class FeatureRunner:
         batch = len(rows)
         h, logits = self._run(rows, features)
         b = torch.arange(batch, device=dev)
-        t = torch.tensor([len(r.tokens) - 1 for r in rows], device=dev)
+        t = upload([len(r.tokens) - 1 for r in rows], dev)
         return logits[b, t].float(), h[b, t]
 
     @torch.inference_mode()
@@ -331,22 +329,23 @@ class FeatureRunner:
         subtree, which only shortens the draws); which nodes are expanded may depend on anything."""
         dev, vocab = self.engine.device, self._vocab_index
         n = len(rows)
-        temps = torch.tensor(temperatures or [0.0] * n, dtype=torch.float64, device=dev)
+        temps = upload(temperatures or [0.0] * n, dev, torch.float64)
         h, logits = self._run(rows, features)
-        last = torch.tensor([len(r.tokens) - 1 for r in rows], device=dev)
+        last = upload([len(r.tokens) - 1 for r in rows], dev)
         index = torch.arange(n, device=dev)
         logits, h = logits[index, last].float()[:, None], h[index, last][:, None]  # [n, 1, ...]: the roots
         expanded = [1]  # nodes expanded at each level (the root first): fixed by branch and beam alone
         for _ in range(depth - 1):
             expanded.append(min(beam, expanded[-1] * branch))
         uniforms = None
-        if bool((temps > 0).any()):  # each sampled session's draws for the whole tree, from its own generator
+        if any(t > 0 for t in temperatures or ()):  # each sampled session's draws for the tree, its own generator
             draws = branch * sum(expanded)
             uniforms = torch.stack([torch.rand(draws, generator=generators[b] if generators else None,
-                                               dtype=torch.float64) for b in range(n)]).to(dev)
+                                               dtype=torch.float64) for b in range(n)])
+            uniforms = upload(uniforms, dev)
         ends = [r.start + len(r.tokens) for r in rows]
-        bases, base_max = torch.tensor(ends, device=dev), max(ends)
-        slots = torch.tensor([r.slot for r in rows], device=dev)
+        bases, base_max = upload(ends, dev), max(ends)
+        slots = upload([r.slot for r in rows], dev)
         span = max(1, sum(expanded[1:]))  # tree nodes written to the KV, all levels
         parent_index = torch.full((n, 1), -1, device=dev)  # the expanded nodes' indices in the tree (root: -1)
         parent_score = torch.zeros(n, 1, dtype=torch.float64, device=dev)
@@ -468,15 +467,15 @@ class FeatureRunner:
         lead = max((len(f) for f in forced), default=0) if forced else 0
         sampled = temperatures is not None and any(t > 0 for t in temperatures)
         if sampled:
-            temps = torch.tensor(temperatures, dtype=torch.float64, device=dev)
+            temps = upload(temperatures, dev, torch.float64)
             uniforms = uniforms.to(dev, torch.float64)
         if lead:  # [rows, lead] target ids and [rows] counts
-            fed_first = torch.tensor([f + [0] * (lead - len(f)) for f in forced], device=dev)
-            n_forced = torch.tensor([len(f) for f in forced], device=dev)
+            fed_first = upload([f + [0] * (lead - len(f)) for f in forced], dev)
+            n_forced = upload([len(f) for f in forced], dev)
         logits, h = self.step(rows, features)
         first = [r.start + len(r.tokens) for r in rows]  # the position of each row's first fed token
-        slots = torch.tensor([r.slot for r in rows], device=dev)
-        positions = torch.tensor(first, device=dev)
+        slots = upload([r.slot for r in rows], dev)
+        positions = upload(first, dev)
         vocab = self._vocab_index
         picks, top_ids, top_probs = [], [], []  # per pass: draft-vocabulary indices [rows] (and [rows, top_n])
         fed = None  # the target ids the last pass's picks (or forced tokens) feed to the next [rows]

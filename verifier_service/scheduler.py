@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from specdec import compute, device_trace
-from specdec.engine import TREE_PASS_ROWS, LlamaEngine, Row, tree_visibility
+from specdec.engine import TREE_PASS_ROWS, LlamaEngine, Row, tree_visibility, upload
 from specdec.errors import Exhausted, InvalidInput, Unavailable
 from specdec.hf_engine import TransformersEngine
 from specdec.sampling import probs_from_logits, sample
@@ -556,7 +556,7 @@ class Scheduler:
         draft_tokens = torch.tensor([w.draft_tokens + [0] * (k - len(w.draft_tokens)) for w in works],
                                     dtype=torch.long).view(len(works), k)
         draft_lens = torch.tensor([len(w.draft_tokens) for w in works])
-        verdict = verify_greedy(argmax[index.to(dev)], draft_tokens.to(dev), draft_lens.to(dev))
+        verdict = verify_greedy(argmax[upload(index, dev)], upload(draft_tokens, dev), upload(draft_lens, dev))
         return list(zip(verdict.num_accepted.tolist(), verdict.next_tokens.tolist()))  # one device sync
 
     def _verify_sampled(self, works: list[_Work], logits: list[torch.Tensor]) -> list[tuple[int, int]]:
