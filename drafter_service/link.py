@@ -2,7 +2,11 @@
 
 `open` and `send_block` return the verifier's verdict for that session; replies are matched by session id. If
 the stream breaks, every session waiting on it fails with UNAVAILABLE and the next call opens a new stream.
-"""
+
+Requests queued together go as one VerifyBatch message when the verifier takes batches (GetModelInfo's
+verify_batches): the blocks of one batch of drafts are queued in one pass of the event loop, so a round of 64
+sessions costs one message each way instead of 64 (gRPC's per-message work was the larger part of an n-gram
+drafter's Python under load: docs/benchmarks.md, tenth session)."""
 
 from __future__ import annotations
 
@@ -26,43 +30,54 @@ class VerifierLink:
         self._outbox: asyncio.Queue | None = None
         self._waiting: dict[str, asyncio.Future] = {}
         self._reader: asyncio.Task | None = None
-        self._info: verifier_pb2.GetModelInfoResponse | None = None
+        self._info: asyncio.Future | None = None  # of the GetModelInfoResponse, asked once per link
+        self.messages_sent = 0  # Verify messages written (a batch counts once), for tests and benchmarks
 
     async def model_info(self) -> verifier_pb2.GetModelInfoResponse:
-        """The verifier's GetModelInfo (its limits), asked once per link."""
-        if self._info is None:
-            try:
-                self._info = await self._stub.GetModelInfo(verifier_pb2.GetModelInfoRequest(), timeout=10)
-            except grpc.aio.AioRpcError as exc:
-                raise Unavailable(f"verifier {self.address}: {exc.code().name}: {exc.details()}") from None
-        return self._info
+        """The verifier's GetModelInfo (its limits), asked once per link however many sessions ask at once."""
+        if self._info is None or (self._info.done() and (self._info.cancelled() or self._info.exception())):
+            self._info = asyncio.ensure_future(self._stub.GetModelInfo(verifier_pb2.GetModelInfoRequest(), timeout=10))
+        try:
+            return await asyncio.shield(self._info)
+        except grpc.aio.AioRpcError as exc:
+            raise Unavailable(f"verifier {self.address}: {exc.code().name}: {exc.details()}") from None
 
-    async def _requests(self, outbox: asyncio.Queue):
+    async def _requests(self, outbox: asyncio.Queue, batches: bool):
         while True:
-            message = await outbox.get()
-            if message is None:
+            queued = [await outbox.get()]
+            while queued[-1] is not None and not outbox.empty():
+                queued.append(outbox.get_nowait())
+            ending = queued[-1] is None
+            queued = [m for m in queued if m is not None]
+            if batches and len(queued) > 1:
+                queued = [verifier_pb2.VerifyRequest(batch=verifier_pb2.VerifyBatch(requests=queued))]
+            for message in queued:
+                self.messages_sent += 1
+                yield message
+            if ending:
                 return
-            yield message
 
-    def _ensure_stream(self) -> asyncio.Queue:
+    async def _ensure_stream(self) -> asyncio.Queue:
+        info = await self.model_info()
         if self._reader is None or self._reader.done():
             self._outbox = asyncio.Queue()
-            call = self._stub.Verify(self._requests(self._outbox))
+            call = self._stub.Verify(self._requests(self._outbox, info.verify_batches))
             self._reader = asyncio.create_task(self._read(call, self._outbox))
         return self._outbox
 
     async def _read(self, call, outbox: asyncio.Queue) -> None:
         error: Exception = Unavailable(f"the stream to verifier {self.address} ended")
         try:
-            async for response in call:
-                future = self._waiting.pop(response.session_id, None)
-                if future is None or future.done():
-                    continue
-                if response.HasField("error"):
-                    code = status_code_from_int(response.error.code)
-                    future.set_exception(SessionFailed(code, response.error.message))
-                else:
-                    future.set_result(response)
+            async for message in call:
+                for response in message.batch or [message]:
+                    future = self._waiting.pop(response.session_id, None)
+                    if future is None or future.done():
+                        continue
+                    if response.HasField("error"):
+                        code = status_code_from_int(response.error.code)
+                        future.set_exception(SessionFailed(code, response.error.message))
+                    else:
+                        future.set_result(response)
         except grpc.aio.AioRpcError as exc:
             error = Unavailable(f"verifier {self.address}: {exc.code().name}: {exc.details()}")
         except asyncio.CancelledError:
@@ -77,7 +92,7 @@ class VerifierLink:
             self._waiting.clear()
 
     async def _call(self, session_id: str, request: verifier_pb2.VerifyRequest) -> verifier_pb2.VerifyResponse:
-        outbox = self._ensure_stream()
+        outbox = await self._ensure_stream()
         future = asyncio.get_running_loop().create_future()
         self._waiting[session_id] = future
         outbox.put_nowait(request)

@@ -303,6 +303,51 @@ def test_a_busy_verifier_asks_speculating_sessions_for_empty_blocks(cluster, tok
     asyncio.run(run())
 
 
+def test_sessions_sharing_a_stream_go_in_batched_messages_with_the_same_verdicts(cluster, tokenizer):
+    """A drafter's link sends the requests queued together as one VerifyBatch (the verifier says it takes them) and
+    the verifier answers such a stream in batched messages: four sessions opened and stepped at once cost fewer
+    messages than requests, and commit the tokens the same sessions commit over a link sending one message each
+    (a verifier without verify_batches)."""
+    import asyncio
+
+    from drafter_service.link import VerifierLink
+
+    prompts = ["Write a list of colors:", "Name three rivers.", "Count to five:", "What is rain?"]
+
+    async def run(batches: bool) -> tuple[list[list[int]], int, int]:
+        link = VerifierLink(cluster["verifier"].address)
+        info = await link.model_info()
+        assert info.verify_batches
+        if not batches:  # as a verifier from before batches would answer
+            info = verifier_pb2.GetModelInfoResponse()
+            info.CopyFrom(await link.model_info())
+            info.verify_batches = False
+            link._info = asyncio.get_running_loop().create_future()
+            link._info.set_result(info)
+        names = [f"{'b' if batches else 'o'}{i}" for i in range(len(prompts))]
+        try:
+            verdicts = await asyncio.gather(*(link.open(session_pb2.SessionSpec(
+                session_id=name, prompt_ids=tokenizer.encode(p), max_new_tokens=6)) for name, p in zip(names, prompts)))
+            tokens = {name: list(v.update.token_ids) for name, v in zip(names, verdicts)}
+            requests = len(prompts)
+            live = [(name, v) for name, v in zip(names, verdicts) if not v.update.finish_reason]
+            while live:  # plain decode steps (empty blocks) until each session finishes
+                verdicts = await asyncio.gather(*(link.send_block(verifier_pb2.DraftBlock(
+                    session_id=name, committed_length=v.update.committed_length)) for name, v in live))
+                requests += len(live)
+                for (name, _), v in zip(live, verdicts):
+                    tokens[name].extend(v.update.token_ids)
+                live = [(name, v) for (name, _), v in zip(live, verdicts) if not v.update.finish_reason]
+            return list(tokens.values()), link.messages_sent, requests
+        finally:
+            await link.aclose()
+
+    batched, messages, requests = asyncio.run(run(True))
+    one_by_one, messages_alone, _ = asyncio.run(run(False))
+    assert batched == one_by_one and sum(map(len, batched)) > len(prompts)
+    assert messages_alone == requests and messages < requests
+
+
 @pytest.fixture(scope="module")
 def small_drafter_dir(tmp_path_factory, hf_target, tokenizer):
     """A plain Hugging Face model with the target's tokenizer: the target cut to its first 20 of 30 layers."""

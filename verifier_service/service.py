@@ -68,6 +68,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
             speculation_max_sessions=self.speculation_max_sessions,
             draft_tokens=self.draft_tokens,
             max_tree_nodes=s.max_tree_nodes,
+            verify_batches=True,
         )
 
     async def Decode(self, request, context):
@@ -156,11 +157,31 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
                 error = verifier_pb2.VerifyError(code=exc.code.value[0], message=str(exc))
                 responses.put_nowait(verifier_pb2.VerifyResponse(session_id=session_id, error=error))
 
+        batched = False  # the drafter sends batches, so it reads batched verdicts
+
         async def read():
+            nonlocal batched
             async for request in request_iterator:
-                task = asyncio.create_task(handle(request))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+                if request.WhichOneof("kind") == "batch":
+                    batched = True
+                    requests = [r for r in request.batch.requests if r.WhichOneof("kind") != "batch"]
+                else:
+                    requests = [request]
+                for one in requests:
+                    task = asyncio.create_task(handle(one))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+
+        def ready(first: verifier_pb2.VerifyResponse) -> list[verifier_pb2.VerifyResponse]:
+            """first and every verdict queued behind it: one message for a batching drafter, else one each.
+            (A tick's verdicts are queued together: the sessions it served resume one after another before this
+            writer runs again.)"""
+            out = [first]
+            while not responses.empty():
+                out.append(responses.get_nowait())
+            if batched and len(out) > 1:
+                return [verifier_pb2.VerifyResponse(batch=out)]
+            return out
 
         reader = asyncio.create_task(read())
         try:
@@ -168,7 +189,8 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
                 getter = asyncio.ensure_future(responses.get())
                 done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
                 if getter in done:
-                    yield getter.result()
+                    for message in ready(getter.result()):
+                        yield message
                     continue
                 getter.cancel()
                 if reader.exception():
