@@ -468,7 +468,7 @@ class FeatureRunner:
         sampled = temperatures is not None and any(t > 0 for t in temperatures)
         if sampled:
             temps = upload(temperatures, dev, torch.float64)
-            uniforms = uniforms.to(dev, torch.float64)
+            uniforms = upload(uniforms, dev, torch.float64)
         if lead:  # [rows, lead] target ids and [rows] counts
             fed_first = upload([f + [0] * (lead - len(f)) for f in forced], dev)
             n_forced = upload([len(f) for f in forced], dev)
