@@ -31,7 +31,8 @@ class VerifierLink:
         self._waiting: dict[str, asyncio.Future] = {}
         self._reader: asyncio.Task | None = None
         self._info: asyncio.Future | None = None  # of the GetModelInfoResponse, asked once per link
-        self.messages_sent = 0  # Verify messages written (a batch counts once), for tests and benchmarks
+        self.messages_sent = 0  # Verify messages written and read (a batch counts once), for tests and benchmarks
+        self.messages_received = 0
 
     async def model_info(self) -> verifier_pb2.GetModelInfoResponse:
         """The verifier's GetModelInfo (its limits), asked once per link however many sessions ask at once."""
@@ -69,6 +70,7 @@ class VerifierLink:
         error: Exception = Unavailable(f"the stream to verifier {self.address} ended")
         try:
             async for message in call:
+                self.messages_received += 1
                 for response in message.batch or [message]:
                     future = self._waiting.pop(response.session_id, None)
                     if future is None or future.done():

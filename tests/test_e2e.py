@@ -306,8 +306,8 @@ def test_a_busy_verifier_asks_speculating_sessions_for_empty_blocks(cluster, tok
 def test_sessions_sharing_a_stream_go_in_batched_messages_with_the_same_verdicts(cluster, tokenizer):
     """A drafter's link sends the requests queued together as one VerifyBatch (the verifier says it takes them) and
     the verifier answers such a stream in batched messages: four sessions opened and stepped at once cost fewer
-    messages than requests, and commit the tokens the same sessions commit over a link sending one message each
-    (a verifier without verify_batches)."""
+    messages than requests and than verdicts, and commit the tokens the same sessions commit over a link sending
+    one message each (a verifier without verify_batches), which gets one verdict a message back."""
     import asyncio
 
     from drafter_service.link import VerifierLink
@@ -338,14 +338,15 @@ def test_sessions_sharing_a_stream_go_in_batched_messages_with_the_same_verdicts
                 for (name, _), v in zip(live, verdicts):
                     tokens[name].extend(v.update.token_ids)
                 live = [(name, v) for (name, _), v in zip(live, verdicts) if not v.update.finish_reason]
-            return list(tokens.values()), link.messages_sent, requests
+            return list(tokens.values()), (link.messages_sent, link.messages_received), requests
         finally:
             await link.aclose()
 
     batched, messages, requests = asyncio.run(run(True))
     one_by_one, messages_alone, _ = asyncio.run(run(False))
     assert batched == one_by_one and sum(map(len, batched)) > len(prompts)
-    assert messages_alone == requests and messages < requests
+    assert messages_alone == (requests, requests)  # each request and each verdict a message of its own
+    assert messages[0] < requests and messages[1] < requests
 
 
 @pytest.fixture(scope="module")
