@@ -56,7 +56,8 @@ from specdec.bench import (  # noqa: E402
 )
 
 
-def summarize_samples(path: Path, rate: int, seconds: float, top: int, share_key: str = "gil_held_pct_of_wall") -> dict:
+def summarize_samples(path: Path, rate: int, seconds: float, top: int,
+                      share_key: str = "gil_held_pct_of_wall") -> dict:
     """py-spy's collapsed stacks ("thread;frame;frame count" lines) -> the sampled share of the wall time (under
     share_key) and the top functions."""
     total, own, inclusive = 0, collections.Counter(), collections.Counter()
@@ -183,7 +184,7 @@ def main() -> None:
         for name, pct in summary["self_pct"][:12]:
             print(f"  {pct:5.1f}%  {name}")
     if args.device_trace:
-        report["device_trace"] = report_traces(out, summaries, args.trace_after + args.device_trace > wall)
+        report["device_trace"] = report_traces(out, traced, summaries, args.trace_after + args.device_trace > wall)
     (out / "load_profile.json").write_text(json.dumps(report, indent=1))
 
 
@@ -199,7 +200,7 @@ def wait_for_summaries(out: Path, traced: dict[str, int], timeout: float) -> dic
     return {tier: json.loads(p.read_text()) for tier, p in paths.items() if p.exists()}
 
 
-def report_traces(out: Path, summaries: dict[str, dict], outlived: bool) -> dict:
+def report_traces(out: Path, traced: dict[str, int], summaries: dict[str, dict], outlived: bool) -> dict:
     """Prints each process's device summary and the device's busy share of the window, both processes together."""
     if outlived:
         print("note: the device trace outlasted the level, so its window holds an idle tail: raise --requests")
@@ -214,7 +215,7 @@ def report_traces(out: Path, summaries: dict[str, dict], outlived: bool) -> dict
             print(f"  runtime {row['name']}: {row['count']} calls, {row['ms']} ms")
         for row in summary["device"]["top_kernels"][:6]:
             print(f"  kernel {row['ms']:9.3f} ms  {row['count']:6d} x  {row['name'][:90]}")
-    shared = device_trace.shared_busy(sorted(out.glob("*.trace.json")))
+    shared = device_trace.shared_busy([out / f"{tier}-{pid}.trace.json" for tier, pid in traced.items()])
     if shared:
         print(f"\nthe device, all traced processes together: busy {shared['busy_pct_all']}% of the "
               f"{shared['window_ms']:.0f} ms they share (each: {shared['busy_pct_each']})")

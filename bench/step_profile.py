@@ -11,7 +11,8 @@ torch.compile'd then graphed) and each attention variant, one session with `--kv
 - `floor_ms`: weight bytes / measured copy bandwidth (read + write), the bandwidth floor of a batch-1 step.
 
 Attention variants (`--attention`): `sdpa` (the engine's: masked SDPA with grouped heads), `grouped` (matmuls over
-each kv head's group of query heads, masked softmax in fp32), `flex` (torch's flex_attention). Each variant's logits are compared with `sdpa`'s.
+each kv head's group of query heads, masked softmax in fp32), `flex` (torch's flex_attention). Each variant's
+logits are compared with `sdpa`'s.
 
     python bench/step_profile.py --shapes smollm2,8b --compile no,yes --json $OUT/step_profile.json
 """

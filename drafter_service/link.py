@@ -31,8 +31,8 @@ class VerifierLink:
         self._waiting: dict[str, asyncio.Future] = {}
         self._reader: asyncio.Task | None = None
         self._info: asyncio.Future | None = None  # of the GetModelInfoResponse, asked once per link
-        self.messages_sent = 0  # Verify messages written and read (a batch counts once), for tests and benchmarks
-        self.messages_received = 0
+        # Verify messages written and read (a batch counts once), for tests and benchmarks
+        self.messages_sent = self.messages_received = 0
 
     async def model_info(self) -> verifier_pb2.GetModelInfoResponse:
         """The verifier's GetModelInfo (its limits), asked once per link however many sessions ask at once."""

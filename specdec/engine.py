@@ -471,10 +471,8 @@ def upload(data, device, dtype: torch.dtype | None = None) -> torch.Tensor:
     such waits in a batch of drafts at 64 users on an H200, each the longer for sharing the GPU with another
     process: docs/benchmarks.md, tenth session); staged in pinned memory (torch's caching host allocator, which
     keeps the block until its copy is done) the copy is queued like a kernel and the host runs on."""
-    tensor = data if isinstance(data, torch.Tensor) else torch.tensor(data, dtype=dtype)
-    if dtype is not None:
-        tensor = tensor.to(dtype)
-    if torch.device(device).type != "cuda":
+    tensor = torch.as_tensor(data, dtype=dtype)
+    if tensor.device.type != "cpu" or torch.device(device).type != "cuda":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
 

@@ -284,7 +284,7 @@ class FeatureRunner:
             firsts = torch.cumsum(lengths, 0) - lengths  # where each row's states start in `flat`
             index = torch.repeat_interleave(starts - firsts, lengths) + torch.arange(int(lengths.sum()))
             flat = torch.cat([features[b] for b in members])
-            states = self._input_state((upload(flat, dev) if flat.device.type == "cpu" else flat).to(dtype))
+            states = self._input_state(upload(flat, dev).to(dtype))
             feats.index_copy_(0, upload(index, dev), states)
         return feats.view(batch, width, self.hidden_size)
 

@@ -77,12 +77,12 @@ def build_scheduler(model: str, device: str, max_sessions: int, max_sequence_len
     del hf_model  # the engine holds its own copies of the weights
     warm = getattr(engine, "warm_cuda_graphs", None)
     if graph_warmup_tokens > 0 and warm is not None and engine.device.type == "cuda":
-        for layers in graph_warmup_feature_layers or ():
-            engine.inner_taps(layers)  # a list this model cannot serve: a clear error before any capture
         began = time.perf_counter()
         try:
             captured = warm(scheduler.cache, max_sessions, WARM_VERIFY_WIDTHS, graph_warmup_tokens,
                             graph_warmup_feature_layers or ())
+        except ValueError:  # a layer list this model cannot serve, refused before any capture: the error says which
+            raise
         except Exception as exc:  # (out of memory, say): fail at start-up, not mid-serving, and say what to change
             raise RuntimeError(f"capturing CUDA graphs before serving failed ({exc}); --graph-warmup-tokens 0 "
                                "captures each on first use instead, a lower --max-sessions captures fewer") from exc
