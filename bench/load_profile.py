@@ -49,6 +49,7 @@ from specdec.bench import (  # noqa: E402
     cpu_ms_per_token,
     cpu_seconds,
     load_prompts,
+    report_phases,
     run_level,
     start_drafter_process,
     start_router_process,
@@ -102,10 +103,12 @@ def main() -> None:
                         "py-spy (specdec.device_trace)")
     parser.add_argument("--trace-after", type=float, default=3.0,
                         help="seconds into the level the device trace starts (past the first prefills)")
+    parser.add_argument("--phases-only", action="store_true",
+                        help="no sampler: only the servers' phases (where a round's time goes, logged at their stop)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    if not args.device_trace and not Path(spy).exists():
+    if not args.device_trace and not args.phases_only and not Path(spy).exists():
         raise SystemExit("py-spy is not installed: pip install py-spy")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -134,7 +137,7 @@ def main() -> None:
         asyncio.run(run_level(router.address, prompts, min(4, args.concurrency), 8, 16, k))
         what = [] if args.busy else ["--gil"]
         what += ["--native"] if args.native else ["--nonblocking"]  # (native frames need the process paused)
-        spies = {} if args.device_trace else {
+        spies = {} if args.device_trace or args.phases_only else {
             tier: subprocess.Popen([spy, "record", "-p", str(pid), "-d", str(args.seconds), "-r", str(args.rate),
                                     *what, "-f", "raw", "-o", str(out / f"{tier}.txt")],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -149,7 +152,7 @@ def main() -> None:
             timer.start()
         else:
             print(f"{args.mode}: {args.concurrency} users, {requests} requests of {args.max_new_tokens} tokens; "
-                  f"py-spy samples the first {args.seconds:g} s", flush=True)
+                  + ("phases only" if args.phases_only else f"py-spy samples the first {args.seconds:g} s"), flush=True)
         results, wall = asyncio.run(run_level(router.address, prompts, args.concurrency, requests,
                                               args.max_new_tokens, k))
         if args.device_trace:
@@ -162,7 +165,7 @@ def main() -> None:
     finally:
         for proc in reversed(started):
             proc.stop()
-    if not args.device_trace and wall < args.seconds:
+    if not args.device_trace and not args.phases_only and wall < args.seconds:
         print(f"note: the level took {wall:.1f} s, less than the {args.seconds:g} s sampled: the GIL shares below are "
               "diluted by the idle tail; raise --requests", flush=True)
     report = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "mode": args.mode,
@@ -183,6 +186,8 @@ def main() -> None:
         print("  self:")
         for name, pct in summary["self_pct"][:12]:
             print(f"  {pct:5.1f}%  {name}")
+    print()
+    report["phases"] = report_phases([out / f"{tier}.log" for tier in pids])
     if args.device_trace:
         report["device_trace"] = report_traces(out, traced, summaries, args.trace_after + args.device_trace > wall)
     (out / "load_profile.json").write_text(json.dumps(report, indent=1))

@@ -23,6 +23,8 @@ rolled back to what the context says is committed; nothing else is trusted. This
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -33,6 +35,8 @@ from specdec.errors import Exhausted
 from specdec.hf_engine import TransformersEngine, make_engine
 from specdec.prefix_cache import PrefixCache
 from specdec.sampling import SamplingConfig, draft_picks
+
+log = logging.getLogger(__name__)
 
 TOP_N = 64  # support of a sampled draft distribution sent to the verifier
 
@@ -221,6 +225,11 @@ class FeatureDrafter:
 
         max_len = min(max_sequence_length, model.config.max_position_embeddings)
         self.runner = FeatureRunner(model, device, dtype, max_sessions, max_len)
+        started = time.perf_counter()
+        captured = self.runner.warm_graphs(max_sessions)
+        if captured:
+            log.info("feature drafter: %d CUDA graphs captured before serving in %.1f s", captured,
+                     time.perf_counter() - started)
         self.draft_vocab = None if model.draft_vocab is None else model.draft_vocab.tolist()
         # the target layers whose outputs it reads (SessionSpec.feature_layers; empty: the last only) and the width
         # of the features the verifier sends for them

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -21,6 +22,7 @@ from drafter_service.link import VerifierLink
 from specdec import compute, device_trace, telemetry
 from specdec.errors import InvalidInput, SpecdecError, Unavailable
 from specdec.proto import drafter_pb2, drafter_pb2_grpc, verifier_pb2
+from specdec.phases import PhaseTimes
 from specdec.sampling import SamplingConfig
 from specdec.server import MAX_MESSAGE_BYTES
 
@@ -32,13 +34,17 @@ class DraftBatcher:
 
     def __init__(self, drafter):
         self.drafter = drafter
-        self._pending: list[tuple[DraftRequest, asyncio.Future]] = []
+        self._pending: list[tuple[DraftRequest, asyncio.Future, float]] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._drafting = False  # a batch is on the torch thread
         self._closing: set[asyncio.Task] = set()
         # Draft tokens asked for and not yet returned (queued or being drafted): the drafter tier's load metric
         # (specdec_drafter_pending_work, read by its HPA).
         self.pending_work = 0
+        # where the sessions' rounds go (logged when the server stops): the queue before a batch, the batches,
+        # and the servicer's phases (DrafterServicer.Draft)
+        self.phases = PhaseTimes()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="draft-batcher")
@@ -63,11 +69,16 @@ class DraftBatcher:
             await asyncio.wait(set(self._closing))
         self.drafter.open(session_id)
 
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and no batch drafting."""
+        return not self._pending and not self._drafting
+
     async def propose(self, request: DraftRequest) -> Draft:
         if request.k == 0:
             return Draft([])
         future = asyncio.get_running_loop().create_future()
-        self._pending.append((request, future))
+        self._pending.append((request, future, time.perf_counter()))
         self.pending_work += request.k
         self._wakeup.set()
         try:
@@ -80,15 +91,25 @@ class DraftBatcher:
             await self._wakeup.wait()
             self._wakeup.clear()
             batch, self._pending = self._pending, []
-            batch = [(r, f) for r, f in batch if not f.done()]
+            batch = [(r, f, queued) for r, f, queued in batch if not f.done()]
             if not batch:
                 continue
+            started = time.perf_counter()
+            for _, _, queued in batch:
+                self.phases.add("draft_queue", started - queued)
+            self.phases.count("batches")
+            self.phases.count("batch_rows", len(batch))
+            self._drafting = True
             try:
-                drafts = await compute.run(device_trace.traced("drafter.propose", self._propose), [r for r, _ in batch])
+                drafts = await compute.run(device_trace.traced("drafter.propose", self._propose),
+                                           [r for r, _, _ in batch])
             except Exception:  # a drafter bug costs speed (empty drafts), never a session
                 log.exception("drafting failed for %d sessions", len(batch))
                 drafts = [Draft([]) for _ in batch]
-            for (_, future), draft in zip(batch, drafts):
+            finally:
+                self._drafting = False
+            self.phases.since("draft_batch", started)
+            for (_, future, _), draft in zip(batch, drafts):
                 if not future.done():
                     future.set_result(draft)
 
@@ -201,7 +222,10 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                  tree: TreeShape | None = None):
         """proactive: while a block is being verified, draft the next one as if the block and the drafter's own
         guess of the bonus token were accepted; use it if the verdict agrees, else throw it away. Pays when the
-        drafter has its own device; on a shared CPU it only competes with verification. tree: draft trees of this
+        drafter has its own device; on a shared CPU it only competes with verification. Only an idle drafter drafts
+        ahead: about one such draft in five is used (an H200 at 64 users: 1,237 of 5,867), so under load they
+        queued in front of drafts sure to be used and cost 21-23% of the throughput (docs/benchmarks.md, eleventh
+        session). tree: draft trees of this
         shape, max_draft_tokens deep, where the drafter and the verifier can (a session drafting trees keeps its
         depth and drafts nothing ahead); None = chains."""
         self.batcher = batcher
@@ -254,13 +278,16 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
             wire_bytes = spec.ByteSize() + verdict.ByteSize()
             yield drafter_pb2.DraftResponse(update=verdict.update, wire_bytes=wire_bytes)
             draft: Draft | None = None
+            phases = self.batcher.phases
             while not verdict.update.finish_reason:
+                round_started = time.perf_counter()
                 k_now = allowed_draft_length(verdict, k)
                 if draft is None:
                     draft = await self.batcher.propose(
                         DraftRequest(spec.session_id, context_tokens, k_now, sampling, generator,
                                      features and features.upto(features.count), tree)
                     )
+                    phases.since("draft", round_started)
                 block = verifier_pb2.DraftBlock(
                     session_id=spec.session_id,
                     committed_length=verdict.update.committed_length,
@@ -271,26 +298,36 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                     for ids, probs in draft.distributions:
                         block.distributions.add(token_ids=ids, probs=probs)
                 sending = asyncio.ensure_future(link.send_block(block))
+                sent = time.perf_counter()
                 ahead = None
-                if self.proactive and draft.tokens and k_now and draft.parents is None:
+                if self.proactive and draft.tokens and k_now and draft.parents is None and self.batcher.idle:
                     k_ahead = next_draft_length(k, len(draft.tokens), len(draft.tokens), k_max)
                     ahead = asyncio.ensure_future(self.batcher.propose(DraftRequest(
                         spec.session_id, context_tokens + draft.tokens, k_ahead + 1, sampling, generator,
                         features and features.upto(features.count))))
+                    phases.count("ahead_drafts")
                 try:
                     verdict = await sending
                 except BaseException:
                     if ahead:
                         ahead.cancel()
                     raise
+                phases.since("verify", sent)
                 if draft.parents is None:  # a tree keeps its depth: its nodes, not its depth, are the bet
                     k = next_draft_length(k, len(draft.tokens), verdict.accepted, k_max)
                 wire_bytes += block.ByteSize() + verdict.ByteSize()
                 context_tokens.extend(verdict.update.token_ids)
                 if features is not None:
                     features.stage(verdict)
+                responding = time.perf_counter()
                 yield drafter_pb2.DraftResponse(update=verdict.update, wire_bytes=wire_bytes)
-                draft = await _usable_ahead(ahead, block, verdict, allowed_draft_length(verdict, k)) if ahead else None
+                responded = phases.since("respond", responding)
+                draft = None
+                if ahead:
+                    draft = await _usable_ahead(ahead, block, verdict, allowed_draft_length(verdict, k))
+                    phases.since("ahead_wait", responded)
+                    phases.count("ahead_used", draft is not None)
+                phases.since("round", round_started)
             opened = False  # the verifier closes finished sessions itself
         except SpecdecError as exc:
             error = exc
@@ -303,5 +340,6 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                 link.close_session(spec.session_id)
 
     async def aclose(self) -> None:
+        log.info(self.batcher.phases.summary_line("drafter"))
         for link in self._links.values():
             await link.aclose()

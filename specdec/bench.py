@@ -305,6 +305,26 @@ def start_drafter_process(mode: str, target: str, device: str, max_sessions: int
                          *(["--prefix-cache-blocks", str(prefix_cache_blocks)] if spec != "ngram" else []), log=log)
 
 
+def report_phases(logs: list[Path]) -> dict[str, dict]:
+    """Prints and returns the phases each server logged when it stopped (specdec.phases): where its rounds went,
+    over its whole life (a process serving several levels sums them)."""
+    from specdec.phases import read_summaries
+
+    found = {}
+    for log in logs:
+        for tier, summary in (read_summaries(log.read_text()) if log.exists() else {}).items():
+            found[log.stem] = summary
+            counters = summary.pop("counters", {})
+            print(f"{log.stem} ({tier}) phases, ms mean / p50 / p90 / p99 (n):")
+            for phase, t in summary.items():
+                print(f"  {phase:>14}: {t['mean_ms']:8.2f} {t['p50_ms']:8.2f} {t['p90_ms']:8.2f} {t['p99_ms']:8.2f}"
+                      f"  ({t['n']})")
+            if counters:
+                print(f"  counters: {counters}")
+            summary["counters"] = counters
+    return found
+
+
 def run(args) -> int:
     prompts = load_prompts(Path(args.prompts))
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -369,14 +389,15 @@ def run(args) -> int:
     finally:
         for proc in reversed(started):
             proc.stop()
+    phases = report_phases(sorted(out.glob("*.log")))
     baselines = {}
-    _write_report(args, out, rows, baselines)  # the sweep is kept even if a baseline fails below
+    _write_report(args, out, rows, baselines, phases)  # the sweep is kept even if a baseline fails below
     if args.baselines:
         print("transformers baselines (one user, greedy, in this process):", flush=True)
         drafter = _assistant_spec(args, modes)
         baselines = hf_baselines(args.target, drafter, prompts, args.baseline_prompts, args.max_new_tokens, args.k,
                                  args.verifier_device)
-    _write_report(args, out, rows, baselines)
+    _write_report(args, out, rows, baselines, phases)
     try:
         plot(rows, baselines, out / "plot.png")
     except ImportError:
@@ -385,7 +406,7 @@ def run(args) -> int:
     return 0
 
 
-def _write_report(args, out: Path, rows: list[Row], baselines: dict) -> None:
+def _write_report(args, out: Path, rows: list[Row], baselines: dict, phases: dict) -> None:
     report = {
         "command": args.command_line,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -394,6 +415,7 @@ def _write_report(args, out: Path, rows: list[Row], baselines: dict) -> None:
         "settings": {k: v for k, v in vars(args).items() if k not in ("func", "command_line")},
         "rows": [asdict(r) for r in rows],
         "baselines_tokens_per_s": baselines,
+        "phases": phases,
     }
     (out / "results.json").write_text(json.dumps(report, indent=2))
 

@@ -698,14 +698,15 @@ class _GraphRunner:
         lengths = {self._length(cache, max_kv)}  # and every smaller bucket
         while min(lengths) > self._length(cache, 1):
             lengths.add(self._length(cache, min(lengths) // 2))
-        passes = sorted({_bucket(w, self.floor) for w in widths if w <= self.max_width})
+        passes = sorted({_bucket(w, self.floor) for w in widths if self.accepts(1, w)})
         # (width, taps, greedy): the greedy step, then the passes, plain and with each list's hidden states
         kinds = [(self.floor, (), True), *((w, t, False) for t in [(), *taps] for w in passes)]
         with self._on_device():
             for length in sorted(lengths):
                 for batch in batches:
                     for width, tapped, greedy in kinds:
-                        self._graph(cache, batch, width, length, tapped, greedy)
+                        if greedy or self.accepts(batch, width):  # wide passes (prefills): a few rows only
+                            self._graph(cache, batch, width, length, tapped, greedy)
         return len(self.graphs) - before
 
     @staticmethod

@@ -27,6 +27,7 @@ with a KV slot per session. Verification stays lossless whatever the features: t
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -300,13 +301,52 @@ class FeatureRunner:
         """rows[b].tokens at KV positions rows[b].start.., each with the feature in features[b] [n_b, hidden] (any
         device; [n_b, feature_width] for the target's own when the drafter taps several layers). Returns, for each
         row's last token, draft logits [batch, draft vocab] float32 and the predicted feature [batch, hidden]: the
-        input feature of the token drafted after it."""
+        input feature of the token drafted after it.
+
+        Rows longer than MAX_GRAPH_WIDTH (a new session's prompt) run in a pass of their own: padded to their
+        width, the whole batch's pass would be that wide, eager on a GPU and mostly padding (at 64 users on an
+        H200, a batch holding a new session took ~90 ms against ~8 ms: docs/benchmarks.md, eleventh session)."""
         dev = self.engine.device
         batch = len(rows)
+        wide = [b for b, r in enumerate(rows) if len(r.tokens) > self.MAX_GRAPH_WIDTH]
+        if wide and len(wide) < batch:
+            narrow = [b for b, r in enumerate(rows) if len(r.tokens) <= self.MAX_GRAPH_WIDTH]
+            parts = [(group, self.step([rows[b] for b in group], [features[b] for b in group]))
+                     for group in (narrow, wide)]
+            logits = torch.empty(batch, parts[0][1][0].shape[-1], device=dev, dtype=parts[0][1][0].dtype)
+            h = torch.empty(batch, parts[0][1][1].shape[-1], device=dev, dtype=parts[0][1][1].dtype)
+            for group, (group_logits, group_h) in parts:
+                index = upload(group, dev)
+                logits[index], h[index] = group_logits, group_h
+            return logits, h
         h, logits = self._run(rows, features)
         b = torch.arange(batch, device=dev)
         t = upload([len(r.tokens) - 1 for r in rows], dev)
         return logits[b, t].float(), h[b, t]
+
+    @torch.inference_mode()
+    def warm_graphs(self, max_rows: int, widths=(1, 2, 4, 8), max_kv: int = 512) -> int:
+        """Captures now, instead of mid-serving, the CUDA graphs of chain passes `widths` tokens wide for every batch
+        bucket up to max_rows and every KV-length bucket up to max_kv: what a draft asks for while its sessions'
+        contexts stay within max_kv (a capture mid-serving holds the whole batch of drafts: ~50-100 ms each).
+        Returns how many it captured (0 without CUDA graphs)."""
+        if self._graphs is None:
+            return 0
+        top = _bucket(min(max_rows, self.MAX_GRAPH_BATCH))
+        batches = [1 << i for i in range(top.bit_length())]
+        lengths = sorted({min(128 << i, self.cache.max_len) for i in range(max(max_kv // 128, 1).bit_length())})
+        captured = 0
+        for batch, width, length in itertools.product(batches, widths, lengths):
+            key = (batch, _bucket(width), _bucket(width), length)
+            if key in self._graphs:
+                continue
+            with torch.cuda.device(self.engine.device):
+                self._graphs[key] = self._capture(*key)
+            if self._graphs[key] is None:  # failed its check: eager from now on, as _forward does
+                self._graphs = None
+                return captured
+            captured += 1
+        return captured
 
     @torch.inference_mode()
     def draft_tree(self, rows: list[Row], features: list[torch.Tensor], depth: int, branch: int, beam: int,
@@ -330,10 +370,8 @@ class FeatureRunner:
         dev, vocab = self.engine.device, self._vocab_index
         n = len(rows)
         temps = upload(temperatures or [0.0] * n, dev, torch.float64)
-        h, logits = self._run(rows, features)
-        last = upload([len(r.tokens) - 1 for r in rows], dev)
-        index = torch.arange(n, device=dev)
-        logits, h = logits[index, last].float()[:, None], h[index, last][:, None]  # [n, 1, ...]: the roots
+        logits, h = self.step(rows, features)
+        logits, h = logits[:, None], h[:, None]  # [n, 1, ...]: the roots
         expanded = [1]  # nodes expanded at each level (the root first): fixed by branch and beam alone
         for _ in range(depth - 1):
             expanded.append(min(beam, expanded[-1] * branch))

@@ -81,3 +81,36 @@ def test_a_sessions_features_staged_on_the_event_loop_become_rows_on_the_torch_t
     features.stage(SimpleNamespace(features=torch.randn(300, 3).to(torch.float16).numpy().tobytes()))  # grows
     assert compute.call(features.upto(features.count)).shape == (307, 3)
     assert torch.equal(compute.call(features.upto(7)), states)
+
+
+def test_the_batcher_is_idle_only_with_nothing_queued_and_no_batch_drafting():
+    """Drafting ahead (DrafterServicer's proactive drafts) waits for an idle batcher: what it reads."""
+    import threading
+
+    from drafter_service.drafters import Draft, DraftRequest
+    from specdec.sampling import SamplingConfig
+
+    release = threading.Event()
+
+    class SlowDrafter:
+        def propose(self, requests):
+            release.wait(5)
+            return [Draft([1]) for _ in requests]
+
+    async def main():
+        batcher = DraftBatcher(SlowDrafter())
+        seen = [batcher.idle]
+        batcher.start()
+        request = DraftRequest("a", [1, 2], 1, SamplingConfig(), None, None)
+        drafting = asyncio.ensure_future(batcher.propose(request))
+        await asyncio.sleep(0)
+        seen.append(batcher.idle)  # queued
+        await asyncio.sleep(0.1)
+        seen.append(batcher.idle)  # drafting on the torch thread
+        release.set()
+        draft = await drafting
+        await asyncio.sleep(0)
+        seen.append(batcher.idle)
+        return seen, draft.tokens
+
+    assert asyncio.run(main()) == ([True, False, False, True], [1])

@@ -8,6 +8,8 @@ unrolled passes' rows (max abs diff 1e-4); plus the artifact round trip and its 
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -56,18 +58,62 @@ def test_drafting_steps_equal_the_unrolled_training_passes(start, num_layers, ta
         torch.testing.assert_close(h[0], unrolled[d][0, position], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("lengths", [(4, 11, 1, 7), (4, 21, 1, 7, 30)], ids=["narrow", "with-wide-rows"])
 @pytest.mark.parametrize("taps", [None, [1, 4, 7]], ids=["last-layer", "fused"])
-def test_batched_rows_equal_rows_alone(taps):
+def test_batched_rows_equal_rows_alone(taps, lengths):
     """(fused: rows of the target's three layers side by side and a row of the drafter's own prediction, one
-    hidden state wide, in one pass)"""
+    hidden state wide, in one pass; with-wide-rows: rows past MAX_GRAPH_WIDTH, new sessions' prompts, which run in
+    a pass of their own)"""
     model = _model(taps=taps)
-    runner = FeatureRunner(model, "cpu", torch.float32, num_slots=4, max_len=64)
-    seqs = [torch.randint(0, VOCAB, (n,)).tolist() for n in (4, 11, 1, 7)]
+    runner = FeatureRunner(model, "cpu", torch.float32, num_slots=len(lengths) + 1, max_len=64)
+    seqs = [torch.randint(0, VOCAB, (n,)).tolist() for n in lengths]
     feats = [torch.randn(len(s), model.feature_width if i != 2 else 64) for i, s in enumerate(seqs)]
-    together, _ = runner.step([Row(i, 0, s) for i, s in enumerate(seqs)], feats)
+    together, together_h = runner.step([Row(i, 0, s) for i, s in enumerate(seqs)], feats)
     for i, (s, f) in enumerate(zip(seqs, feats)):
-        alone, _ = runner.step([Row(i, 0, s)], [f])
+        alone, alone_h = runner.step([Row(i, 0, s)], [f])
         torch.testing.assert_close(together[i], alone[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(together_h[i], alone_h[0], atol=1e-4, rtol=1e-4)
+
+
+class _Replayed:
+    """A stand-in CUDA graph on the CPU: a replay re-runs the captured pass on its static buffers and writes its
+    outputs in place, as a real replay does."""
+
+    def __init__(self, step, outputs):
+        self.step, self.outputs = step, outputs
+
+    def replay(self):
+        for output, new in zip(self.outputs, self.step()):
+            output.copy_(new)
+
+
+def test_warmed_graphs_are_the_ones_drafting_replays(monkeypatch):
+    """warm_graphs captures, before serving, every bucket a batch of chain drafts asks for while its contexts stay
+    within the warmed KV length: drafting afterwards captures nothing more, and its drafts (replayed through
+    stand-in graphs, every other line of the graphed path as on a GPU) equal an eager runner's."""
+    model = _model(taps=[1, 4, 7])
+    eager = FeatureRunner(model, "cpu", torch.float32, num_slots=9, max_len=64)
+    graphed = FeatureRunner(model, "cpu", torch.float32, num_slots=9, max_len=64)
+    graphed._graphs = {}
+    captured = []
+
+    def capture(batch, width, span, length):
+        captured.append((batch, width, span, length))
+        buffers = graphed._inputs([], [], batch, width, span)
+        outputs = tuple(torch.full_like(o, float("nan")) for o in graphed._pass(*buffers, length))
+        return _Replayed(lambda: graphed._pass(*buffers, length), outputs), buffers, outputs
+
+    monkeypatch.setattr(graphed, "_capture", capture)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    assert graphed.warm_graphs(8) == 4 * 4 == len(captured)  # batches 1, 2, 4, 8 x widths 1, 2, 4, 8 x KV 64
+    captured.clear()
+    for n_rows in (3, 8):
+        seqs = [torch.randint(0, VOCAB, (n,)).tolist() for n in (5, 2, 7, 1, 3, 6, 4, 2)[:n_rows]]
+        feats = [torch.randn(len(s), model.feature_width) for s in seqs]
+        rows = [Row(i, 0, s) for i, s in enumerate(seqs)]
+        want = eager.draft_greedy(rows, feats, 4)
+        assert graphed.draft_greedy(rows, feats, 4) == want
+    assert captured == []
 
 
 @pytest.mark.parametrize("draft_vocab", [None, sorted(range(3, VOCAB, 2))], ids=["full-head", "reduced-head"])

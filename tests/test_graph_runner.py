@@ -176,6 +176,20 @@ def test_graphs_warmed_before_serving_are_the_ones_replayed():
     assert graphed.passes["captures"] == captures
 
 
+def test_prefills_warmed_before_serving_are_replayed_for_a_few_rows_only():
+    """Wide widths (prefills of a few prompts) are warmed for batches up to WIDE_BATCH rows, the passes that can
+    replay them: a prefill of two 20-token prompts afterwards captures nothing and gives the eager logits."""
+    eager, graphed = _engines(seed=12)
+    caches = [e.new_cache(8, 64) for e in (eager, graphed)]
+    # batches 1, 2, 4, 8: a greedy step each, a 2-token pass each, a 32-token pass for 1, 2 and 4 rows
+    assert graphed.warm_cuda_graphs(caches[1], max_rows=8, widths=(2, 32), max_kv=64) == 4 + 4 + 3
+    captures = graphed.passes["captures"]
+    prompts = [Row(i, 0, list(range(3 + i, 23 + i))) for i in range(2)]
+    want, got = eager.forward(caches[0], prompts), graphed.forward(caches[1], prompts)
+    assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(got, want))
+    assert graphed.passes["captures"] == captures and graphed.passes["graphed"] == 1
+
+
 def test_a_fused_drafters_layers_warmed_before_serving_are_replayed_when_its_sessions_verify():
     """warm_cuda_graphs(feature_layers=...) also captures the verify passes that return those layers' hidden states
     (a fused drafter's sessions ask for them): verifying with them afterwards captures nothing and gives the eager

@@ -52,6 +52,10 @@ DECODE_AHEAD_STEPS_ON_GPU = 2
 # Verify passes' width buckets captured before serving: blocks of 2, 3-4 and 5-8 tokens (drafts of 1 to 7 tokens,
 # the adaptive lengths around the GPU's advised 5)
 WARM_VERIFY_WIDTHS = (2, 4, 8)
+# and the wide passes' buckets that prefills of up to TREE_PASS_ROWS prompts of 17-128 tokens replay (captured
+# mid-serving, each held a tick for ~100-200 ms: the verifier's tick p99 at 64 users, docs/benchmarks.md, eleventh
+# session)
+WARM_PREFILL_WIDTHS = (32, 64, 128)
 
 
 def build_scheduler(model: str, device: str, max_sessions: int, max_sequence_length: int, max_draft_tokens: int,
@@ -79,15 +83,16 @@ def build_scheduler(model: str, device: str, max_sessions: int, max_sequence_len
     if graph_warmup_tokens > 0 and warm is not None and engine.device.type == "cuda":
         began = time.perf_counter()
         try:
-            captured = warm(scheduler.cache, max_sessions, WARM_VERIFY_WIDTHS, graph_warmup_tokens,
-                            graph_warmup_feature_layers or ())
+            captured = warm(scheduler.cache, max_sessions, WARM_VERIFY_WIDTHS + WARM_PREFILL_WIDTHS,
+                            graph_warmup_tokens, graph_warmup_feature_layers or ())
         except ValueError:  # a layer list this model cannot serve, refused before any capture: the error says which
             raise
         except Exception as exc:  # (out of memory, say): fail at start-up, not mid-serving, and say what to change
             raise RuntimeError(f"capturing CUDA graphs before serving failed ({exc}); --graph-warmup-tokens 0 "
                                "captures each on first use instead, a lower --max-sessions captures fewer") from exc
-        log.info("captured %d CUDA graphs (greedy decode steps and %s-token verify passes%s, up to %d rows and %d "
-                 "tokens of context) in %.1f s", captured, "/".join(map(str, WARM_VERIFY_WIDTHS)),
+        log.info("captured %d CUDA graphs (greedy decode steps, %s-token verify passes and %s-token prefills%s, up "
+                 "to %d rows and %d tokens of context) in %.1f s", captured, "/".join(map(str, WARM_VERIFY_WIDTHS)),
+                 "/".join(map(str, WARM_PREFILL_WIDTHS)),
                  "".join(f", with layers {layers}" for layers in graph_warmup_feature_layers or ()), max_sessions,
                  graph_warmup_tokens, time.perf_counter() - began)
     return scheduler
@@ -137,6 +142,10 @@ async def start_verifier(
 
     async def on_stop():
         passes = getattr(scheduler.engine, "passes", None)
+        if passes:
+            scheduler.phases.count("cuda_graphs_captured", passes["captures"])
+            scheduler.phases.count("eager_passes", passes["eager"])
+        log.info(scheduler.phases.summary_line("verifier"))
         if passes:
             log.info("engine: %d graphed and %d eager passes, %d greedy decode steps; %d CUDA graphs captured in "
                      "%.1f s", passes["graphed"], passes["eager"], passes["greedy_steps"], passes["captures"],

@@ -17,7 +17,7 @@ import itertools
 import logging
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -25,6 +25,7 @@ from specdec import compute, device_trace
 from specdec.engine import TREE_PASS_ROWS, LlamaEngine, Row, tree_visibility, upload
 from specdec.errors import Exhausted, InvalidInput, Unavailable
 from specdec.hf_engine import TransformersEngine
+from specdec.phases import PhaseTimes
 from specdec.sampling import probs_from_logits, sample
 from specdec.validation import check_prompt_ids
 from specdec.verification import tree_depths, verify, verify_greedy, verify_tree, verify_tree_greedy
@@ -64,6 +65,7 @@ class _Work:
     draft_dists: list[DraftDistribution] | None = None
     draft_parents: list[int] | None = None  # a draft tree (DraftBlock.parents); None = a chain
     chunk: bool = False  # plain decode that may take several steps in one tick (see Scheduler.decode_chunk_ms)
+    queued: float = field(default_factory=time.perf_counter)
 
 
 class Scheduler:
@@ -108,6 +110,8 @@ class Scheduler:
         self.ticks = 0
         self.last_batch_size = 0
         self.metrics = None  # specdec.telemetry.VerifierMetrics when this process serves /metrics
+        # where the work's time goes (logged when the server stops): its wait for a tick, and the ticks
+        self.phases = PhaseTimes()
         self._saving: set[asyncio.Task] = set()  # closed sessions whose blocks are being saved
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
@@ -282,6 +286,11 @@ class Scheduler:
             self.ticks += 1
             self.last_batch_size = len(batch)
             loop = asyncio.get_running_loop()
+            started = time.perf_counter()
+            for work in batch:
+                self.phases.add("prefill_queue" if work.draft_tokens is None else "block_queue", started - work.queued)
+            self.phases.count("tick_rows", len(batch))
+            self.phases.count("ticks_with_prefills", any(w.draft_tokens is None for w in batch))
 
             def deliver(work: _Work, result: StepResult) -> None:  # from the torch thread, before the tick ends
                 loop.call_soon_threadsafe(_resolve, work.future, result)
@@ -294,6 +303,7 @@ class Scheduler:
                     if not work.future.done():
                         work.future.set_exception(exc)
                 continue
+            self.phases.since("tick", started)
             for work, result in zip(batch, results):
                 _resolve(work.future, result)
             if self.metrics is not None:  # once per tick, never per token
