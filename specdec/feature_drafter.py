@@ -246,12 +246,14 @@ class FeatureRunner:
         self._vocab_index = None if model.draft_vocab is None else model.draft_vocab.to(self.engine.device)
         self.cache = self.engine.new_cache(num_slots, max_len)
         self.hidden_size = model.config.hidden_size
+        self.draft_vocab_size = model.lm.get_output_embeddings().weight.shape[0]  # the draft logits' width
         self.feature_width = model.feature_width
         self._fuse = None if model.fuse is None else model.fuse.weight.detach().to(self.engine.device, dtype)
         if cuda_graphs is None:
             cuda_graphs = self.engine.device.type == "cuda"
         self._graphs: dict[tuple[int, int, int, int], tuple] | None = {} if cuda_graphs else None
         self._pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
+        self._loop_inputs: dict[tuple[int, int], tuple] = {}  # (rows, draft vocab) -> _capture_loop's buffers
 
     def _pass(self, tokens, positions, write_slots, write_pos, slots, base, visible, feats, kv_len: int):
         """Device work only (capturable): predicted features [batch, width, hidden] and their logits."""
@@ -325,11 +327,12 @@ class FeatureRunner:
         return logits[b, t].float(), h[b, t]
 
     @torch.inference_mode()
-    def warm_graphs(self, max_rows: int, widths=(1, 2, 4, 8), max_kv: int = 512) -> int:
-        """Captures now, instead of mid-serving, the CUDA graphs of chain passes `widths` tokens wide for every batch
-        bucket up to max_rows and every KV-length bucket up to max_kv: what a draft asks for while its sessions'
-        contexts stay within max_kv (a capture mid-serving holds the whole batch of drafts: ~50-100 ms each).
-        Returns how many it captured (0 without CUDA graphs)."""
+    def warm_graphs(self, max_rows: int, widths=(1, 2, 4, 8), max_kv: int = 512, steps=(2, 3, 4, 5)) -> int:
+        """Captures now, instead of mid-serving, the CUDA graphs of chain passes `widths` tokens wide and of greedy
+        drafting loops of `steps` picks (`_draft_graphed`) for every batch bucket up to max_rows and every
+        KV-length bucket up to max_kv: what a draft asks for while its sessions' contexts stay within max_kv (a
+        capture mid-serving holds the whole batch of drafts: ~50-100 ms each). Returns how many it captured (0
+        without CUDA graphs)."""
         if self._graphs is None:
             return 0
         top = _bucket(min(max_rows, self.MAX_GRAPH_BATCH))
@@ -346,6 +349,12 @@ class FeatureRunner:
                 self._graphs = None
                 return captured
             captured += 1
+        for batch, count, length in itertools.product(batches, steps, lengths):
+            key = ("greedy", batch, count, length)
+            if key not in self._graphs:
+                with torch.cuda.device(self.engine.device):
+                    self._graphs[key] = self._capture_loop(self.draft_vocab_size, *key[1:])
+                captured += self._graphs[key] is not None
         return captured
 
     @torch.inference_mode()
@@ -514,6 +523,10 @@ class FeatureRunner:
         first = [r.start + len(r.tokens) for r in rows]  # the position of each row's first fed token
         slots = upload([r.slot for r in rows], dev)
         positions = upload(first, dev)
+        if not sampled and not lead and steps > 1:
+            tokens = self._draft_graphed(logits, h, positions, slots, steps, max(first) + steps - 1)
+            if tokens is not None:
+                return tokens, None
         vocab = self._vocab_index
         picks, top_ids, top_probs = [], [], []  # per pass: draft-vocabulary indices [rows] (and [rows, top_n])
         fed = None  # the target ids the last pass's picks (or forced tokens) feed to the next [rows]
@@ -592,18 +605,9 @@ class FeatureRunner:
 
     def _capture(self, batch: int, width: int, span: int, length: int):
         buffers = self._inputs([], [], batch, width, span)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm up kernels and allocator outside the capture
-                self._pass(*buffers, length)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self._pool):
-                outputs = self._pass(*buffers, length)
-            graph.replay()  # a replay must give the eager pass's outputs on the same inputs
-            ok = torch.allclose(outputs[1].float(), self._pass(*buffers, length)[1].float(), rtol=1e-2, atol=1e-2)
+            graph, outputs, eager = self._record(lambda: self._pass(*buffers, length))
+            ok = torch.allclose(outputs[1].float(), eager[1].float(), rtol=1e-2, atol=1e-2)
         except RuntimeError:
             log.exception("capturing the feature drafter's CUDA graph failed")
             ok = False
@@ -612,3 +616,83 @@ class FeatureRunner:
                         "drafting eagerly (slower, same drafts)", batch, width)
             return None
         return graph, buffers, outputs
+
+    def _record(self, fn):
+        """fn's device work (on static buffers) as a CUDA graph: (graph, its outputs after one replay, fn's outputs
+        run eagerly on the same inputs, for the caller's check)."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm up kernels and allocator outside the capture
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            outputs = fn()
+        graph.replay()
+        return graph, outputs, fn()
+
+    def _draft_graphed(self, logits, h, positions, slots, steps: int, kv_len: int) -> list[list[int]] | None:
+        """`draft`'s greedy chain after its first pass (logits [n, draft vocab], h [n, hidden] of each row's last
+        token; positions and slots [n] on the device) as one CUDA graph replay: steps picks, steps - 1 passes and
+        their inputs, one launch instead of ~25 a pass (a batch of drafts was ~150 launches and ~8 ms of host at
+        64 users on an H200: docs/benchmarks.md, eleventh session). Target ids [n][steps], or None where no graph
+        serves (no CUDA graphs, too many rows, a graph that failed its check): the caller drafts pass by pass."""
+        n = logits.shape[0]
+        if self._graphs is None or n > self.MAX_GRAPH_BATCH:
+            return None
+        key = ("greedy", _bucket(n), steps, min(_bucket(kv_len, floor=128), self.cache.max_len))
+        with torch.cuda.device(self.engine.device):
+            if key not in self._graphs:
+                self._graphs[key] = self._capture_loop(logits.shape[-1], *key[1:])
+            entry = self._graphs[key]
+            if entry is None:
+                return None
+            graph, (b_logits, b_h, b_positions, b_slots), (drafted,) = entry
+            b_logits[:n].copy_(logits)
+            b_h[:n].copy_(h)
+            b_positions[:n].copy_(positions)
+            b_slots[:n].copy_(slots)
+            b_slots[n:].fill_(self.cache.scratch)  # padding rows write to the scratch slot
+            graph.replay()
+            return drafted[:n].tolist()
+
+    def _capture_loop(self, vocab_size: int, batch: int, steps: int, length: int):
+        """The graph of `_draft_graphed`'s bucket: (graph, its input buffers, its outputs); None if its replay does
+        not draft what the eager loop does (that bucket then drafts pass by pass, with the passes' own graphs). The
+        input buffers are shared by the buckets of one batch size (replays run one at a time on one stream)."""
+        buffers = self._loop_inputs.get((batch, vocab_size))
+        if buffers is None:
+            dev, dtype = self.engine.device, self.engine.dtype
+            buffers = self._loop_inputs[(batch, vocab_size)] = (
+                torch.zeros(batch, vocab_size, device=dev), torch.zeros(batch, self.hidden_size, device=dev, dtype=dtype),
+                torch.zeros(batch, dtype=torch.long, device=dev),
+                torch.full((batch,), self.cache.scratch, dtype=torch.long, device=dev))
+        try:
+            graph, outputs, eager = self._record(lambda: self._greedy_loop(buffers, steps, length))
+            ok = torch.equal(outputs[0], eager[0])
+        except RuntimeError:
+            log.exception("capturing the feature drafter's drafting loop as a CUDA graph failed")
+            ok = False
+        if not ok:
+            log.warning("feature drafter: the CUDA graph of %d greedy steps for %d rows does not draft what the eager "
+                        "loop does; drafting those pass by pass", steps, batch)
+            return None
+        return graph, buffers, outputs
+
+    def _greedy_loop(self, buffers, steps: int, length: int) -> tuple[torch.Tensor]:
+        """Device work only (capturable): `draft`'s greedy loop from the first pass's outputs, every row padded
+        alike (padding rows write to the scratch slot). Returns (target ids [rows, steps],)."""
+        logits, h, positions, slots = buffers
+        vocab = self._vocab_index
+        picks = []
+        for i in range(steps):
+            if i:
+                inputs = self._device_inputs(fed, positions + i - 1, slots, h)(len(fed), 1, 1)
+                out_h, out_logits = self._pass(*inputs, length)
+                h, logits = out_h[:, 0], out_logits[:, 0]
+            pick = logits.argmax(-1)
+            picks.append(pick)
+            fed = pick if vocab is None else vocab[pick]
+        drafted = torch.stack(picks, dim=1)
+        return (drafted if vocab is None else vocab[drafted],)

@@ -89,31 +89,42 @@ class _Replayed:
 
 def test_warmed_graphs_are_the_ones_drafting_replays(monkeypatch):
     """warm_graphs captures, before serving, every bucket a batch of chain drafts asks for while its contexts stay
-    within the warmed KV length: drafting afterwards captures nothing more, and its drafts (replayed through
-    stand-in graphs, every other line of the graphed path as on a GPU) equal an eager runner's."""
-    model = _model(taps=[1, 4, 7])
+    within the warmed KV length (the passes, and the greedy drafting loop as one graph): drafting afterwards
+    captures nothing more, and its drafts (replayed through stand-in graphs, every other line of the graphed path
+    as on a GPU) equal an eager runner's, greedy (the loop's graph) and sampled (pass by pass)."""
+    model = _model(taps=[1, 4, 7], draft_vocab=sorted(range(3, VOCAB, 2)))
     eager = FeatureRunner(model, "cpu", torch.float32, num_slots=9, max_len=64)
     graphed = FeatureRunner(model, "cpu", torch.float32, num_slots=9, max_len=64)
     graphed._graphs = {}
-    captured = []
+    recorded = []
 
-    def capture(batch, width, span, length):
-        captured.append((batch, width, span, length))
-        buffers = graphed._inputs([], [], batch, width, span)
-        outputs = tuple(torch.full_like(o, float("nan")) for o in graphed._pass(*buffers, length))
-        return _Replayed(lambda: graphed._pass(*buffers, length), outputs), buffers, outputs
+    def record(fn):
+        recorded.append(fn)
+        # a captured graph has run nothing yet: its outputs hold garbage until a replay writes them
+        outputs = tuple(torch.full_like(o, float("nan") if o.is_floating_point() else -1) for o in fn())
+        graph = _Replayed(fn, outputs)
+        graph.replay()  # as _record does, before the check
+        return graph, outputs, fn()
 
-    monkeypatch.setattr(graphed, "_capture", capture)
+    monkeypatch.setattr(graphed, "_record", record)
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
-    assert graphed.warm_graphs(8) == 4 * 4 == len(captured)  # batches 1, 2, 4, 8 x widths 1, 2, 4, 8 x KV 64
-    captured.clear()
-    for n_rows in (3, 8):
+    # batches 1, 2, 4, 8 x (passes 1, 2, 4, 8 wide, and loops of 2, 3, 4, 5 picks) x the one KV bucket of 64
+    assert graphed.warm_graphs(8) == 4 * 4 + 4 * 4 == len(recorded)
+    recorded.clear()
+    for n_rows, steps in ((3, 4), (8, 2), (5, 5)):
         seqs = [torch.randint(0, VOCAB, (n,)).tolist() for n in (5, 2, 7, 1, 3, 6, 4, 2)[:n_rows]]
         feats = [torch.randn(len(s), model.feature_width) for s in seqs]
         rows = [Row(i, 0, s) for i, s in enumerate(seqs)]
-        want = eager.draft_greedy(rows, feats, 4)
-        assert graphed.draft_greedy(rows, feats, 4) == want
-    assert captured == []
+        assert graphed.draft_greedy(rows, feats, steps) == eager.draft_greedy(rows, feats, steps)
+        temperatures, uniforms = [0.0, 0.8] * 4, torch.rand(n_rows, steps, dtype=torch.float64)
+        (want, want_dists), (got, got_dists) = (r.draft(rows, feats, steps, temperatures[:n_rows], uniforms)
+                                                for r in (eager, graphed))
+        assert got == want
+        for got_row, want_row in zip(got_dists, want_dists):  # (padded to a bucket: equal to float rounding)
+            assert [ids for ids, _ in got_row] == [ids for ids, _ in want_row]
+            assert all(torch.allclose(torch.tensor(g), torch.tensor(w), atol=1e-6) for (_, g), (_, w) in
+                       zip(got_row, want_row))
+    assert recorded == []
 
 
 @pytest.mark.parametrize("draft_vocab", [None, sorted(range(3, VOCAB, 2))], ids=["full-head", "reduced-head"])
