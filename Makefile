@@ -4,10 +4,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 export SPECDEC_CACHE_DIR ?= $(CURDIR)/.cache
 
-.PHONY: install protos tools demo test lint clean
+.PHONY: install protos tools redis demo test lint clean
 
-install: $(BIN)/specdec protos tools
+install: $(BIN)/specdec protos tools redis
 	$(BIN)/specdec prepare-models
+
+# The locality tests start a real redis-server on a free port; best effort where apt-get is not ours to run.
+redis:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  SUDO=""; [ "$$(id -u)" -ne 0 ] && SUDO="sudo"; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends redis-server; } || \
+	  echo "warning: redis-server is missing and could not be installed: the locality tests need it"
 
 $(BIN)/specdec: pyproject.toml
 	$(PY) -m venv $(VENV)
