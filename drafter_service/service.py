@@ -23,7 +23,7 @@ from specdec import compute, device_trace, telemetry
 from specdec.errors import InvalidInput, SpecdecError, Unavailable
 from specdec.proto import drafter_pb2, drafter_pb2_grpc, verifier_pb2
 from specdec.phases import PhaseTimes
-from specdec.sampling import SamplingConfig
+from specdec.sampling import SamplingConfig, output_depends_on_drafts
 from specdec.server import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
@@ -242,6 +242,13 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
             link = self._links[address] = VerifierLink(address)
         return link
 
+    def _drafts_ahead(self, draft: Draft, k_now: int, fixed_output: bool) -> bool:
+        """Whether to draft the next block while this one is verified (proactive; chains only): on an idle drafter,
+        and always for a session whose output depends on its drafts (a seeded sampled one: the draws its drafts
+        ahead take from its generator must not depend on the load, or its output would not reproduce)."""
+        return (self.proactive and bool(draft.tokens) and k_now > 0 and draft.parents is None
+                and (self.batcher.idle or fixed_output))
+
     async def Draft(self, request, context):
         spec = request.session
         if self.draining:
@@ -251,6 +258,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
         k_max = request.max_draft_tokens or self.default_draft_tokens
         k = k_max
         sampling = SamplingConfig(spec.temperature, spec.top_p or 1.0, spec.top_k)
+        fixed_output = output_depends_on_drafts(spec.temperature, spec.HasField("seed"))
         generator = torch.Generator()
         if spec.HasField("seed"):  # the drafter's own stream, distinct from the verifier's
             generator.manual_seed((spec.seed ^ 0x5DEECE66D) & 0xFFFF_FFFF_FFFF_FFFF)
@@ -264,6 +272,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
         error = None
         self.sessions_in_flight += 1
         opened = False
+        asked = None  # (when, the future of) a draft asked for and not yet taken
         features = _Features(drafter) if wants_features(drafter, len(spec.prompt_ids)) else None
         spec.return_features = features is not None
         spec.feature_layers[:] = drafter.feature_layers if features is not None else []
@@ -276,18 +285,25 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
             if features is not None:
                 features.stage(verdict)
             wire_bytes = spec.ByteSize() + verdict.ByteSize()
+            phases = self.batcher.phases
+
+            def ask() -> tuple[float, asyncio.Future]:
+                """The next draft, asked for before the verdict's tokens go to the router: the sessions of one
+                verdict message then share a batch of drafts, and drafting overlaps the response."""
+                return time.perf_counter(), asyncio.ensure_future(self.batcher.propose(
+                    DraftRequest(spec.session_id, context_tokens, allowed_draft_length(verdict, k), sampling,
+                                 generator, features and features.upto(features.count), tree)))
+
+            asked = None if verdict.update.finish_reason else ask()
             yield drafter_pb2.DraftResponse(update=verdict.update, wire_bytes=wire_bytes)
             draft: Draft | None = None
-            phases = self.batcher.phases
             while not verdict.update.finish_reason:
                 round_started = time.perf_counter()
                 k_now = allowed_draft_length(verdict, k)
                 if draft is None:
-                    draft = await self.batcher.propose(
-                        DraftRequest(spec.session_id, context_tokens, k_now, sampling, generator,
-                                     features and features.upto(features.count), tree)
-                    )
-                    phases.since("draft", round_started)
+                    (asked_at, drafting), asked = asked, None
+                    draft = await drafting
+                    phases.since("draft", asked_at)
                 block = verifier_pb2.DraftBlock(
                     session_id=spec.session_id,
                     committed_length=verdict.update.committed_length,
@@ -300,7 +316,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                 sending = asyncio.ensure_future(link.send_block(block))
                 sent = time.perf_counter()
                 ahead = None
-                if self.proactive and draft.tokens and k_now and draft.parents is None and self.batcher.idle:
+                if self._drafts_ahead(draft, k_now, fixed_output):
                     k_ahead = next_draft_length(k, len(draft.tokens), len(draft.tokens), k_max)
                     ahead = asyncio.ensure_future(self.batcher.propose(DraftRequest(
                         spec.session_id, context_tokens + draft.tokens, k_ahead + 1, sampling, generator,
@@ -319,20 +335,25 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                 context_tokens.extend(verdict.update.token_ids)
                 if features is not None:
                     features.stage(verdict)
-                responding = time.perf_counter()
-                yield drafter_pb2.DraftResponse(update=verdict.update, wire_bytes=wire_bytes)
-                responded = phases.since("respond", responding)
                 draft = None
                 if ahead:
+                    waited = time.perf_counter()
                     draft = await _usable_ahead(ahead, block, verdict, allowed_draft_length(verdict, k))
-                    phases.since("ahead_wait", responded)
+                    phases.since("ahead_wait", waited)
                     phases.count("ahead_used", draft is not None)
+                if draft is None and not verdict.update.finish_reason:
+                    asked = ask()
+                responding = time.perf_counter()
+                yield drafter_pb2.DraftResponse(update=verdict.update, wire_bytes=wire_bytes)
+                phases.since("respond", responding)
                 phases.since("round", round_started)
             opened = False  # the verifier closes finished sessions itself
         except SpecdecError as exc:
             error = exc
             await context.abort(exc.code, str(exc))
         finally:
+            if asked is not None:  # the client went away with a draft asked for: drop it
+                asked[1].cancel()
             telemetry.end_span(span, error)
             self.sessions_in_flight -= 1
             self.batcher.close(spec.session_id)

@@ -114,3 +114,23 @@ def test_the_batcher_is_idle_only_with_nothing_queued_and_no_batch_drafting():
         return seen, draft.tokens
 
     assert asyncio.run(main()) == ([True, False, False, True], [1])
+
+
+def test_drafts_ahead_only_on_an_idle_drafter_but_always_for_a_session_whose_output_depends_on_them():
+    """A seeded sampled session's drafts ahead take draws from its generator: whether it drafts ahead must not
+    depend on the load, or the same request would give other tokens on a busier drafter."""
+    from types import SimpleNamespace
+
+    from drafter_service.drafters import Draft
+    from drafter_service.service import DrafterServicer
+
+    batcher = SimpleNamespace(idle=True)
+    servicer = DrafterServicer(batcher, proactive=True)
+    chain, tree = Draft([5, 6]), Draft([5, 6], parents=[-1, 0])
+    assert servicer._drafts_ahead(chain, 2, fixed_output=False)
+    assert not servicer._drafts_ahead(tree, 2, fixed_output=False)  # trees keep their depth: nothing ahead
+    assert not servicer._drafts_ahead(Draft([]), 2, fixed_output=False)
+    batcher.idle = False
+    assert not servicer._drafts_ahead(chain, 2, fixed_output=False)
+    assert servicer._drafts_ahead(chain, 2, fixed_output=True)
+    assert not DrafterServicer(batcher, proactive=False)._drafts_ahead(chain, 2, fixed_output=True)
