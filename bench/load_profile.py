@@ -10,7 +10,10 @@ is sampled instead (the share can pass 100%: several threads; threads blocked in
 busy), and `--native` adds C/C++ frames (torch's dispatch, a CUDA synchronization spinning): where a process's
 CPU goes when its Python does not hold the GIL. Native sampling pauses each process per sample, so the level
 runs slower than unprofiled.
-Writes `load_profile.json` and the raw samples (`<tier>.txt`, py-spy's collapsed stacks) under `--out`.
+Writes `load_profile.json` and the raw samples (`<tier>.txt`, py-spy's collapsed stacks) under `--out`. Whatever
+the sampler, it prints the round's phases each server logs when it stops (specdec.phases: the drafter's queue,
+batches and verify round trips, the verifier's queue waits and ticks); `--phases-only` runs the level with no
+sampler beside it, for those alone.
 
 With `--device-trace SECONDS`, py-spy stays off and the verifier and drafter each profile SECONDS of the level on
 their torch thread instead (specdec.device_trace, triggered with SIGUSR1 `--trace-after` seconds into the level):
