@@ -272,7 +272,6 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
         error = None
         self.sessions_in_flight += 1
         opened = False
-        asked = None  # (when, the future of) a draft asked for and not yet taken
         features = _Features(drafter) if wants_features(drafter, len(spec.prompt_ids)) else None
         spec.return_features = features is not None
         spec.feature_layers[:] = drafter.feature_layers if features is not None else []
@@ -285,25 +284,18 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
             if features is not None:
                 features.stage(verdict)
             wire_bytes = spec.ByteSize() + verdict.ByteSize()
-            phases = self.batcher.phases
-
-            def ask() -> tuple[float, asyncio.Future]:
-                """The next draft, asked for before the verdict's tokens go to the router: the sessions of one
-                verdict message then share a batch of drafts, and drafting overlaps the response."""
-                return time.perf_counter(), asyncio.ensure_future(self.batcher.propose(
-                    DraftRequest(spec.session_id, context_tokens, allowed_draft_length(verdict, k), sampling,
-                                 generator, features and features.upto(features.count), tree)))
-
-            asked = None if verdict.update.finish_reason else ask()
             yield drafter_pb2.DraftResponse(update=verdict.update, wire_bytes=wire_bytes)
             draft: Draft | None = None
+            phases = self.batcher.phases
             while not verdict.update.finish_reason:
                 round_started = time.perf_counter()
                 k_now = allowed_draft_length(verdict, k)
                 if draft is None:
-                    (asked_at, drafting), asked = asked, None
-                    draft = await drafting
-                    phases.since("draft", asked_at)
+                    draft = await self.batcher.propose(
+                        DraftRequest(spec.session_id, context_tokens, k_now, sampling, generator,
+                                     features and features.upto(features.count), tree)
+                    )
+                    phases.since("draft", round_started)
                 block = verifier_pb2.DraftBlock(
                     session_id=spec.session_id,
                     committed_length=verdict.update.committed_length,
@@ -335,25 +327,20 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
                 context_tokens.extend(verdict.update.token_ids)
                 if features is not None:
                     features.stage(verdict)
-                draft = None
-                if ahead:
-                    waited = time.perf_counter()
-                    draft = await _usable_ahead(ahead, block, verdict, allowed_draft_length(verdict, k))
-                    phases.since("ahead_wait", waited)
-                    phases.count("ahead_used", draft is not None)
-                if draft is None and not verdict.update.finish_reason:
-                    asked = ask()
                 responding = time.perf_counter()
                 yield drafter_pb2.DraftResponse(update=verdict.update, wire_bytes=wire_bytes)
-                phases.since("respond", responding)
+                responded = phases.since("respond", responding)
+                draft = None
+                if ahead:
+                    draft = await _usable_ahead(ahead, block, verdict, allowed_draft_length(verdict, k))
+                    phases.since("ahead_wait", responded)
+                    phases.count("ahead_used", draft is not None)
                 phases.since("round", round_started)
             opened = False  # the verifier closes finished sessions itself
         except SpecdecError as exc:
             error = exc
             await context.abort(exc.code, str(exc))
         finally:
-            if asked is not None:  # the client went away with a draft asked for: drop it
-                asked[1].cancel()
             telemetry.end_span(span, error)
             self.sessions_in_flight -= 1
             self.batcher.close(spec.session_id)
