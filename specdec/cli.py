@@ -98,7 +98,8 @@ def _verifier_flags(p: argparse.ArgumentParser) -> None:
          "would run before the tokens go out)")
     flag(p, "--graph-warmup-tokens", default=512, type=int,
          help="on CUDA, capture the CUDA graphs of decode steps and verify passes for every batch size up to "
-         "--max-sessions and contexts up to this many tokens before serving, so no user waits for a capture "
+         "--max-sessions (and of prefills of up to 4 prompts) and contexts up to this many tokens before serving, "
+         "so no user waits for a capture "
          "(seconds at start-up; with --compile, the compilation too); longer contexts capture on first use "
          "(0 = all on first use)")
     flag(p, "--graph-warmup-feature-layers", default=None, type=_layer_lists, metavar="LAYERS",

@@ -593,6 +593,21 @@ def _read_back(tokens: torch.Tensor):
 TREE_PASS_ROWS = 4  # draft trees per verify pass: CUDA graphs take wide passes of this many rows at most
 
 
+def capture_graph(step, pool):
+    """step() (device work on static buffers) captured as a CUDA graph in memory pool `pool`, after two warm-up runs
+    on a side stream: (the graph, step's outputs, which each replay rewrites in place)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm up kernels and allocator outside the capture
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        outputs = step()
+    return graph, outputs
+
+
 def _bucket(n: int, floor: int = 1) -> int:
     return max(floor, 1 << (n - 1).bit_length())
 
@@ -721,17 +736,7 @@ class _GraphRunner:
         return torch.cuda.device(self.engine.device)
 
     def _record(self, step):
-        """step() captured as a CUDA graph: (the graph, step's outputs, which each replay rewrites in place)."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm up kernels and allocator outside the capture
-                step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            outputs = step()
-        return graph, outputs
+        return capture_graph(step, self.pool)
 
     def _capture(self, cache: KVCache, batch: int, width: int, length: int, taps: tuple[int, ...],
                  greedy: bool = False):

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specdec import drafter_model
-from specdec.engine import LlamaEngine, Row, _bucket, _pack, tree_span, upload
+from specdec.engine import LlamaEngine, Row, _bucket, _pack, capture_graph, tree_span, upload
 from specdec.sampling import draft_picks, draw_without_replacement
 
 log = logging.getLogger(__name__)
@@ -605,32 +605,25 @@ class FeatureRunner:
 
     def _capture(self, batch: int, width: int, span: int, length: int):
         buffers = self._inputs([], [], batch, width, span)
-        try:
-            graph, outputs, eager = self._record(lambda: self._pass(*buffers, length))
-            ok = torch.allclose(outputs[1].float(), eager[1].float(), rtol=1e-2, atol=1e-2)
-        except RuntimeError:
-            log.exception("capturing the feature drafter's CUDA graph failed")
-            ok = False
-        if not ok:
-            log.warning("feature drafter: CUDA graph for %d rows x %d tokens does not match the eager pass; "
-                        "drafting eagerly (slower, same drafts)", batch, width)
-            return None
-        return graph, buffers, outputs
+        recorded = self._record(
+            lambda: self._pass(*buffers, length),
+            lambda replayed, eager: torch.allclose(replayed[1].float(), eager[1].float(), rtol=1e-2, atol=1e-2),
+            f"the pass of {batch} rows x {width} tokens (drafting eagerly from now on: slower, same drafts)")
+        return None if recorded is None else (recorded[0], buffers, recorded[1])
 
-    def _record(self, fn):
-        """fn's device work (on static buffers) as a CUDA graph: (graph, its outputs after one replay, fn's outputs
-        run eagerly on the same inputs, for the caller's check)."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm up kernels and allocator outside the capture
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            outputs = fn()
-        graph.replay()
-        return graph, outputs, fn()
+    def _record(self, fn, matches, what: str):
+        """fn's device work (on static buffers) as a CUDA graph, replayed once: (graph, its outputs); None, logged,
+        where the capture fails or matches(replayed outputs, fn's outputs run eagerly on the same inputs) is false."""
+        try:
+            graph, outputs = capture_graph(fn, self._pool)
+            graph.replay()
+            if matches(outputs, fn()):
+                return graph, outputs
+        except RuntimeError:
+            log.exception("feature drafter: capturing the CUDA graph of %s failed", what)
+            return None
+        log.warning("feature drafter: the CUDA graph of %s does not match its eager run", what)
+        return None
 
     def _draft_graphed(self, logits, h, positions, slots, steps: int, kv_len: int) -> list[list[int]] | None:
         """`draft`'s greedy chain after its first pass (logits [n, draft vocab], h [n, hidden] of each row's last
@@ -668,17 +661,10 @@ class FeatureRunner:
                 torch.zeros(batch, vocab_size, device=dev), torch.zeros(batch, self.hidden_size, device=dev, dtype=dtype),
                 torch.zeros(batch, dtype=torch.long, device=dev),
                 torch.full((batch,), self.cache.scratch, dtype=torch.long, device=dev))
-        try:
-            graph, outputs, eager = self._record(lambda: self._greedy_loop(buffers, steps, length))
-            ok = torch.equal(outputs[0], eager[0])
-        except RuntimeError:
-            log.exception("capturing the feature drafter's drafting loop as a CUDA graph failed")
-            ok = False
-        if not ok:
-            log.warning("feature drafter: the CUDA graph of %d greedy steps for %d rows does not draft what the eager "
-                        "loop does; drafting those pass by pass", steps, batch)
-            return None
-        return graph, buffers, outputs
+        recorded = self._record(lambda: self._greedy_loop(buffers, steps, length),
+                                lambda replayed, eager: torch.equal(replayed[0], eager[0]),
+                                f"{steps} greedy picks for {batch} rows (drafting those pass by pass)")
+        return None if recorded is None else (recorded[0], buffers, recorded[1])
 
     def _greedy_loop(self, buffers, steps: int, length: int) -> tuple[torch.Tensor]:
         """Device work only (capturable): `draft`'s greedy loop from the first pass's outputs, every row padded
