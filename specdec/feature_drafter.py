@@ -658,7 +658,8 @@ class FeatureRunner:
         if buffers is None:
             dev, dtype = self.engine.device, self.engine.dtype
             buffers = self._loop_inputs[(batch, vocab_size)] = (
-                torch.zeros(batch, vocab_size, device=dev), torch.zeros(batch, self.hidden_size, device=dev, dtype=dtype),
+                torch.zeros(batch, vocab_size, device=dev),
+                torch.zeros(batch, self.hidden_size, device=dev, dtype=dtype),
                 torch.zeros(batch, dtype=torch.long, device=dev),
                 torch.full((batch,), self.cache.scratch, dtype=torch.long, device=dev))
         recorded = self._record(lambda: self._greedy_loop(buffers, steps, length),
