@@ -314,14 +314,13 @@ def report_phases(logs: list[Path]) -> dict[str, dict]:
     for log in logs:
         for tier, summary in (read_summaries(log.read_text()) if log.exists() else {}).items():
             found[log.stem] = summary
-            counters = summary.pop("counters", {})
             print(f"{log.stem} ({tier}) phases, ms mean / p50 / p90 / p99 (n):")
             for phase, t in summary.items():
-                print(f"  {phase:>14}: {t['mean_ms']:8.2f} {t['p50_ms']:8.2f} {t['p90_ms']:8.2f} {t['p99_ms']:8.2f}"
-                      f"  ({t['n']})")
-            if counters:
-                print(f"  counters: {counters}")
-            summary["counters"] = counters
+                if phase != "counters":
+                    print(f"  {phase:>14}: {t['mean_ms']:8.2f} {t['p50_ms']:8.2f} {t['p90_ms']:8.2f} "
+                          f"{t['p99_ms']:8.2f}  ({t['n']})")
+            if summary.get("counters"):
+                print(f"  counters: {summary['counters']}")
     return found
 
 

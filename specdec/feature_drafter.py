@@ -253,7 +253,7 @@ class FeatureRunner:
             cuda_graphs = self.engine.device.type == "cuda"
         self._graphs: dict[tuple[int, int, int, int], tuple] | None = {} if cuda_graphs else None
         self._pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
-        self._loop_inputs: dict[tuple[int, int], tuple] = {}  # (rows, draft vocab) -> _capture_loop's buffers
+        self._loop_inputs: dict[int, tuple] = {}  # rows -> _capture_loop's buffers
 
     def _pass(self, tokens, positions, write_slots, write_pos, slots, base, visible, feats, kv_len: int):
         """Device work only (capturable): predicted features [batch, width, hidden] and their logits."""
@@ -353,7 +353,7 @@ class FeatureRunner:
             key = ("greedy", batch, count, length)
             if key not in self._graphs:
                 with torch.cuda.device(self.engine.device):
-                    self._graphs[key] = self._capture_loop(self.draft_vocab_size, *key[1:])
+                    self._graphs[key] = self._capture_loop(*key[1:])
                 captured += self._graphs[key] is not None
         return captured
 
@@ -637,7 +637,7 @@ class FeatureRunner:
         key = ("greedy", _bucket(n), steps, min(_bucket(kv_len, floor=128), self.cache.max_len))
         with torch.cuda.device(self.engine.device):
             if key not in self._graphs:
-                self._graphs[key] = self._capture_loop(logits.shape[-1], *key[1:])
+                self._graphs[key] = self._capture_loop(*key[1:])
             entry = self._graphs[key]
             if entry is None:
                 return None
@@ -650,15 +650,15 @@ class FeatureRunner:
             graph.replay()
             return drafted[:n].tolist()
 
-    def _capture_loop(self, vocab_size: int, batch: int, steps: int, length: int):
+    def _capture_loop(self, batch: int, steps: int, length: int):
         """The graph of `_draft_graphed`'s bucket: (graph, its input buffers, its outputs); None if its replay does
         not draft what the eager loop does (that bucket then drafts pass by pass, with the passes' own graphs). The
         input buffers are shared by the buckets of one batch size (replays run one at a time on one stream)."""
-        buffers = self._loop_inputs.get((batch, vocab_size))
+        buffers = self._loop_inputs.get(batch)
         if buffers is None:
             dev, dtype = self.engine.device, self.engine.dtype
-            buffers = self._loop_inputs[(batch, vocab_size)] = (
-                torch.zeros(batch, vocab_size, device=dev),
+            buffers = self._loop_inputs[batch] = (
+                torch.zeros(batch, self.draft_vocab_size, device=dev),
                 torch.zeros(batch, self.hidden_size, device=dev, dtype=dtype),
                 torch.zeros(batch, dtype=torch.long, device=dev),
                 torch.full((batch,), self.cache.scratch, dtype=torch.long, device=dev))

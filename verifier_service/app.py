@@ -145,11 +145,10 @@ async def start_verifier(
         if passes:
             scheduler.phases.count("cuda_graphs_captured", passes["captures"])
             scheduler.phases.count("eager_passes", passes["eager"])
-        log.info(scheduler.phases.summary_line("verifier"))
-        if passes:
             log.info("engine: %d graphed and %d eager passes, %d greedy decode steps; %d CUDA graphs captured in "
                      "%.1f s", passes["graphed"], passes["eager"], passes["greedy_steps"], passes["captures"],
                      passes["capture_s"])
+        log.info(scheduler.phases.summary_line("verifier"))
         if publisher is not None:
             await publisher.stop()  # this pod's blocks leave the store at once, not after the TTL
         if store is not None:
