@@ -148,6 +148,39 @@ class KVCache:
             both[:, slot, :, target] = both[:, slot, :, source]
 
 
+class Linear:
+    """x @ weight.T + bias, as F.linear computes it. On a CPU the weight is packed once, at load, into oneDNN's
+    blocked layout and applied by oneDNN's GEMM: measured on a 2-core AVX2 EPYC (`bench/cpu_linear.py`), the MKL
+    GEMM behind F.linear ran the default target's LM head 2x slower than oneDNN for one token and 4x slower for 2-8
+    tokens (MKL takes a slow path for more than one row on that CPU), so a verify pass cost 1.9x a decode step.
+    Where oneDNN cannot pack (a bf16 weight without AVX-512 or AVX-NE-CONVERT, a build without oneDNN) or
+    SPECDEC_CPU_PACKED_WEIGHTS=no, F.linear."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self.out_features, self.in_features = weight.shape
+        self.bias = bias
+        self.weight, self._packed = weight, _onednn_packed(weight)
+        if self._packed is not None:
+            self.weight = None  # the packed copy replaces it
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+def _onednn_packed(weight: torch.Tensor) -> torch.Tensor | None:
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return None
+    if os.environ.get("SPECDEC_CPU_PACKED_WEIGHTS", "yes").lower() in ("0", "no", "false", "off"):
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
+    except RuntimeError as err:  # e.g. "bf16 path needs the cpu support avx_ne_convert or avx512bw, ..."
+        log.debug("F.linear for a %s weight: oneDNN cannot pack it (%s)", weight.dtype, err)
+        return None
+
+
 class _Layer:
     def __init__(self, hf_layer, device, dtype):
         attn, mlp = hf_layer.self_attn, hf_layer.mlp
@@ -155,14 +188,14 @@ class _Layer:
         def take(module):
             return None if module is None else module.detach().to(device=device, dtype=dtype)
 
-        self.qkv_weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).to(device, dtype)
         biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
-        self.qkv_bias = torch.cat(biases).to(device, dtype) if biases[0] is not None else None
-        self.o_weight = take(attn.o_proj.weight)
+        self.qkv = Linear(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).to(device, dtype),
+                          torch.cat(biases).to(device, dtype) if biases[0] is not None else None)
+        self.o = Linear(take(attn.o_proj.weight))
         self.q_norm = take(attn.q_norm.weight) if hasattr(attn, "q_norm") else None
         self.k_norm = take(attn.k_norm.weight) if hasattr(attn, "k_norm") else None
-        self.gate_up_weight = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).to(device, dtype)
-        self.down_weight = take(mlp.down_proj.weight)
+        self.gate_up = Linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).to(device, dtype))
+        self.down = Linear(take(mlp.down_proj.weight))
         self.input_norm = take(hf_layer.input_layernorm.weight)
         self.post_norm = take(hf_layer.post_attention_layernorm.weight)
 
@@ -199,7 +232,7 @@ class LlamaEngine:
         self.passes: Counter = Counter()
         inner = hf_model.model
         self.embed = inner.embed_tokens.weight.detach().to(self.device, dtype)
-        self.lm_head = hf_model.lm_head.weight.detach().to(self.device, dtype)
+        self.lm_head = Linear(hf_model.lm_head.weight.detach().to(self.device, dtype))
         self.final_norm = inner.norm.weight.detach().to(self.device, dtype)
         self.layers = [_Layer(layer, self.device, dtype) for layer in inner.layers]
         rotary = inner.rotary_emb
@@ -364,7 +397,7 @@ class LlamaEngine:
         return taps[:-1]
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(_rms_norm(x, self.final_norm, self.shape.rms_norm_eps), self.lm_head)
+        return self.lm_head(_rms_norm(x, self.final_norm, self.shape.rms_norm_eps))
 
     def _layers(
         self,
@@ -404,7 +437,7 @@ class LlamaEngine:
         q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         for i, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.input_norm, s.rms_norm_eps)
-            qkv = F.linear(h, layer.qkv_weight, layer.qkv_bias)
+            qkv = layer.qkv(h)
             q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
             q = q.view(batch, width, s.num_heads, s.head_dim)
             k = k.view(batch, width, s.num_kv_heads, s.head_dim)
@@ -425,10 +458,10 @@ class LlamaEngine:
             else:
                 k_all, v_all = keys[slots, :, :kv_len], values[slots, :, :kv_len]
             attn = _attend(q, k_all, v_all, mask)
-            x = x + F.linear(attn.transpose(1, 2).reshape(batch, width, q_size), layer.o_weight)
+            x = x + layer.o(attn.transpose(1, 2).reshape(batch, width, q_size))
             h = _rms_norm(x, layer.post_norm, s.rms_norm_eps)
-            gate, up = F.linear(h, layer.gate_up_weight).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.down_weight)
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
             if i in taps:
                 kept.append(x)
         return torch.cat((*kept, x), dim=-1) if kept else x

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specdec import drafter_model
-from specdec.engine import LlamaEngine, Row, _bucket, _pack, capture_graph, tree_span, upload
+from specdec.engine import Linear, LlamaEngine, Row, _bucket, _pack, capture_graph, tree_span, upload
 from specdec.sampling import draft_picks, draw_without_replacement
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class FeatureDrafterModel(nn.Module):
         layer; for several, each layer's state scaled to unit RMS, then `fuse`."""
         if self.fuse is None:
             return features
-        return fuse_layers(features, self.fuse.weight, self.lm.config.hidden_size)
+        return fuse_layers(features, self.fuse, self.fuse.weight.dtype, self.lm.config.hidden_size)
 
     @property
     def config(self):
@@ -160,11 +160,12 @@ def unit_rms(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def fuse_layers(features: torch.Tensor, weight: torch.Tensor, hidden: int) -> torch.Tensor:
+def fuse_layers(features: torch.Tensor, fuse, dtype: torch.dtype, hidden: int) -> torch.Tensor:
     """Several layers' states side by side [..., n * hidden] -> one state [..., hidden]: each scaled to unit RMS
-    (a low layer's scale is not the last one's), then the learned `fuse` matrix weight [hidden, n * hidden]."""
+    (a low layer's scale is not the last one's), then the learned `fuse` projection (n * hidden -> hidden, its
+    weights in dtype: an nn.Linear, or the runner's engine Linear)."""
     parts = unit_rms(features.unflatten(-1, (-1, hidden)))
-    return F.linear(parts.flatten(-2).to(weight.dtype), weight)
+    return fuse(parts.flatten(-2).to(dtype))
 
 
 def _unrolled_mask(rows: int, d: int, device) -> torch.Tensor:
@@ -241,14 +242,14 @@ class FeatureRunner:
     def __init__(self, model: FeatureDrafterModel, device, dtype, num_slots: int, max_len: int,
                  cuda_graphs: bool | None = None):
         self.engine = LlamaEngine(model.lm, device, dtype, cuda_graphs=False)
-        self.fc_weight = model.fc.weight.detach().to(self.engine.device, dtype)
-        self.fc_bias = model.fc.bias.detach().to(self.engine.device, dtype)
+        self.fc = Linear(model.fc.weight.detach().to(self.engine.device, dtype),
+                         model.fc.bias.detach().to(self.engine.device, dtype))
         self._vocab_index = None if model.draft_vocab is None else model.draft_vocab.to(self.engine.device)
         self.cache = self.engine.new_cache(num_slots, max_len)
         self.hidden_size = model.config.hidden_size
         self.draft_vocab_size = model.lm.get_output_embeddings().weight.shape[0]  # the draft logits' width
         self.feature_width = model.feature_width
-        self._fuse = None if model.fuse is None else model.fuse.weight.detach().to(self.engine.device, dtype)
+        self._fuse = None if model.fuse is None else Linear(model.fuse.weight.detach().to(self.engine.device, dtype))
         if cuda_graphs is None:
             cuda_graphs = self.engine.device.type == "cuda"
         self._graphs: dict[tuple[int, int, int, int], tuple] | None = {} if cuda_graphs else None
@@ -258,7 +259,7 @@ class FeatureRunner:
     def _pass(self, tokens, positions, write_slots, write_pos, slots, base, visible, feats, kv_len: int):
         """Device work only (capturable): predicted features [batch, width, hidden] and their logits."""
         engine = self.engine
-        x = F.linear(torch.cat((unit_rms(engine.embed[tokens]), unit_rms(feats)), dim=-1), self.fc_weight, self.fc_bias)
+        x = self.fc(torch.cat((unit_rms(engine.embed[tokens]), unit_rms(feats)), dim=-1))
         h = engine._blocks(self.cache, x, positions, write_slots, write_pos, slots, base, visible, kv_len)
         return h, engine._head(h)
 
@@ -296,7 +297,7 @@ class FeatureRunner:
         predicted by the drafter (as they are)."""
         if self._fuse is None or f.shape[-1] == self.hidden_size:
             return f
-        return fuse_layers(f, self._fuse, self.hidden_size)
+        return fuse_layers(f, self._fuse, self.engine.dtype, self.hidden_size)
 
     @torch.inference_mode()
     def step(self, rows: list[Row], features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import torch
 import transformers
 
-from specdec.engine import LlamaEngine, Row, UnsupportedModel, _pack
+from specdec.engine import Linear, LlamaEngine, Row, UnsupportedModel, _pack
 
 CONFIGS = {
     "llama": (transformers.LlamaConfig, {}),
@@ -118,6 +118,26 @@ def test_rollback_is_a_smaller_start_position():
     engine.forward(cache, [Row(0, 12, [1, 2, 3, 4])])  # a rejected block leaves stale KV at 12..15
     got = engine.forward(cache, [Row(0, 12, ids[12:], all_logits=True)])[0]
     assert (got - reference_logits(model, ids)[12:]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_computes_f_linear_packed_or_not(dtype, monkeypatch):
+    """The engine's projections on a CPU go through oneDNN's packed GEMM where it can pack (fp32 everywhere; bf16
+    only with AVX-512 or AVX-NE-CONVERT) and F.linear otherwise: the same numbers either way, one token or many."""
+    torch.manual_seed(0)
+    weight, bias = torch.randn(96, 64, dtype=dtype), torch.randn(96, dtype=dtype)
+    fast = Linear(weight, bias)
+    monkeypatch.setenv("SPECDEC_CPU_PACKED_WEIGHTS", "no")
+    plain = Linear(weight, bias)
+    assert plain.weight is weight and (plain.out_features, plain.in_features) == (96, 64)
+    if dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        assert fast.weight is None  # packed: the copy in oneDNN's layout replaced it
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    for shape in [(1, 64), (4, 64), (2, 3, 64)]:
+        x = torch.randn(shape, dtype=dtype)
+        expected = torch.nn.functional.linear(x, weight, bias)
+        assert torch.equal(plain(x), expected)
+        torch.testing.assert_close(fast(x), expected, rtol=tolerance, atol=tolerance)
 
 
 def test_unsupported_architecture_is_refused_with_its_name():
