@@ -78,8 +78,10 @@ def drafter_paths(device: str, check: Checks) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda:0")
+    parser.add_argument("--device", default="cuda:0", help="a CUDA device (default cuda:0)")
     args = parser.parse_args()
+    if not args.device.startswith("cuda"):
+        parser.error(f"--device {args.device}: these are the CUDA paths (graphs); the CPU's are `make test`'s")
     check = Checks()
     engine_paths(args.device, check)
     drafter_paths(args.device, check)
