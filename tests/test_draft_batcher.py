@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from drafter_service.service import DraftBatcher
 from specdec.errors import Exhausted
 
@@ -114,6 +116,41 @@ def test_the_batcher_is_idle_only_with_nothing_queued_and_no_batch_drafting():
         return seen, draft.tokens
 
     assert asyncio.run(main()) == ([True, False, False, True], [1])
+
+
+@pytest.mark.parametrize("gather_s, expected", [(0.0, [1, 1]), (2.0, [2])])
+def test_a_batch_waits_for_half_the_open_sessions_only_within_its_gather_window(gather_s, expected):
+    """SPECDEC_DRAFT_GATHER_MS: with a window, a session's draft waits (up to it) for half of the open sessions to
+    ask, and they are drafted in one batch; without one, each is drafted as soon as it asks."""
+    from drafter_service.drafters import Draft, DraftRequest
+    from specdec.sampling import SamplingConfig
+
+    class CountingDrafter:
+        def __init__(self):
+            self.batches = []
+
+        def open(self, session_id):
+            pass
+
+        def close(self, session_id):
+            pass
+
+        def propose(self, requests):
+            self.batches.append(len(requests))
+            return [Draft([1]) for _ in requests]
+
+    async def main():
+        batcher = DraftBatcher(CountingDrafter(), gather_s=gather_s)
+        for session in "abcd":
+            await batcher.open(session)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.propose(DraftRequest("a", [1, 2], 1, SamplingConfig(), None, None)))
+        await asyncio.sleep(0.2)  # "b" asks later, while "a" waits (with a window) or after it was drafted
+        second = asyncio.ensure_future(batcher.propose(DraftRequest("b", [1, 2], 1, SamplingConfig(), None, None)))
+        await asyncio.wait_for(asyncio.gather(first, second), 5)
+        return batcher.drafter.batches
+
+    assert asyncio.run(main()) == expected
 
 
 def test_drafts_ahead_only_on_an_idle_drafter_but_always_for_a_session_whose_output_depends_on_them():
