@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -35,6 +34,13 @@ def median_ms(fn, repeats: int) -> float:
         fn()
         times.append((time.perf_counter() - started) * 1e3)
     return statistics.median(times)
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else "unknown"."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
 
 
 def main() -> int:
@@ -73,9 +79,8 @@ def main() -> int:
                   f"{plain_ms / packed_ms:>9.2f}x", flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), "unknown") if os.path.exists("/proc/cpuinfo") else "unknown"
-        args.json.write_text(json.dumps({"cpu": cpu, "threads": torch.get_num_threads(), "results": results}, indent=1))
+        args.json.write_text(json.dumps({"cpu": cpu_name(), "threads": torch.get_num_threads(), "results": results},
+                                        indent=1))
     return 0
 
 

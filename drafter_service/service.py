@@ -40,7 +40,7 @@ class DraftBatcher:
         if gather_s is None:
             gather_s = float(os.environ.get("SPECDEC_DRAFT_GATHER_MS", "0")) / 1000
         self.gather_s = gather_s
-        self._sessions = 0  # open: what `_gather` waits for half of
+        self._open: set[str] = set()  # sessions opened here and not closed: what `_gather` waits for half of
         self._pending: list[tuple[DraftRequest, asyncio.Future, float]] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -59,7 +59,7 @@ class DraftBatcher:
     def close(self, session_id: str) -> None:
         """Frees a session's drafter state on the torch thread, in order behind any draft of it still running there
         (a cancelled proactive draft) and with the time to save its KV into the prefix cache; never waits."""
-        self._sessions = max(0, self._sessions - 1)
+        self._open.discard(session_id)  # the servicer closes a session whose open failed too
         task = asyncio.get_running_loop().create_task(self._close(session_id))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
@@ -76,7 +76,7 @@ class DraftBatcher:
         if self._closing:
             await asyncio.wait(set(self._closing))
         self.drafter.open(session_id)
-        self._sessions += 1
+        self._open.add(session_id)
 
     @property
     def idle(self) -> bool:
@@ -128,7 +128,7 @@ class DraftBatcher:
         ~7 ms for 1 row or 17), so at 64 sessions the rounds fell into ~4 groups that each paid it; fewer, fuller
         batches should shorten every round. One session, or half already queued, never waits."""
         deadline = time.perf_counter() + self.gather_s
-        while len(self._pending) < self._sessions // 2:
+        while len(self._pending) < len(self._open) // 2:
             left = deadline - time.perf_counter()
             if left <= 0:
                 return
