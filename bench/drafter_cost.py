@@ -88,6 +88,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default=None, help="bfloat16 on cuda, float32 on cpu by default")
     p.add_argument("--context", type=int, default=128)
     p.add_argument("-k", type=int, default=5)
+    p.add_argument("--verify-widths", default="",
+                   help="also time the target's pass of each of these many tokens, comma-separated (e.g. 2,4,6,8,11)")
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
@@ -99,6 +101,9 @@ def main(argv=None) -> int:
         "target_decode": step_fn(target, args.context, 1),
         "target_verify": step_fn(target, args.context, args.k + 1),
     }
+    widths = [int(w) for w in args.verify_widths.split(",") if w.strip()]
+    for width in widths:
+        fns[f"target_width_{width}"] = step_fn(target, args.context, width)
     shapes = {}
     for spec in args.drafters:
         if is_feature_drafter(spec):  # layer(s) fed the target's hidden states: its runner's step
@@ -125,6 +130,9 @@ def main(argv=None) -> int:
         "target_verify_k_plus_1_ms": round(statistics.median(times["target_verify"]), 4),
         "drafters": {},
     }
+    if widths:  # a pass of w tokens against a decode step: what verifying w - 1 draft tokens costs
+        results["target_pass_ms_by_width"] = {
+            w: round(statistics.median(times[f"target_width_{w}"]), 4) for w in widths}
     for spec, (layers, head_rows) in shapes.items():
         mine = times[spec]
         results["drafters"][spec] = {

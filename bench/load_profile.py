@@ -86,7 +86,7 @@ def summarize_samples(path: Path, rate: int, seconds: float, top: int,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", required=True, help="target model SPEC")
+    parser.add_argument("--target", help="target model SPEC (required unless --summarize)")
     parser.add_argument("--mode", default="off", help="off, ngram, or model=DRAFTER (as `specdec bench --modes`)")
     parser.add_argument("--device", default="cpu", help="verifier's device")
     parser.add_argument("--drafter-device", default=None, help="drafter's device (default: the verifier's)")
@@ -108,8 +108,17 @@ def main() -> None:
                         help="seconds into the level the device trace starts (past the first prefills)")
     parser.add_argument("--phases-only", action="store_true",
                         help="no sampler: only the servers' phases (where a round's time goes, logged at their stop)")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", help="where the results go (required unless --summarize)")
+    parser.add_argument("--summarize", type=Path, metavar="FILE",
+                        help="only summarize py-spy's collapsed stacks in FILE (`py-spy record -f raw`, sampled at "
+                        "--rate for --seconds) and exit: e.g. a profile of a server under bench/client_loop.py")
     args = parser.parse_args()
+    if args.summarize:
+        summary = summarize_samples(args.summarize, args.rate, args.seconds, args.top, "sampled_pct_of_wall")
+        print(json.dumps(summary, indent=1))
+        return
+    if not args.target or not args.out:
+        parser.error("--target and --out are required (unless --summarize)")
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not args.device_trace and not args.phases_only and not Path(spy).exists():
         raise SystemExit("py-spy is not installed: pip install py-spy")
