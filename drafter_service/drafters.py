@@ -237,6 +237,9 @@ class FeatureDrafter:
         self.feature_width = self.runner.feature_width
         self._slots: dict[str, int] = {}
         self._rows: dict[str, list[int]] = {}  # tokens of the slot's rows made from the target's features
+        # what the last `propose` held, for the batcher's phases: "wide" (a row past the graphs' width: a new
+        # session's prompt), "ahead" (a proactive draft's guessed tokens fed first), "tree", or "chain"
+        self.last_batch_kind = "chain"
 
     def open(self, session_id: str) -> None:
         slot = self.runner.cache.allocate()
@@ -256,6 +259,7 @@ class FeatureDrafter:
         live = [r for r in requests if r.k > 0 and r.session_id in self._slots and r.features is not None
                 and r.features.shape[0] > 0 and len(r.context) + r.k < self.runner.cache.max_len]
         if not live:
+            self.last_batch_kind = "empty"
             return [drafts[r.session_id] for r in requests]
         rows, feats, forced, positions = [], [], [], []
         for r in live:
@@ -268,6 +272,8 @@ class FeatureDrafter:
             self._rows[r.session_id] = r.context[1 : n + 1]
             forced.append(r.context[n + 1 :])
             positions.append(n)
+        self.last_batch_kind = ("wide" if any(len(row.tokens) > self.runner.MAX_GRAPH_WIDTH for row in rows)
+                                else "ahead" if any(forced) else "tree" if any(r.tree for r in live) else "chain")
         tree_groups: dict[tuple, list[int]] = {}  # (depth, shape) -> the live rows that want such a tree
         for b, r in enumerate(live):
             if r.tree is not None and not forced[b] and len(r.context) + r.tree.nodes(r.k) < self.runner.cache.max_len:

@@ -118,7 +118,8 @@ class DraftBatcher:
                 drafts = [Draft([]) for _ in batch]
             finally:
                 self._drafting = False
-            self.phases.since("draft_batch", started)
+            self.phases.add(f"draft_batch_{getattr(self.drafter, 'last_batch_kind', 'all')}",
+                            self.phases.since("draft_batch", started) - started)
             for (_, future, _), draft in zip(batch, drafts):
                 if not future.done():
                     future.set_result(draft)

@@ -310,14 +310,16 @@ def report_phases(logs: list[Path]) -> dict[str, dict]:
     over its whole life (a process serving several levels sums them)."""
     from specdec.phases import read_summaries
 
-    found = {}
+    found: dict[str, dict] = {}
     for log in logs:
         for tier, summary in (read_summaries(log.read_text()) if log.exists() else {}).items():
-            found[log.stem] = summary
+            kept = found.setdefault(log.stem, {})  # a process logs its tier's phases and its collections' (-gc)
+            kept.update({phase: t for phase, t in summary.items() if phase != "counters"})
+            kept.setdefault("counters", {}).update(summary.get("counters", {}))
             print(f"{log.stem} ({tier}) phases, ms mean / p50 / p90 / p99 (n):")
             for phase, t in summary.items():
                 if phase != "counters":
-                    print(f"  {phase:>14}: {t['mean_ms']:8.2f} {t['p50_ms']:8.2f} {t['p90_ms']:8.2f} "
+                    print(f"  {phase:>17}: {t['mean_ms']:8.2f} {t['p50_ms']:8.2f} {t['p90_ms']:8.2f} "
                           f"{t['p99_ms']:8.2f}  ({t['n']})")
             if summary.get("counters"):
                 print(f"  counters: {summary['counters']}")

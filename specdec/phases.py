@@ -9,6 +9,7 @@ memory). A server logs `summary_line()` when it stops, so a bench run's logs say
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from collections import deque
@@ -73,3 +74,26 @@ def read_summaries(text: str) -> dict[str, dict]:
         except ValueError:
             continue
     return found
+
+
+class CollectionTimes:
+    """Times this process's garbage collections into `phases` (gc_gen0 / gc_gen1 / gc_gen2) while installed: a full
+    collection stops every thread that needs the GIL, the event loop's included, for as long as it scans."""
+
+    def __init__(self, phases: PhaseTimes):
+        self.phases = phases
+        self._started = 0.0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.phases.since(f"gc_gen{info['generation']}", self._started)
+
+    def __enter__(self) -> CollectionTimes:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._callback)
+

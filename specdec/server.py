@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from specdec import device_trace
+from specdec.phases import CollectionTimes, PhaseTimes
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +105,19 @@ class GrpcServer:
 
 async def run_servers(servers: list[GrpcServer]) -> None:
     """Starts the servers, then drains them all on SIGTERM or SIGINT and returns when they have stopped; SIGUSR1
-    captures a device trace (specdec.device_trace)."""
+    captures a device trace (specdec.device_trace). The garbage collections while serving are timed and logged at
+    the stop (a full one over torch's ~200k objects takes ~100 ms on a 2-core CPU; serving's objects mostly die by
+    reference count: on a CPU at 16 sessions, 3-5 young collections in ~1,700 rounds a process)."""
     loop = asyncio.get_running_loop()
     for s in servers:
         await s.start()
+    collections = PhaseTimes()
+    with CollectionTimes(collections):
+        await _serve(servers, loop)
+    log.info(collections.summary_line("+".join(s.name for s in servers) + "-gc"))
 
+
+async def _serve(servers: list[GrpcServer], loop) -> None:
     def on_signal():
         for s in servers:
             loop.create_task(s.drain())

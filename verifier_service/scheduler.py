@@ -303,7 +303,9 @@ class Scheduler:
                     if not work.future.done():
                         work.future.set_exception(exc)
                 continue
-            self.phases.since("tick", started)
+            ended = self.phases.since("tick", started)
+            if any(w.draft_tokens is None for w in batch):  # a tick's tail, split out: the ticks holding prefills
+                self.phases.add("tick_with_prefill", ended - started)
             for work, result in zip(batch, results):
                 _resolve(work.future, result)
             if self.metrics is not None:  # once per tick, never per token
