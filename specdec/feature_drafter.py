@@ -256,12 +256,14 @@ class FeatureRunner:
         self._pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
         self._loop_inputs: dict[int, tuple] = {}  # rows -> _capture_loop's buffers
 
-    def _pass(self, tokens, positions, write_slots, write_pos, slots, base, visible, feats, kv_len: int):
-        """Device work only (capturable): predicted features [batch, width, hidden] and their logits."""
+    def _pass(self, tokens, positions, write_slots, write_pos, slots, base, visible, feats, kv_len: int,
+              head: bool = True):
+        """Device work only (capturable): predicted features [batch, width, hidden] and their logits (None without
+        the head: a caller that wants only some tokens' logits takes `_head` of those)."""
         engine = self.engine
         x = self.fc(torch.cat((unit_rms(engine.embed[tokens]), unit_rms(feats)), dim=-1))
         h = engine._blocks(self.cache, x, positions, write_slots, write_pos, slots, base, visible, kv_len)
-        return h, engine._head(h)
+        return h, engine._head(h) if head else None
 
     def _inputs(self, rows: list[Row], features: list[torch.Tensor], batch: int, width: int,
                 span: int | None = None) -> list[torch.Tensor]:
@@ -322,10 +324,13 @@ class FeatureRunner:
                 index = upload(group, dev)
                 logits[index], h[index] = group_logits, group_h
             return logits, h
-        h, logits = self._run(rows, features)
+        h, logits = self._run(rows, features, head=False)
         b = torch.arange(batch, device=dev)
         t = upload([len(r.tokens) - 1 for r in rows], dev)
-        return logits[b, t].float(), h[b, t]
+        last = h[b, t]
+        # an eager pass (a wide prompt row) leaves out the head: its logits for one token a row, not for all of them
+        # (a 150-token prompt's head was ~80% of a new session's first draft on a CPU: bench/drafter_batch.py)
+        return (self.engine._head(last) if logits is None else logits[b, t]).float(), last
 
     @torch.inference_mode()
     def warm_graphs(self, max_rows: int, widths=(1, 2, 4, 8), max_kv: int = 512, steps=(2, 3, 4, 5)) -> int:
@@ -481,13 +486,14 @@ class FeatureRunner:
             out.append(tree)
         return out
 
-    def _run(self, rows: list[Row], features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run(self, rows: list[Row], features: list[torch.Tensor], head: bool = True):
         """One pass: predicted features [batch', width', hidden] and draft logits [batch', width', draft vocab] of
-        every token of every row (padded to a bucket where a CUDA graph ran it)."""
+        every token of every row (padded to a bucket where a CUDA graph ran it); logits None where the pass ran
+        eagerly and head is False."""
         batch, width = len(rows), max(len(r.tokens) for r in rows)
         kv_len = max(r.start + len(r.tokens) for r in rows)
         return self._forward(lambda b, w, s: self._inputs(rows, features, b, w, s), batch, width, kv_len,
-                             tree_span(rows))
+                             tree_span(rows), head)
 
     def draft_greedy(self, rows: list[Row], features: list[torch.Tensor], steps: int) -> list[list[int]]:
         """`draft` for greedy rows: the tokens only."""
@@ -582,14 +588,14 @@ class FeatureRunner:
 
         return make
 
-    def _forward(self, inputs, batch: int, width: int, kv_len: int, span: int = 1):
+    def _forward(self, inputs, batch: int, width: int, kv_len: int, span: int = 1, head: bool = True):
         """(h, logits) [batch', width', ...] of a pass whose padded inputs inputs(batch', width', span') makes (span:
         engine.tree_span of its rows): a CUDA graph replay of the (batch, width, span, kv length) bucket where there
-        is one, else the eager pass."""
+        is one, else the eager pass (its logits None unless head)."""
         span = max(span, width)
         if (self._graphs is None or batch > self.MAX_GRAPH_BATCH or width > self.MAX_GRAPH_WIDTH
                 or span > self.MAX_GRAPH_SPAN):
-            return self._pass(*inputs(batch, width, span), kv_len)
+            return self._pass(*inputs(batch, width, span), kv_len, head=head)
         key = (_bucket(batch), _bucket(width), _bucket(span), min(_bucket(kv_len, floor=128), self.cache.max_len))
         with torch.cuda.device(self.engine.device):
             entry = self._graphs.get(key)
@@ -597,7 +603,7 @@ class FeatureRunner:
                 entry = self._graphs[key] = self._capture(*key)
             if entry is None:  # this runner's graphs failed their check: eager from now on
                 self._graphs = None
-                return self._pass(*inputs(batch, width, span), kv_len)
+                return self._pass(*inputs(batch, width, span), kv_len, head=head)
             graph, buffers, outputs = entry
             for buffer, value in zip(buffers, inputs(*key[:3])):
                 buffer.copy_(value, non_blocking=True)

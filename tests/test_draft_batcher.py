@@ -153,6 +153,42 @@ def test_a_batch_waits_for_half_the_open_sessions_only_within_its_gather_window(
     assert asyncio.run(main()) == expected
 
 
+def test_running_sessions_are_drafted_before_and_apart_from_a_new_sessions_first_draft():
+    """A session's first draft carries its whole prompt: queued together with running sessions' drafts, it goes in a
+    call of its own after theirs, so they never wait for its wide pass."""
+    from drafter_service.drafters import Draft, DraftRequest
+    from specdec.sampling import SamplingConfig
+
+    class RecordingDrafter:
+        def __init__(self):
+            self.calls = []
+
+        def open(self, session_id):
+            pass
+
+        def close(self, session_id):
+            pass
+
+        def propose(self, requests):
+            self.calls.append(sorted(r.session_id for r in requests))
+            return [Draft([1]) for _ in requests]
+
+    def ask(batcher, session):
+        return asyncio.ensure_future(batcher.propose(DraftRequest(session, [1, 2], 1, SamplingConfig(), None, None)))
+
+    async def main():
+        batcher = DraftBatcher(RecordingDrafter())
+        for session in "abc":
+            await batcher.open(session)
+        batcher.start()
+        await asyncio.wait_for(ask(batcher, "a"), 5)  # alone: one call
+        await asyncio.wait_for(asyncio.gather(ask(batcher, "a"), ask(batcher, "b")), 5)  # "a" runs, "b" is new
+        await asyncio.wait_for(asyncio.gather(ask(batcher, "c"), ask(batcher, "b")), 5)  # "b" runs now
+        return batcher.drafter.calls
+
+    assert asyncio.run(main()) == [["a"], ["a"], ["b"], ["b"], ["c"]]
+
+
 def test_drafts_ahead_only_on_an_idle_drafter_but_always_for_a_session_whose_output_depends_on_them():
     """A seeded sampled session's drafts ahead take draws from its generator: whether it drafts ahead must not
     depend on the load, or the same request would give other tokens on a busier drafter."""
