@@ -120,7 +120,9 @@ class DraftBatcher:
         self.phases.count("batch_rows", len(batch))
         self._drafting = True
         try:
-            drafts = await compute.run(device_trace.traced("drafter.propose", self._propose), [r for r, _, _ in batch])
+            drafts = await compute.run_timed(self.phases, "draft_batch", device_trace.traced("drafter.propose",
+                                                                                         self._propose),
+                                             [r for r, _, _ in batch])
         except Exception:  # a drafter bug costs speed (empty drafts), never a session
             log.exception("drafting failed for %d sessions", len(batch))
             drafts = [Draft([]) for _ in batch]

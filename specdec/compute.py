@@ -9,6 +9,7 @@ free for gRPC; torch work queues here, in order.
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 _EXECUTOR = ThreadPoolExecutor(1, thread_name_prefix="torch")
@@ -17,6 +18,29 @@ _EXECUTOR = ThreadPoolExecutor(1, thread_name_prefix="torch")
 async def run(fn, *args):
     """Runs fn(*args) on the torch thread without blocking the event loop."""
     return await asyncio.get_running_loop().run_in_executor(_EXECUTOR, fn, *args)
+
+
+async def run_timed(phases, name: str, fn, *args):
+    """`run`, adding to phases (specdec.phases.PhaseTimes) where its time went: `name`_wait queued behind other work
+    of the torch thread, `name`_thread fn itself, `name`_resume from fn's end until the event loop resumed the
+    caller (the loop's own backlog)."""
+    submitted = time.perf_counter()
+    marks: list[float] = []
+
+    def timed():
+        marks.append(time.perf_counter())
+        try:
+            return fn(*args)
+        finally:
+            marks.append(time.perf_counter())
+
+    try:
+        return await run(timed)
+    finally:
+        if len(marks) == 2:
+            phases.add(f"{name}_wait", marks[0] - submitted)
+            phases.add(f"{name}_thread", marks[1] - marks[0])
+            phases.since(f"{name}_resume", marks[1])
 
 
 def call(fn, *args):

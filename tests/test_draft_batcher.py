@@ -207,3 +207,24 @@ def test_drafts_ahead_only_on_an_idle_drafter_but_always_for_a_session_whose_out
     assert not servicer._drafts_ahead(chain, 2, fixed_output=False)
     assert servicer._drafts_ahead(chain, 2, fixed_output=True)
     assert not DrafterServicer(batcher, proactive=False)._drafts_ahead(chain, 2, fixed_output=True)
+
+
+def test_a_torch_thread_call_timed_splits_its_wait_its_work_and_the_event_loops_resumption():
+    """compute.run_timed (the drafter's batches, the verifier's ticks): a call queued behind another waits for it,
+    and its own work is timed apart from that wait; where a round's time goes rests on this split."""
+    from specdec import compute
+    from specdec.phases import PhaseTimes
+
+    phases = PhaseTimes()
+
+    async def main():
+        first = asyncio.ensure_future(compute.run_timed(phases, "a", time.sleep, 0.2))
+        await asyncio.sleep(0.01)  # "b" is submitted while "a" holds the torch thread
+        return await asyncio.gather(first, compute.run_timed(phases, "b", lambda: time.sleep(0.05) or "done"))
+
+    assert asyncio.run(main()) == [None, "done"]
+    summary = phases.summary()
+    assert summary["a_thread"]["mean_ms"] >= 200 and summary["a_wait"]["mean_ms"] < 100
+    assert summary["b_wait"]["mean_ms"] >= 150  # behind "a"
+    assert 50 <= summary["b_thread"]["mean_ms"] < 150
+    assert set(summary) == {f"{call}_{part}" for call in "ab" for part in ("wait", "thread", "resume")}

@@ -296,7 +296,8 @@ class Scheduler:
                 loop.call_soon_threadsafe(_resolve, work.future, result)
 
             try:
-                results = await compute.run(device_trace.traced("verifier.tick", self._tick), batch, deliver)
+                results = await compute.run_timed(self.phases, "tick", device_trace.traced("verifier.tick", self._tick),
+                                                  batch, deliver)
             except Exception as exc:  # a failed pass fails its sessions, never the scheduler
                 log.exception("forward pass failed for %d sessions", len(batch))
                 for work in batch:
