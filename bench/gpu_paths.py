@@ -1,7 +1,7 @@
 """The engine's and the feature drafter's CUDA paths against the same random tiny models on the CPU, in a few
 seconds and without model files (a GPU lease's first, cheapest check; `make test` runs on CPUs only): graph
 warm-up with a fused drafter's layers, a tapped verify pass, greedy decoding on the device, and the drafter's
-batched inputs, fused states and forced (proactive) tokens under CUDA graphs. Prints PASS/FAIL per check and
+batched inputs, fused states, forced (proactive) tokens and new sessions' prompts under CUDA graphs. Prints PASS/FAIL per check and
 exits 1 on a failure.
 
     python bench/gpu_paths.py [--device cuda:0]
@@ -63,15 +63,17 @@ def engine_paths(device: str, check: Checks) -> None:
 def drafter_paths(device: str, check: Checks) -> None:
     for taps in (None, [1, 4, 7]):  # a last-layer drafter, a fused one
         model = _model(taps=taps)
-        seqs = [torch.randint(0, VOCAB, (n,)).tolist() for n in (3, 9, 6)]
-        feats = [torch.randn(len(s), model.feature_width).half() for s in seqs]  # as the verifier sends them
-        for label, forced in (("chain", None), ("forced tokens", [[5, 6], [], [9]])):
+        # chains, forced (proactive) tokens, and new sessions' prompts (rows past 16 tokens: the prompt graphs, 4 + 1)
+        for label, lengths, forced in (("chain", (3, 9, 6), None), ("forced tokens", (3, 9, 6), [[5, 6], [], [9]]),
+                                       ("prompts", (3, 40, 25, 20, 30, 18), None)):
+            seqs = [torch.randint(0, VOCAB, (n,)).tolist() for n in lengths]
+            feats = [torch.randn(len(s), model.feature_width).half() for s in seqs]  # as the verifier sends them
             drafts = []
             for dev in ("cpu", device):
-                runner = FeatureRunner(model, dev, torch.float32, num_slots=4, max_len=64)
-                uniforms = torch.rand(3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+                runner = FeatureRunner(model, dev, torch.float32, num_slots=len(seqs) + 1, max_len=64)
+                uniforms = torch.rand(len(seqs), 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
                 drafts.append(runner.draft([Row(slot, 0, s) for slot, s in enumerate(seqs)], feats, 4,
-                                           [0.0, 0.7, 0.0], uniforms, 8, forced=forced)[0])
+                                           ([0.0, 0.7] * 3)[: len(seqs)], uniforms, 8, forced=forced)[0])
             check(f"drafts, {'fused' if taps else 'last-layer'} drafter, {label}", drafts[0] == drafts[1],
                   f"{drafts[0]} vs {drafts[1]}")
 

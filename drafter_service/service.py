@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -33,12 +32,10 @@ log = logging.getLogger(__name__)
 class DraftBatcher:
     """Gathers the sessions waiting for a draft and proposes for all of them in one call on the torch thread."""
 
-    def __init__(self, drafter, gather_s: float | None = None):
-        """gather_s: under load, how long a batch may wait for half of the open sessions to ask (`_gather`);
-        default SPECDEC_DRAFT_GATHER_MS, else 0 (draft whatever is queued at once)."""
+    def __init__(self, drafter, gather_s: float = 0.0):
+        """gather_s: under load, how long a batch may wait for half of the open sessions to ask (`_gather`; the
+        server's default: drafter_service.app.draft_gather_s); 0 drafts whatever is queued at once."""
         self.drafter = drafter
-        if gather_s is None:
-            gather_s = float(os.environ.get("SPECDEC_DRAFT_GATHER_MS", "0")) / 1000
         self.gather_s = gather_s
         self._open: set[str] = set()  # sessions opened here and not closed: what `_gather` waits for half of
         self._drafted: set[str] = set()  # open sessions that have had a draft (their prompt is in the drafter's KV)

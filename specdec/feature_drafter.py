@@ -238,6 +238,10 @@ class FeatureRunner:
 
     MAX_GRAPH_BATCH, MAX_GRAPH_WIDTH = 64, 16
     MAX_GRAPH_SPAN = 64  # a draft tree's level pass sees nodes written by earlier passes: up to this many back
+    # New sessions' prompts (rows wider than MAX_GRAPH_WIDTH): passes of up to PROMPT_GRAPH_ROWS of them, up to
+    # MAX_PROMPT_WIDTH tokens, replay graphs 32, 64 or 128 wide too (`warm_graphs` captures them), as the verifier's
+    # prefills do; longer prompts run eagerly
+    PROMPT_GRAPH_ROWS, MAX_PROMPT_WIDTH = 4, 128
 
     def __init__(self, model: FeatureDrafterModel, device, dtype, num_slots: int, max_len: int,
                  cuda_graphs: bool | None = None):
@@ -308,16 +312,25 @@ class FeatureRunner:
         row's last token, draft logits [batch, draft vocab] float32 and the predicted feature [batch, hidden]: the
         input feature of the token drafted after it.
 
-        Rows longer than MAX_GRAPH_WIDTH (a new session's prompt) run in a pass of their own: padded to their
+        Rows longer than MAX_GRAPH_WIDTH (a new session's prompt) run in passes of their own: padded to their
         width, the whole batch's pass would be that wide, eager on a GPU and mostly padding (at 64 users on an
-        H200, a batch holding a new session took ~90 ms against ~8 ms: docs/benchmarks.md, eleventh session)."""
+        H200, a batch holding a new session took ~90 ms against ~8 ms: docs/benchmarks.md, eleventh session). With
+        CUDA graphs they go PROMPT_GRAPH_ROWS at a time, shortest first, so that those within MAX_PROMPT_WIDTH
+        replay the prompt graphs (eager passes of new shapes took 75-90 ms at p90 on an H200 against 6-10 ms for
+        the same batch once warm: docs/benchmarks.md, thirteenth session)."""
         dev = self.engine.device
         batch = len(rows)
         wide = [b for b, r in enumerate(rows) if len(r.tokens) > self.MAX_GRAPH_WIDTH]
-        if wide and len(wide) < batch:
+        groups = []
+        if wide and self._graphs is not None and len(wide) > self.PROMPT_GRAPH_ROWS:
+            wide.sort(key=lambda b: len(rows[b].tokens))
+            groups = [wide[i : i + self.PROMPT_GRAPH_ROWS] for i in range(0, len(wide), self.PROMPT_GRAPH_ROWS)]
+        elif wide and len(wide) < batch:
+            groups = [wide]
+        if groups:
             narrow = [b for b, r in enumerate(rows) if len(r.tokens) <= self.MAX_GRAPH_WIDTH]
             parts = [(group, self.step([rows[b] for b in group], [features[b] for b in group]))
-                     for group in (narrow, wide)]
+                     for group in ([narrow] if narrow else []) + groups]
             logits = torch.empty(batch, parts[0][1][0].shape[-1], device=dev, dtype=parts[0][1][0].dtype)
             h = torch.empty(batch, parts[0][1][1].shape[-1], device=dev, dtype=parts[0][1][1].dtype)
             for group, (group_logits, group_h) in parts:
@@ -333,19 +346,23 @@ class FeatureRunner:
         return (self.engine._head(last) if logits is None else logits[b, t]).float(), last
 
     @torch.inference_mode()
-    def warm_graphs(self, max_rows: int, widths=(1, 2, 4, 8), max_kv: int = 512, steps=(2, 3, 4, 5)) -> int:
+    def warm_graphs(self, max_rows: int, widths=(1, 2, 4, 8), max_kv: int = 512, steps=(2, 3, 4, 5),
+                    prompt_widths=(32, 64, 128)) -> int:
         """Captures now, instead of mid-serving, the CUDA graphs of chain passes `widths` tokens wide and of greedy
         drafting loops of `steps` picks (`_draft_graphed`) for every batch bucket up to max_rows and every
         KV-length bucket up to max_kv: what a draft asks for while its sessions' contexts stay within max_kv (a
-        capture mid-serving holds the whole batch of drafts: ~50-100 ms each). Returns how many it captured (0
-        without CUDA graphs)."""
+        capture mid-serving holds the whole batch of drafts: ~50-100 ms each); and the prompt passes
+        (`prompt_widths` wide, up to PROMPT_GRAPH_ROWS rows, KV buckets as wide or wider). Returns how many it
+        captured (0 without CUDA graphs)."""
         if self._graphs is None:
             return 0
         top = _bucket(min(max_rows, self.MAX_GRAPH_BATCH))
         batches = [1 << i for i in range(top.bit_length())]
         lengths = sorted({min(128 << i, self.cache.max_len) for i in range(max(max_kv // 128, 1).bit_length())})
         captured = 0
-        for batch, width, length in itertools.product(batches, widths, lengths):
+        prompts = [(batch, width, length) for batch, width, length in itertools.product(batches, prompt_widths, lengths)
+                   if batch <= self.PROMPT_GRAPH_ROWS and width <= min(length, self.MAX_PROMPT_WIDTH)]
+        for batch, width, length in [*itertools.product(batches, widths, lengths), *prompts]:
             key = (batch, _bucket(width), _bucket(width), length)
             if key in self._graphs:
                 continue
@@ -593,8 +610,9 @@ class FeatureRunner:
         engine.tree_span of its rows): a CUDA graph replay of the (batch, width, span, kv length) bucket where there
         is one, else the eager pass (its logits None unless head)."""
         span = max(span, width)
-        if (self._graphs is None or batch > self.MAX_GRAPH_BATCH or width > self.MAX_GRAPH_WIDTH
-                or span > self.MAX_GRAPH_SPAN):
+        prompt = width > self.MAX_GRAPH_WIDTH  # new sessions' prompts: chains, so their span is their width
+        if (self._graphs is None or batch > (self.PROMPT_GRAPH_ROWS if prompt else self.MAX_GRAPH_BATCH)
+                or width > self.MAX_PROMPT_WIDTH or span > (self.MAX_PROMPT_WIDTH if prompt else self.MAX_GRAPH_SPAN)):
             return self._pass(*inputs(batch, width, span), kv_len, head=head)
         key = (_bucket(batch), _bucket(width), _bucket(span), min(_bucket(kv_len, floor=128), self.cache.max_len))
         with torch.cuda.device(self.engine.device):

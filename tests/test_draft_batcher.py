@@ -228,3 +228,15 @@ def test_a_torch_thread_call_timed_splits_its_wait_its_work_and_the_event_loops_
     assert summary["b_wait"]["mean_ms"] >= 150  # behind "a"
     assert 50 <= summary["b_thread"]["mean_ms"] < 150
     assert set(summary) == {f"{call}_{part}" for call in "ab" for part in ("wait", "thread", "resume")}
+
+
+def test_the_gather_window_defaults_to_3_ms_on_a_gpu_drafter_and_off_on_a_cpu_one(monkeypatch):
+    from drafter_service.app import draft_gather_s
+
+    monkeypatch.delenv("SPECDEC_DRAFT_GATHER_MS", raising=False)
+    assert draft_gather_s("cuda:0") == 0.003
+    assert draft_gather_s("cpu") == 0.0
+    monkeypatch.setenv("SPECDEC_DRAFT_GATHER_MS", "0")  # the operator's setting wins on any device
+    assert draft_gather_s("cuda:0") == 0.0
+    monkeypatch.setenv("SPECDEC_DRAFT_GATHER_MS", "5")
+    assert draft_gather_s("cpu") == 0.005

@@ -108,11 +108,24 @@ def test_warmed_graphs_are_the_ones_drafting_replays(monkeypatch):
 
     monkeypatch.setattr(graphed, "_record", record)
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
-    # batches 1, 2, 4, 8 x (passes 1, 2, 4, 8 wide, and loops of 2, 3, 4, 5 picks) x the one KV bucket of 64
-    assert graphed.warm_graphs(8) == 4 * 4 + 4 * 4 == len(recorded)
+    # batches 1, 2, 4, 8 x (passes 1, 2, 4, 8 wide, and loops of 2, 3, 4, 5 picks) x the one KV bucket of 64, and
+    # the prompts' passes: batches 1, 2, 4 x 32 and 64 wide (128 does not fit the KV)
+    assert graphed.warm_graphs(8) == 4 * 4 + 4 * 4 + 3 * 2 == len(recorded)
     recorded.clear()
-    for n_rows, steps in ((3, 4), (8, 2), (5, 5)):
-        seqs = [torch.randint(0, VOCAB, (n,)).tolist() for n in (5, 2, 7, 1, 3, 6, 4, 2)[:n_rows]]
+    eager_passes = []  # _forward's eager passes (a capture's pass is called without `head`)
+    real_pass = graphed._pass
+
+    def counted_pass(*args, **kwargs):
+        if "head" in kwargs:
+            eager_passes.append(tuple(args[0].shape))
+        return real_pass(*args, **kwargs)
+
+    monkeypatch.setattr(graphed, "_pass", counted_pass)
+    # new sessions' prompts (rows wider than 16) beside running sessions' rows: 5 of them go as 4 + 1
+    for lengths, steps in (((5, 2, 7), 4), ((5, 2, 7, 1, 3, 6, 4, 2), 2), ((5, 2, 7, 1, 3), 5),
+                           ((40, 3, 20, 33, 25, 2, 17), 3), ((30, 50), 2)):
+        n_rows = len(lengths)
+        seqs = [torch.randint(0, VOCAB, (n,)).tolist() for n in lengths]
         feats = [torch.randn(len(s), model.feature_width) for s in seqs]
         rows = [Row(i, 0, s) for i, s in enumerate(seqs)]
         assert graphed.draft_greedy(rows, feats, steps) == eager.draft_greedy(rows, feats, steps)
@@ -124,7 +137,7 @@ def test_warmed_graphs_are_the_ones_drafting_replays(monkeypatch):
             assert [ids for ids, _ in got_row] == [ids for ids, _ in want_row]
             assert all(torch.allclose(torch.tensor(g), torch.tensor(w), atol=1e-6) for (_, g), (_, w) in
                        zip(got_row, want_row))
-    assert recorded == []
+    assert recorded == [] and eager_passes == []
 
 
 @pytest.mark.parametrize("draft_vocab", [None, sorted(range(3, VOCAB, 2))], ids=["full-head", "reduced-head"])
