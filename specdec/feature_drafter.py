@@ -259,6 +259,7 @@ class FeatureRunner:
         self._graphs: dict[tuple[int, int, int, int], tuple] | None = {} if cuda_graphs else None
         self._pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
         self._loop_inputs: dict[int, tuple] = {}  # rows -> _capture_loop's buffers
+        self._prompt_graphs = True  # False once a prompt pass's graph failed its check: prompts then run eagerly
 
     def _pass(self, tokens, positions, write_slots, write_pos, slots, base, visible, feats, kv_len: int,
               head: bool = True):
@@ -364,13 +365,17 @@ class FeatureRunner:
                    if batch <= self.PROMPT_GRAPH_ROWS and width <= min(length, self.MAX_PROMPT_WIDTH)]
         for batch, width, length in [*itertools.product(batches, widths, lengths), *prompts]:
             key = (batch, _bucket(width), _bucket(width), length)
-            if key in self._graphs:
+            if key in self._graphs or (width > self.MAX_GRAPH_WIDTH and not self._prompt_graphs):
                 continue
             with torch.cuda.device(self.engine.device):
-                self._graphs[key] = self._capture(*key)
-            if self._graphs[key] is None:  # failed its check: eager from now on, as _forward does
+                entry = self._capture(*key)
+            if entry is None and width > self.MAX_GRAPH_WIDTH:  # as _forward does: prompts eager, the rest graphed
+                self._prompt_graphs = False
+                continue
+            if entry is None:  # failed its check: eager from now on, as _forward does
                 self._graphs = None
                 return captured
+            self._graphs[key] = entry
             captured += 1
         for batch, count, length in itertools.product(batches, steps, lengths):
             key = ("greedy", batch, count, length)
@@ -611,17 +616,22 @@ class FeatureRunner:
         is one, else the eager pass (its logits None unless head)."""
         span = max(span, width)
         prompt = width > self.MAX_GRAPH_WIDTH  # new sessions' prompts: chains, so their span is their width
-        if (self._graphs is None or batch > (self.PROMPT_GRAPH_ROWS if prompt else self.MAX_GRAPH_BATCH)
+        if (self._graphs is None or (prompt and not self._prompt_graphs)
+                or batch > (self.PROMPT_GRAPH_ROWS if prompt else self.MAX_GRAPH_BATCH)
                 or width > self.MAX_PROMPT_WIDTH or span > (self.MAX_PROMPT_WIDTH if prompt else self.MAX_GRAPH_SPAN)):
             return self._pass(*inputs(batch, width, span), kv_len, head=head)
         key = (_bucket(batch), _bucket(width), _bucket(span), min(_bucket(kv_len, floor=128), self.cache.max_len))
         with torch.cuda.device(self.engine.device):
             entry = self._graphs.get(key)
             if entry is None:
-                entry = self._graphs[key] = self._capture(*key)
+                entry = self._capture(*key)
+            if entry is None and prompt:  # a prompt pass's graph failed its check: prompts eager from now on
+                self._prompt_graphs = False
+                return self._pass(*inputs(batch, width, span), kv_len, head=head)
             if entry is None:  # this runner's graphs failed their check: eager from now on
                 self._graphs = None
                 return self._pass(*inputs(batch, width, span), kv_len, head=head)
+            self._graphs[key] = entry
             graph, buffers, outputs = entry
             for buffer, value in zip(buffers, inputs(*key[:3])):
                 buffer.copy_(value, non_blocking=True)

@@ -140,6 +140,31 @@ def test_warmed_graphs_are_the_ones_drafting_replays(monkeypatch):
     assert recorded == [] and eager_passes == []
 
 
+def test_a_prompt_graph_that_fails_its_check_leaves_prompts_eager_and_the_other_graphs_in_place(monkeypatch):
+    model = _model(taps=[1, 4, 7])
+    eager = FeatureRunner(model, "cpu", torch.float32, num_slots=9, max_len=64)
+    graphed = FeatureRunner(model, "cpu", torch.float32, num_slots=9, max_len=64)
+    graphed._graphs = {}
+
+    def record(fn, matches, what):
+        outputs = tuple(torch.full_like(o, float("nan") if o.is_floating_point() else -1) for o in fn())
+        if " x 32 tokens" in what or " x 64 tokens" in what:  # the prompt passes' graphs replay nothing
+            return None
+        graph = _Replayed(fn, outputs)
+        graph.replay()
+        return graph, outputs
+
+    monkeypatch.setattr(graphed, "_record", record)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    assert graphed.warm_graphs(8) == 4 * 4 + 4 * 4  # the chains' passes and loops only
+    assert graphed._graphs is not None and not graphed._prompt_graphs
+    seqs = [torch.randint(0, VOCAB, (n,)).tolist() for n in (40, 3, 20)]
+    feats = [torch.randn(len(s), model.feature_width) for s in seqs]
+    rows = [Row(i, 0, s) for i, s in enumerate(seqs)]
+    assert graphed.draft_greedy(rows, feats, 3) == eager.draft_greedy(rows, feats, 3)
+    assert graphed._graphs is not None
+
+
 @pytest.mark.parametrize("draft_vocab", [None, sorted(range(3, VOCAB, 2))], ids=["full-head", "reduced-head"])
 def test_greedy_drafting_on_the_device_equals_step_by_step(draft_vocab):
     """draft_greedy feeds each step's argmax and predicted feature back without the host: the same tokens as
