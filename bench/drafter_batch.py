@@ -18,13 +18,13 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from drafter_cost import _timed as timed  # noqa: E402  (ms of one call, the device synchronized)
 from drafter_service.drafters import DraftRequest, make_drafter  # noqa: E402
 from specdec import models  # noqa: E402
 from specdec.sampling import SamplingConfig  # noqa: E402
@@ -63,16 +63,6 @@ class Sessions:
 
     def _states(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.drafter.feature_width, generator=self.generator).to(torch.float16)
-
-
-def timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    started = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - started) * 1e3
 
 
 def main(argv=None) -> int:

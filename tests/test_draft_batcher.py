@@ -29,6 +29,25 @@ class OneSlotDrafter:
             self.holder = None
 
 
+class RecordingDrafter:
+    """Records the sessions of each propose call; drafts one token each."""
+
+    def __init__(self):
+        self.calls = []
+
+    def open(self, session_id):
+        pass
+
+    def close(self, session_id):
+        pass
+
+    def propose(self, requests):
+        from drafter_service.drafters import Draft
+
+        self.calls.append(sorted(r.session_id for r in requests))
+        return [Draft([1]) for _ in requests]
+
+
 def test_open_waits_for_closes_under_way():
     async def main():
         batcher = DraftBatcher(OneSlotDrafter())
@@ -122,25 +141,11 @@ def test_the_batcher_is_idle_only_with_nothing_queued_and_no_batch_drafting():
 def test_a_batch_waits_for_half_the_open_sessions_only_within_its_gather_window(gather_s, expected):
     """SPECDEC_DRAFT_GATHER_MS: with a window, a session's draft waits (up to it) for half of the open sessions to
     ask, and they are drafted in one batch; without one, each is drafted as soon as it asks."""
-    from drafter_service.drafters import Draft, DraftRequest
+    from drafter_service.drafters import DraftRequest
     from specdec.sampling import SamplingConfig
 
-    class CountingDrafter:
-        def __init__(self):
-            self.batches = []
-
-        def open(self, session_id):
-            pass
-
-        def close(self, session_id):
-            pass
-
-        def propose(self, requests):
-            self.batches.append(len(requests))
-            return [Draft([1]) for _ in requests]
-
     async def main():
-        batcher = DraftBatcher(CountingDrafter(), gather_s=gather_s)
+        batcher = DraftBatcher(RecordingDrafter(), gather_s=gather_s)
         for session in "abcd":
             await batcher.open(session)
         batcher.start()
@@ -148,7 +153,7 @@ def test_a_batch_waits_for_half_the_open_sessions_only_within_its_gather_window(
         await asyncio.sleep(0.2)  # "b" asks later, while "a" waits (with a window) or after it was drafted
         second = asyncio.ensure_future(batcher.propose(DraftRequest("b", [1, 2], 1, SamplingConfig(), None, None)))
         await asyncio.wait_for(asyncio.gather(first, second), 5)
-        return batcher.drafter.batches
+        return [len(call) for call in batcher.drafter.calls]
 
     assert asyncio.run(main()) == expected
 
@@ -156,22 +161,8 @@ def test_a_batch_waits_for_half_the_open_sessions_only_within_its_gather_window(
 def test_running_sessions_are_drafted_before_and_apart_from_a_new_sessions_first_draft():
     """A session's first draft carries its whole prompt: queued together with running sessions' drafts, it goes in a
     call of its own after theirs, so they never wait for its wide pass."""
-    from drafter_service.drafters import Draft, DraftRequest
+    from drafter_service.drafters import DraftRequest
     from specdec.sampling import SamplingConfig
-
-    class RecordingDrafter:
-        def __init__(self):
-            self.calls = []
-
-        def open(self, session_id):
-            pass
-
-        def close(self, session_id):
-            pass
-
-        def propose(self, requests):
-            self.calls.append(sorted(r.session_id for r in requests))
-            return [Draft([1]) for _ in requests]
 
     def ask(batcher, session):
         return asyncio.ensure_future(batcher.propose(DraftRequest(session, [1, 2], 1, SamplingConfig(), None, None)))
