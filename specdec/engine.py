@@ -258,6 +258,12 @@ class LlamaEngine:
 
     _graphs = None
 
+    @property
+    def graphed_prefill(self) -> tuple[int, int] | None:
+        """(rows, tokens): the most prompts, each at most so long, whose prefill replays a CUDA graph (the wide
+        passes); None without graphs. More rows in one pass run eagerly."""
+        return None if self._graphs is None else (self._graphs.WIDE_BATCH, self._graphs.WIDE_WIDTH)
+
     @torch.inference_mode()
     def warm_cuda_graphs(self, cache: KVCache, max_rows: int, widths: Sequence[int] = (), max_kv: int = 512,
                          feature_layers: Sequence[Sequence[int]] = ()) -> int:

@@ -223,3 +223,22 @@ def test_a_graph_that_does_not_replay_the_pass_is_refused(caplog):
         got = graphed.forward(caches[1], [tree])[0]
     assert "running such wide passes" in caplog.text
     assert torch.allclose(got, eager.forward(caches[0], [tree])[0], atol=1e-5)
+
+
+def test_prefills_of_many_prompts_go_a_graphs_rows_at_a_time():
+    """The verifier's prefill groups (similar lengths): with graphs, prompts the wide graphs take go at most
+    WIDE_BATCH a pass, so each pass replays one; longer prompts and engines without graphs keep one pass a group."""
+    from verifier_service.scheduler import _length_groups
+
+    eager, graphed = _engines(seed=13)
+    assert eager.graphed_prefill is None and graphed.graphed_prefill == (4, 128)
+    lengths = [20, 22, 21, 25, 30, 24, 23, 300, 310, 305, 301, 302]
+    assert _length_groups(lengths) == [[0, 2, 1, 6, 5, 3, 4], [7, 10, 11, 9, 8]]
+    assert _length_groups(lengths, graphed.graphed_prefill) == [[0, 2, 1, 6], [5, 3, 4], [7, 10, 11, 9, 8]]
+    caches = [e.new_cache(8, 64) for e in (eager, graphed)]
+    prompts = [Row(i, 0, list(range(3 + i, 20 + 2 * i))) for i in range(6)]
+    for group in _length_groups([len(r.tokens) for r in prompts], graphed.graphed_prefill):
+        rows = [prompts[i] for i in group]
+        want, got = eager.forward(caches[0], rows), graphed.forward(caches[1], rows)
+        assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(got, want))
+    assert graphed.passes["eager"] == 0 and graphed.passes["graphed"] == 2

@@ -440,7 +440,7 @@ class Scheduler:
             restored.append(rows)
         rows = [Row(w.session.slot, start, list(w.session.tokens[start:])) for w, start in zip(works, starts)]
         out: list[StepResult | None] = [None] * len(works)
-        for group in _length_groups([len(row.tokens) for row in rows]):
+        for group in _length_groups([len(row.tokens) for row in rows], getattr(self.engine, "graphed_prefill", None)):
             group_rows = [rows[i] for i in group]
             features = [None] * len(group)
             wanting = [works[i].session.settings for i in group if works[i].session.settings.return_features]
@@ -646,11 +646,15 @@ def _own_columns(
     return hidden.unflatten(-1, (len(layers), size))[:, index].flatten(-2)
 
 
-def _length_groups(lengths: list[int]) -> list[list[int]]:
-    """Indices in ascending order of length, cut into groups whose longest is at most twice their shortest."""
+def _length_groups(lengths: list[int], graphed: tuple[int, int] | None = None) -> list[list[int]]:
+    """Indices in ascending order of length, cut into groups whose longest is at most twice their shortest; with
+    graphed = (rows, tokens) (LlamaEngine.graphed_prefill), prompts of at most `tokens` also go at most `rows` a
+    group, so that their passes replay graphs instead of running eagerly: an eager prefill of a new shape is where
+    a verifier's ticks took 117-154 ms at p99 on an H200 (docs/benchmarks.md, thirteenth session)."""
     groups: list[list[int]] = []
     for i in sorted(range(len(lengths)), key=lengths.__getitem__):
-        if groups and lengths[i] <= 2 * lengths[groups[-1][0]]:
+        full = graphed is not None and lengths[i] <= graphed[1] and len(groups[-1] if groups else ()) >= graphed[0]
+        if groups and lengths[i] <= 2 * lengths[groups[-1][0]] and not full:
             groups[-1].append(i)
         else:
             groups.append([i])
