@@ -1,8 +1,8 @@
-"""The engine's and the feature drafter's CUDA paths against the same random tiny models on the CPU, in a few
-seconds and without model files (a GPU lease's first, cheapest check; `make test` runs on CPUs only): graph
-warm-up with a fused drafter's layers, a tapped verify pass, greedy decoding on the device, and the drafter's
-batched inputs, fused states, forced (proactive) tokens and new sessions' prompts under CUDA graphs. Prints PASS/FAIL per check and
-exits 1 on a failure.
+"""The engine's and the feature drafter's CUDA paths against the same random tiny models on the CPU, in a few seconds
+and without model files (a GPU lease's first, cheapest check; `make test` runs on CPUs only): graph warm-up with a
+fused drafter's layers, a tapped verify pass, greedy decoding on the device, and the drafter's batched inputs, fused
+states, forced (proactive) tokens and new sessions' prompts under CUDA graphs. Prints PASS/FAIL per check and exits
+1 on a failure.
 
     python bench/gpu_paths.py [--device cuda:0]
 """

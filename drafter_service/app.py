@@ -56,11 +56,10 @@ GPU_DRAFT_GATHER_MS = 3.0  # H200 x2, 64 users: +10.3% and +6.3% speculating tok
 
 
 def draft_gather_s(device: str) -> float:
-    """How long a batch of drafts may wait for half of the open sessions (DraftBatcher._gather): SPECDEC_DRAFT_GATHER_MS,
-    else 3 ms on a CUDA device (fewer, fuller batches under load; one session never waits) and 0 on a CPU (not
-    measured there)."""
+    """How long a batch of drafts may wait for half of the open sessions (DraftBatcher._gather):
+    SPECDEC_DRAFT_GATHER_MS, else 3 ms on a CUDA device (fewer, fuller batches under load; one session never waits)
+    and 0 on a CPU (not measured there)."""
     value = os.environ.get("SPECDEC_DRAFT_GATHER_MS")
     if value is not None:
         return float(value) / 1000
     return GPU_DRAFT_GATHER_MS / 1000 if device.startswith("cuda") else 0.0
-

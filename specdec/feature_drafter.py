@@ -316,19 +316,20 @@ class FeatureRunner:
         Rows longer than MAX_GRAPH_WIDTH (a new session's prompt) run in passes of their own: padded to their
         width, the whole batch's pass would be that wide, eager on a GPU and mostly padding (at 64 users on an
         H200, a batch holding a new session took ~90 ms against ~8 ms: docs/benchmarks.md, eleventh session). With
-        CUDA graphs they go PROMPT_GRAPH_ROWS at a time, shortest first, so that those within MAX_PROMPT_WIDTH
-        replay the prompt graphs (eager passes of new shapes took 75-90 ms at p90 on an H200 against 6-10 ms for
-        the same batch once warm: docs/benchmarks.md, thirteenth session)."""
+        CUDA graphs, those within MAX_PROMPT_WIDTH go PROMPT_GRAPH_ROWS at a time, shortest first, and replay the
+        prompt graphs (batches of eager prompt passes took 75-90 ms at p90 on an H200 against 6-10 ms for the same
+        batch once warm: docs/benchmarks.md, thirteenth session); longer ones share one eager pass."""
         dev = self.engine.device
         batch = len(rows)
         wide = [b for b, r in enumerate(rows) if len(r.tokens) > self.MAX_GRAPH_WIDTH]
-        groups = []
-        if wide and self._graphs is not None and len(wide) > self.PROMPT_GRAPH_ROWS:
-            wide.sort(key=lambda b: len(rows[b].tokens))
-            groups = [wide[i : i + self.PROMPT_GRAPH_ROWS] for i in range(0, len(wide), self.PROMPT_GRAPH_ROWS)]
-        elif wide and len(wide) < batch:
-            groups = [wide]
-        if groups:
+        groups = [wide]
+        if wide and self._graphs is not None and self._prompt_graphs:
+            fits = sorted((b for b in wide if len(rows[b].tokens) <= self.MAX_PROMPT_WIDTH),
+                          key=lambda b: len(rows[b].tokens))
+            longer = [b for b in wide if len(rows[b].tokens) > self.MAX_PROMPT_WIDTH]  # eager: one pass for them all
+            groups = [fits[i : i + self.PROMPT_GRAPH_ROWS] for i in range(0, len(fits), self.PROMPT_GRAPH_ROWS)]
+            groups += [longer] if longer else []
+        if wide and (len(groups) > 1 or len(wide) < batch):
             narrow = [b for b, r in enumerate(rows) if len(r.tokens) <= self.MAX_GRAPH_WIDTH]
             parts = [(group, self.step([rows[b] for b in group], [features[b] for b in group]))
                      for group in ([narrow] if narrow else []) + groups]

@@ -138,6 +138,12 @@ def test_warmed_graphs_are_the_ones_drafting_replays(monkeypatch):
             assert all(torch.allclose(torch.tensor(g), torch.tensor(w), atol=1e-6) for (_, g), (_, w) in
                        zip(got_row, want_row))
     assert recorded == [] and eager_passes == []
+    graphed.MAX_PROMPT_WIDTH = 32  # prompts past it share one eager pass; the others still replay the graphs
+    seqs = [torch.randint(0, VOCAB, (n,)).tolist() for n in (40, 3, 20, 50, 33)]
+    feats = [torch.randn(len(s), model.feature_width) for s in seqs]
+    rows = [Row(i, 0, s) for i, s in enumerate(seqs)]
+    assert graphed.draft_greedy(rows, feats, 2) == eager.draft_greedy(rows, feats, 2)
+    assert eager_passes == [(3, 50)] and recorded == []
 
 
 def test_a_prompt_graph_that_fails_its_check_leaves_prompts_eager_and_the_other_graphs_in_place(monkeypatch):

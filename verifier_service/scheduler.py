@@ -1,11 +1,11 @@
 """The verifier's scheduler: gathers every session's pending work and runs it as one forward pass per tick.
 
 A tick takes all queued prefills (ragged passes of similar prompt lengths, a few prompts each where CUDA graphs
-replay them) and all queued blocks (one ragged pass: each session its own KV length and block length; draft trees
-in passes of their own), verifies the blocks with `specdec.verification` (`verify` for chains, `verify_tree` for
-trees, whose accepted path's KV it then moves into place), commits, and resolves each caller's future. Plain decoding is a block of zero draft tokens, so speculation off shares the same
-batches. The model work runs on the process's torch thread (specdec.compute), so the event loop keeps serving gRPC
-while the device computes.
+replay them) and all queued blocks (one ragged pass: each session its own KV length and block length; draft trees in
+passes of their own), verifies the blocks with `specdec.verification` (`verify` for chains, `verify_tree` for trees,
+whose accepted path's KV it then moves into place), commits, and resolves each caller's future. Plain decoding is a
+block of zero draft tokens, so speculation off shares the same batches. The model work runs on the process's torch
+thread (specdec.compute), so the event loop keeps serving gRPC while the device computes.
 
 This module owns admission (KV slots), block validation and commit rules; it knows nothing about gRPC.
 """
