@@ -7,9 +7,16 @@ and were more than half of its torch thread's time (docs/benchmarks.md, thirteen
 after a verdict of 3 committed tokens) plus W new sessions' first drafts (prompts of `--prompt` tokens), W from
 `--new`; then the same new sessions' drafts in a call of their own, after the running sessions' (what a batcher that
 kept prompts apart would run). Random tokens and features, the real drafter's weights and shapes. `--profile`
-prints torch.profiler's top operators of the widest mixed batch.
+prints torch.profiler's top operators of the widest mixed batch (its drafting calls only).
+
+In the stack those batches were slow at p90 only, and the suspected cost is a first use per pass shape: `--prompt
+20-120` draws each new session's prompt length from that range, and `--cold` times every batch as it comes (no
+warm-up of its shape; the median, p90 and worst of the repeats), so new shapes keep arriving as in serving.
+`--prompt-graphs no` runs prompts eagerly, as before the prompt graphs (FeatureRunner.MAX_PROMPT_WIDTH).
 
     python bench/drafter_batch.py --device cuda:0 --target /root/m/smollm2.gguf --json $OUT/drafter_batch.json
+    python bench/drafter_batch.py --device cuda:0 --target /root/m/smollm2.gguf --prompt 20-120 --cold \
+        --repeats 40 --prompt-graphs no
 """
 
 from __future__ import annotations
@@ -41,10 +48,12 @@ class Sessions:
         self.features: dict[str, torch.Tensor] = {}
         self._opened = 0
 
-    def open(self, prompt: int) -> str:
+    def open(self, prompt: tuple[int, int]) -> str:
+        """A session with a prompt of between prompt[0] and prompt[1] tokens."""
         sid = f"s{self._opened}"
         self._opened += 1
         self.drafter.open(sid)
+        prompt = int(torch.randint(prompt[0], prompt[1] + 1, (), generator=self.generator))
         self.context[sid] = torch.randint(0, self.vocab, (prompt + 1,), generator=self.generator).tolist()
         self.features[sid] = self._states(prompt)
         return sid
@@ -72,7 +81,10 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     p.add_argument("--running", type=int, default=16, help="sessions drafting their next chain in every batch")
     p.add_argument("--new", default="0,1,4,16", help="new sessions' first drafts added to the batch, a list")
-    p.add_argument("--prompt", type=int, default=150, help="a new session's prompt tokens")
+    p.add_argument("--prompt", default="150", help="a new session's prompt tokens: N, or LOW-HIGH drawn per session")
+    p.add_argument("--cold", action="store_true", help="no warm-up of each batch's shape: every batch timed as it comes")
+    p.add_argument("--prompt-graphs", choices=("yes", "no"), default="yes",
+                   help="no: new sessions' prompts run eagerly (FeatureRunner.MAX_PROMPT_WIDTH lowered)")
     p.add_argument("-k", type=int, default=5)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--profile", action="store_true", help="torch.profiler's top operators of the widest mixed batch")
@@ -84,16 +96,20 @@ def main(argv=None) -> int:
                            target=args.target)
     if not getattr(drafter, "wants_features", False):
         p.error(f"{args.drafter} is not a feature drafter")
+    if args.prompt_graphs == "no":
+        drafter.runner.MAX_PROMPT_WIDTH = drafter.runner.MAX_GRAPH_WIDTH
+    low, _, high = args.prompt.partition("-")
+    prompt = (int(low), int(high or low))
     vocab = drafter.runner.engine.shape.vocab_size
     sessions = Sessions(drafter, vocab, torch.Generator().manual_seed(0))
-    running = [sessions.open(args.prompt) for _ in range(args.running)]
+    running = [sessions.open(prompt) for _ in range(args.running)]
     drafter.propose([sessions.request(s, args.k) for s in running])  # their prompts' KV, as after a first draft
 
-    def batch(new: int, apart: bool) -> tuple[float, float]:
+    def batch(new: int, apart: bool, timed=timed) -> tuple[float, float]:
         """(ms of the running sessions' drafts, ms until the new sessions' drafts too): one call, or two."""
         for s in running:
             sessions.commit(s, 3)
-        fresh = [sessions.open(args.prompt) for _ in range(new)]
+        fresh = [sessions.open(prompt) for _ in range(new)]
         chains = [sessions.request(s, args.k) for s in running]
         firsts = [sessions.request(s, args.k) for s in fresh]
         if apart or not fresh:
@@ -106,27 +122,41 @@ def main(argv=None) -> int:
         for s in running:  # keep the contexts short of the KV's end whatever the repeats
             if len(sessions.context[s]) > 400:
                 sessions.close(s)
-                running[running.index(s)] = sessions.open(args.prompt)
+                running[running.index(s)] = sessions.open(prompt)
         return first, both
 
     results = []
     for new in widths:
         for apart in ((False, True) if new else (False,)):
-            batch(new, apart)  # a warm-up of this shape
+            if not args.cold:
+                batch(new, apart)  # a warm-up of this shape
             times = [batch(new, apart) for _ in range(args.repeats)]
-            row = {"running": args.running, "new": new, "prompt": args.prompt, "apart": apart,
+            alls = sorted(t[1] for t in times)
+            row = {"running": args.running, "new": new, "prompt": args.prompt, "apart": apart, "cold": args.cold,
+                   "prompt_graphs": args.prompt_graphs,
                    "running_drafts_ms": statistics.median(t[0] for t in times),
-                   "all_drafts_ms": statistics.median(t[1] for t in times)}
+                   "all_drafts_ms": statistics.median(alls),
+                   "all_drafts_p90_ms": alls[min(len(alls) - 1, int(0.9 * len(alls)))], "all_drafts_max_ms": alls[-1]}
             results.append(row)
             print(f"{args.running} running + {new:>3} new ({'two calls' if apart else 'one call '}): running "
                   f"sessions' drafts {row['running_drafts_ms']:7.2f} ms, all {row['all_drafts_ms']:7.2f} ms "
-                  f"(median of {args.repeats})", flush=True)
+                  f"(median of {args.repeats}; all: p90 {row['all_drafts_p90_ms']:.2f}, worst "
+                  f"{row['all_drafts_max_ms']:.2f})", flush=True)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with profile(activities=activities) as prof:
-            batch(max(widths), False)
+        with profile(activities=activities) as prof:  # paused outside the drafting calls (the setup's randn)
+            prof.toggle_collection_dynamic(False, activities)
+
+            def profiled(fn, device):
+                prof.toggle_collection_dynamic(True, activities)
+                try:
+                    return timed(fn, device)
+                finally:
+                    prof.toggle_collection_dynamic(False, activities)
+
+            batch(max(widths), False, profiled)
         sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
         print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15))
         if device.type == "cuda":
