@@ -290,7 +290,8 @@ class Scheduler:
             for work in batch:
                 self.phases.add("prefill_queue" if work.draft_tokens is None else "block_queue", started - work.queued)
             self.phases.count("tick_rows", len(batch))
-            self.phases.count("ticks_with_prefills", any(w.draft_tokens is None for w in batch))
+            has_prefill = any(w.draft_tokens is None for w in batch)
+            self.phases.count("ticks_with_prefills", has_prefill)
 
             def deliver(work: _Work, result: StepResult) -> None:  # from the torch thread, before the tick ends
                 loop.call_soon_threadsafe(_resolve, work.future, result)
@@ -305,7 +306,7 @@ class Scheduler:
                         work.future.set_exception(exc)
                 continue
             ended = self.phases.since("tick", started)
-            if any(w.draft_tokens is None for w in batch):  # a tick's tail, split out: the ticks holding prefills
+            if has_prefill:  # a tick's tail, split out: the ticks holding prefills
                 self.phases.add("tick_with_prefill", ended - started)
             for work, result in zip(batch, results):
                 _resolve(work.future, result)
@@ -651,9 +652,10 @@ def _length_groups(lengths: list[int], graphed: tuple[int, int] | None = None) -
     graphed = (rows, tokens) (LlamaEngine.graphed_prefill), prompts of at most `tokens` also go at most `rows` a
     group, so that their passes replay graphs instead of running eagerly: an eager prefill of a new shape is where
     a verifier's ticks took 117-154 ms at p99 on an H200 (docs/benchmarks.md, thirteenth session)."""
+    rows, tokens = graphed or (0, 0)
     groups: list[list[int]] = []
     for i in sorted(range(len(lengths)), key=lengths.__getitem__):
-        full = graphed is not None and lengths[i] <= graphed[1] and len(groups[-1] if groups else ()) >= graphed[0]
+        full = groups and lengths[i] <= tokens and len(groups[-1]) >= rows
         if groups and lengths[i] <= 2 * lengths[groups[-1][0]] and not full:
             groups[-1].append(i)
         else:
