@@ -475,7 +475,17 @@ class LlamaEngine:
 
 def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Attention of q [batch, heads, width, head_dim] over keys/values [batch, kv_heads, kv_len, head_dim] (grouped
-    query heads share a kv head), with mask [batch, 1, width, kv_len] added to the scores (0 or -inf)."""
+    query heads share a kv head), with mask [batch, 1, width, kv_len] added to the scores (0 or -inf).
+
+    One bf16 query a row on a CPU goes as two (the query twice, the first answer kept): torch's CPU
+    flash-attention kernel takes a slow path for a single bf16 query, 2-3x a two-query call's time at
+    128-2048 keys on a 2-core AVX-512 EPYC (`bench/cpu_attention.py`), so a decode step cost more than a verify
+    pass. (Attending in fp32 instead was as fast up to ~512 keys, then slower: fp32 copies of the keys and values
+    allocated in every layer.)"""
+    if q.shape[2] == 1 and q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        twice = F.scaled_dot_product_attention(torch.cat((q, q), dim=2), keys, values,
+                                               attn_mask=mask.expand(-1, -1, 2, -1), enable_gqa=True)
+        return twice[:, :, :1]
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
 
 

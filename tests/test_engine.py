@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import torch
 import transformers
 
-from specdec.engine import Linear, LlamaEngine, Row, UnsupportedModel, _pack
+from specdec.engine import Linear, LlamaEngine, Row, UnsupportedModel, _attend, _pack
 
 CONFIGS = {
     "llama": (transformers.LlamaConfig, {}),
@@ -138,6 +138,27 @@ def test_linear_computes_f_linear_packed_or_not(dtype, monkeypatch):
         expected = torch.nn.functional.linear(x, weight, bias)
         assert torch.equal(plain(x), expected)
         torch.testing.assert_close(fast(x), expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("width", [1, 4])
+def test_reduced_precision_attention_matches_fp32_and_ignores_masked_keys(dtype, width):
+    """One bf16 query a row goes to the CPU kernel as two (its slow path for a single query), wider queries and
+    fp16 as they are: either way fp32's result within the dtype's rounding, and a key the engine's additive mask
+    hides changes nothing."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 6, width, 16, dtype=dtype)
+    keys, values = torch.randn(2, 2, 40, 16, dtype=dtype), torch.randn(2, 2, 40, 16, dtype=dtype)
+    visible = torch.ones(2, 1, width, 40, dtype=torch.bool)
+    visible[0, ..., 30:] = False  # row 0 sees 30 keys, row 1 all 40
+    mask = torch.zeros((), dtype=dtype).masked_fill(~visible, float("-inf"))  # as LlamaEngine._blocks builds it
+    got = _attend(q, keys, values, mask)
+    assert got.dtype == dtype and got.shape == q.shape
+    expected = torch.nn.functional.scaled_dot_product_attention(q.float(), keys.float(), values.float(),
+                                                                attn_mask=visible, enable_gqa=True)
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
+    keys[0, :, 35], values[0, :, 35] = 100.0, 100.0
+    assert torch.equal(_attend(q, keys, values, mask)[0], got[0])
 
 
 def test_unsupported_architecture_is_refused_with_its_name():
