@@ -11,9 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,18 +19,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cpu_linear import median_ms  # noqa: E402  (bench/ is the script's own folder)
 from specdec.engine import _attend  # noqa: E402
 
 
 def median_us(fn, repeats: int) -> float:
-    for _ in range(10):
+    for _ in range(10):  # warm-up: the first calls pick kernels and allocate
         fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - started) * 1e6)
-    return statistics.median(times)
+    return median_ms(fn, repeats) * 1e3
 
 
 def main(argv=None) -> int:
