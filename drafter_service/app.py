@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from drafter_service.drafters import TreeShape, make_drafter
+from drafter_service.drafters import FOLLOW_VERIFIER, TreeShape, make_drafter
 from drafter_service.service import DraftBatcher, DrafterServicer
 from specdec import compute, telemetry
 from specdec.proto import drafter_pb2, drafter_pb2_grpc
@@ -24,11 +24,12 @@ async def start_drafter(
     proactive: bool | None = None,
     target: str | None = None,
     prefix_cache_blocks: int = 256,
-    tree: TreeShape | None = None,
+    tree: TreeShape | str | None = FOLLOW_VERIFIER,
 ) -> GrpcServer:
     """proactive: draft ahead while blocks are verified (default: on when the drafter has a CUDA device).
     prefix_cache_blocks: the model drafter's prefix cache in 16-token KV blocks (0 = off). tree: draft trees of
-    this shape (feature drafters, verifiers that take them); None = chains."""
+    this shape (feature drafters, verifiers that take them); None = chains; FOLLOW_VERIFIER (the default) = the
+    shape the verifier advises (GetModelInfo.draft_tree)."""
     batcher = DraftBatcher(compute.call(make_drafter, model, device, max_sessions, 2048, target, prefix_cache_blocks),
                            gather_s=draft_gather_s(device))
     batcher.start()

@@ -57,6 +57,9 @@ class DraftRequest:
     tree: TreeShape | None = None
 
 
+FOLLOW_VERIFIER = "auto"  # `--draft-tree auto`: draft the trees the verifier advises (GetModelInfo.draft_tree)
+
+
 @dataclass(frozen=True)
 class TreeShape:
     """A draft tree's shape: the root gets `branch` children, and at each next level the `beam` likeliest nodes

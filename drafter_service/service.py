@@ -17,7 +17,7 @@ from dataclasses import replace
 
 import torch
 
-from drafter_service.drafters import Draft, DraftRequest, TreeShape
+from drafter_service.drafters import FOLLOW_VERIFIER, Draft, DraftRequest, TreeShape
 from drafter_service.link import VerifierLink
 from specdec import compute, device_trace, telemetry
 from specdec.errors import InvalidInput, SpecdecError, Unavailable
@@ -244,9 +244,17 @@ class _Features:
         return self._buffer[: self._folded]
 
 
-def tree_for(shape: TreeShape | None, drafter, info, depth: int) -> TreeShape | None:
+def tree_for(shape: TreeShape | str | None, drafter, info, depth: int) -> TreeShape | None:
     """The draft tree a session drafts, or None for chains: the drafter drafts trees, the verifier verifies them
-    (GetModelInfo.max_tree_nodes), and a tree of this shape `depth` deep fits that limit."""
+    (GetModelInfo.max_tree_nodes), and a tree of this shape `depth` deep fits that limit. shape FOLLOW_VERIFIER:
+    the verifier's advice (GetModelInfo.draft_tree; empty = chains)."""
+    if shape == FOLLOW_VERIFIER:
+        try:
+            shape = TreeShape.parse(info.draft_tree)
+        except ValueError:  # advice this drafter cannot read: chains
+            log.warning("the verifier advises draft trees %r, which this drafter cannot read: drafting chains",
+                        info.draft_tree)
+            shape = None
     if shape is None or not drafter.can_draft_trees or shape.nodes(depth) > info.max_tree_nodes:
         return None
     return shape
@@ -254,7 +262,7 @@ def tree_for(shape: TreeShape | None, drafter, info, depth: int) -> TreeShape | 
 
 class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
     def __init__(self, batcher: DraftBatcher, default_draft_tokens: int = 5, proactive: bool = False,
-                 tree: TreeShape | None = None):
+                 tree: TreeShape | str | None = None):
         """proactive: while a block is being verified, draft the next one as if the block and the drafter's own
         guess of the bonus token were accepted; use it if the verdict agrees, else throw it away. Pays when the
         drafter has its own device; on a shared CPU it only competes with verification. Only an idle drafter drafts
@@ -262,7 +270,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
         queued in front of drafts sure to be used and cost 21-23% of the throughput (docs/benchmarks.md, eleventh
         session). tree: draft trees of this
         shape, max_draft_tokens deep, where the drafter and the verifier can (a session drafting trees keeps its
-        depth and drafts nothing ahead); None = chains."""
+        depth and drafts nothing ahead); None = chains; FOLLOW_VERIFIER = the verifier's advice."""
         self.batcher = batcher
         self.default_draft_tokens = default_draft_tokens
         self.proactive = proactive

@@ -2,7 +2,8 @@
 running router), sweeps concurrency and modes over a prompt set, and writes JSON and a PNG plot.
 
 Modes: `off` (speculation off: the verifier decodes alone), `ngram` (prompt lookup drafter) and `model` (a drafter
-model, `--drafter-model`; `model=SPEC` names one, `model=SPEC@4x4` drafts trees of that shape with it). In the
+model, `--drafter-model`; `model=SPEC` names one and drafts what the verifier advises (chains, or trees where it
+measured that they pay), `model=SPEC@4x4` drafts trees of that shape with it, `model=SPEC@off` chains). In the
 same run it times transformers' own `generate` and assisted generation on the same models (`--baselines`), so each
 table has its peers.
 
@@ -432,7 +433,8 @@ def add_parser(sub, summary: str) -> None:
     flag(p, "--drafter-model", default=None, help="drafter SPEC for mode `model`")
     flag(p, "--modes", default="off,ngram",
          help="comma-separated: off, ngram, model (the --drafter-model), model=SPEC (that drafter; repeatable), "
-         "model=SPEC@BRANCHxBEAM (that drafter drafting trees: serve --draft-tree)")
+         "model=SPEC@BRANCHxBEAM (that drafter drafting trees: serve --draft-tree), model=SPEC@off (chains, "
+         "whatever the verifier advises)")
     flag(p, "--concurrency", default="1,4", help="comma-separated concurrent users, e.g. 1,4,16,64,256")
     flag(p, "--prompts", default=str(DEFAULT_PROMPTS), help="JSONL prompt set ({messages: [...]} per line)")
     flag(p, "--requests", default=0, type=int, help="requests per level (0 = one per prompt)")

@@ -114,6 +114,10 @@ def _verifier_flags(p: argparse.ArgumentParser) -> None:
     flag(p, "--advise-draft-tokens", default=-1, type=int,
          help="draft length advised to routers for requests that leave it unset (-1: measured default for the "
          "device, 3 on CPU, 5 on CUDA; 0: no advice)")
+    flag(p, "--advise-draft-tree", default="auto", type=_advised_tree,
+         help="draft tree shape advised to drafters that follow the advice (`--draft-tree auto`, their default): "
+         "auto = measured at start-up (on a CPU, 2x2 trees where a pass of a tree's tokens costs at most 1.3x a "
+         "decode step, else chains; chains on a GPU), off = chains, or BRANCHxBEAM")
 
 
 def _locality_flags(p: argparse.ArgumentParser) -> None:
@@ -253,6 +257,13 @@ def _command_of(argv: list[str]) -> str | None:
 
 # -- commands ---------------------------------------------------------------------------------------------------------
 def _tree_shape(spec: str):
+    """--draft-tree: "auto" (drafters.FOLLOW_VERIFIER), None for chains, else the TreeShape. The words are read
+    here: argparse converts string defaults too, and light commands must not import torch with the drafters."""
+    word = spec.strip().lower()
+    if word == "auto":
+        return word
+    if word in ("", "off", "none"):
+        return None
     from drafter_service.drafters import TreeShape
 
     try:
@@ -261,11 +272,18 @@ def _tree_shape(spec: str):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _advised_tree(spec: str) -> str:
+    """--advise-draft-tree: "auto", or a shape --draft-tree takes (checked here, kept as written)."""
+    _tree_shape(spec)
+    return spec.strip().lower()
+
+
 def _tree_flag(parser) -> None:
-    flag(parser, "--draft-tree", default=None, type=_tree_shape,
+    flag(parser, "--draft-tree", default="auto", type=_tree_shape,
          help="draft trees instead of chains, BRANCHxBEAM: the root gets BRANCH children and each next level's BEAM "
          "likeliest nodes BRANCH each, k levels deep (e.g. 4x4: up to 4 + 16 (k - 1) tokens a block, verified in one "
-         "pass). Feature drafters only, where the verifier takes trees; off = chains (default)")
+         "pass). Feature drafters only, where the verifier takes trees; off = chains; auto = what the verifier "
+         "advises (its `--advise-draft-tree`: on a CPU where wide passes are cheap, 2x2; else chains)")
 
 
 def cmd_serve_all(args) -> int:
@@ -298,6 +316,7 @@ def cmd_serve_all(args) -> int:
             args.grace, args.prefix_cache_blocks, store=store, decode_chunk_ms=args.decode_chunk_ms,
             decode_ahead_steps=args.decode_ahead_steps,
             advise=(args.advise_speculation_max_sessions, args.advise_draft_tokens),
+            advise_draft_tree=args.advise_draft_tree,
             graph_warmup_tokens=args.graph_warmup_tokens, graph_warmup_feature_layers=layers,
         )
         drafter = await start_drafter("127.0.0.1", 0, drafter_model, args.device,
@@ -387,6 +406,7 @@ def cmd_serve_verifier(args) -> int:
         locality_ttl=args.locality_ttl, redis_timeout=args.redis_timeout, decode_chunk_ms=args.decode_chunk_ms,
         decode_ahead_steps=args.decode_ahead_steps,
         advise=(args.advise_speculation_max_sessions, args.advise_draft_tokens),
+        advise_draft_tree=args.advise_draft_tree,
         graph_warmup_tokens=args.graph_warmup_tokens,
         graph_warmup_feature_layers=args.graph_warmup_feature_layers,
     ), args)

@@ -12,6 +12,9 @@ from specdec.launch import free_port, wait_serving  # noqa: F401  (tests import 
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("SPECDEC_CACHE_DIR", str(ROOT / ".cache"))
+# Verifiers advise chains in the suite: the measured advice (verifier_service.tree_advice) depends on the machine's
+# speed, and a test's assertions must not; tests of trees ask for them by name, tests of the advice set it.
+os.environ["SPECDEC_ADVISE_DRAFT_TREE"] = "off"
 PROMPTS = ROOT / "bench" / "prompts" / "chat.jsonl"  # a copy of ../shared/prompts/chat.jsonl (measurement only)
 
 

@@ -57,18 +57,21 @@ def test_engine_dtype_follows_the_device_unless_specdec_dtype_says(monkeypatch):
         default_dtype("cpu")
 
 
-def test_draft_tree_flag_takes_branch_x_beam_or_off_and_explains_a_bad_one(monkeypatch, capsys):
-    from drafter_service.drafters import TreeShape
+def test_draft_tree_flags_take_auto_branch_x_beam_or_off_and_explain_a_bad_one(monkeypatch, capsys):
+    from drafter_service.drafters import FOLLOW_VERIFIER, TreeShape
 
+    monkeypatch.delenv("SPECDEC_ADVISE_DRAFT_TREE", raising=False)
     assert build_parser().parse_args(["serve", "drafter", "--draft-tree", "4x2"]).draft_tree == TreeShape(4, 2)
     assert build_parser().parse_args(["serve", "drafter", "--draft-tree", "off"]).draft_tree is None
-    assert build_parser().parse_args(["serve"]).draft_tree is None  # chains by default
+    defaults = build_parser().parse_args(["serve"])  # drafters follow the verifier's advice, which it measures
+    assert defaults.draft_tree == FOLLOW_VERIFIER and defaults.advise_draft_tree == "auto"
+    assert build_parser().parse_args(["serve", "verifier", "--advise-draft-tree", "3X1"]).advise_draft_tree == "3x1"
     monkeypatch.setenv("SPECDEC_DRAFT_TREE", "2x1")
     assert build_parser().parse_args(["serve"]).draft_tree == TreeShape(2, 1)
     assert TreeShape(4, 4).nodes(5) == 68 and TreeShape(2, 1).nodes(5) == 10 and TreeShape(3, 3).nodes(0) == 0
-    for bad in ("4", "4x", "0x2", "axb"):
+    for flag, bad in [("--draft-tree", b) for b in ("4", "4x", "0x2", "axb")] + [("--advise-draft-tree", "2y2")]:
         with pytest.raises(SystemExit):
-            build_parser().parse_args(["serve", "drafter", "--draft-tree", bad])
+            build_parser().parse_args(["serve", flag, bad])
         err = capsys.readouterr().err
         assert "BRANCHxBEAM" in err or "at least 1" in err
 

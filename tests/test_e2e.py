@@ -483,6 +483,25 @@ def test_fused_drafter_reads_several_layers_states_and_stays_lossless(cluster, f
         drafter.stop()
 
 
+def test_drafters_draft_the_trees_their_verifier_advises_and_stay_lossless(chat_prompts):
+    """A verifier advising 2x2 trees (`--advise-draft-tree`; measured by default) and the default drafter, which
+    follows the advice (`--draft-tree auto`): the blocks are trees, greedy output equals speculation off and a
+    seeded sampled request replays."""
+    verifier = ServerProcess("verifier", "--max-sequence-length", str(CONTEXT), "--max-sessions", "4",
+                             "--advise-draft-tree", "2x2")
+    drafter = ServerProcess("drafter")
+    router = ServerProcess("router", "--verifier", verifier.address, "--drafter", drafter.address)
+    try:
+        with Client(router.address) as client:
+            greedy, sampled = check_lossless_and_seeded(client, chat_prompts[7:8], 24, "A short poem about wind:", 5, 16)
+        steps = sum(u.verify_steps for u in greedy)
+        assert sum(u.draft_tokens for u in greedy) > 4 * steps  # 2x2 trees 4 deep: up to 14 tokens a block
+        assert sampled.draft_tokens > 0
+    finally:
+        for p in (router, drafter, verifier):
+            p.stop()
+
+
 def test_draft_trees_through_the_stack_stay_lossless(cluster, chat_prompts):
     """The shipped fused drafter drafting trees (`--draft-tree 3x2`, 4 deep: up to 21 tokens a block) to a verifier
     in its own process: greedy output equals speculation off, a seeded sampled request replays, and the verify

@@ -16,9 +16,10 @@ from specdec.locality import Publisher
 from specdec.prefix_hash import model_namespace, model_seed
 from specdec.proto import verifier_pb2, verifier_pb2_grpc
 from specdec.server import GrpcServer
+from verifier_service import tree_advice
 from verifier_service.prefix_cache import PrefixCache
 from verifier_service.scheduler import Scheduler
-from verifier_service.service import VerifierServicer
+from verifier_service.service import ADVISED_DRAFT_TOKENS, VerifierServicer
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +117,13 @@ async def start_verifier(
     decode_chunk_ms: float = 10.0,
     decode_ahead_steps: int = -1,
     advise: tuple[int, int] = (-1, -1),
+    advise_draft_tree: str = "auto",
     graph_warmup_tokens: int = 0,
     graph_warmup_feature_layers: list[list[int]] | None = None,
 ) -> GrpcServer:
     """`store`: an in-process locality store (all-in-one); `redis_url` makes a Redis one; neither: no hints.
-    `advise`: (speculation_max_sessions, draft_tokens) advised to routers and drafters; -1 = measured device default."""
+    `advise`: (speculation_max_sessions, draft_tokens) advised to routers and drafters; -1 = measured device default.
+    advise_draft_tree: "auto" (measured: verifier_service.tree_advice), "off" (chains) or a BRANCHxBEAM shape."""
     server = GrpcServer("verifier", host, port, grace)
     if redis_url:
         from specdec.locality import RedisStore
@@ -136,6 +139,10 @@ async def start_verifier(
                              prefix_cache_blocks, publisher.changed if publisher else None, decode_chunk_ms,
                              decode_ahead_steps, graph_warmup_tokens, graph_warmup_feature_layers)
     scheduler.metrics = telemetry.instrument_verifier(scheduler)  # None unless this process serves /metrics
+    draft_tokens = min(ADVISED_DRAFT_TOKENS.get(scheduler.engine.device.type, 0) if advise[1] < 0 else advise[1],
+                       scheduler.max_draft_tokens)
+    draft_tree = compute.call(tree_advice.advise_draft_tree, scheduler.engine, draft_tokens, scheduler.max_tree_nodes,
+                              advise_draft_tree)
     scheduler.start()
     if publisher is not None:
         await publisher.start()
@@ -160,7 +167,7 @@ async def start_verifier(
     server.add(
         verifier_pb2_grpc.add_VerifierServiceServicer_to_server,
         VerifierServicer(scheduler, model, speculation_max_sessions=None if advise[0] < 0 else advise[0],
-                         draft_tokens=None if advise[1] < 0 else advise[1]),
+                         draft_tokens=draft_tokens, draft_tree=draft_tree),
         verifier_pb2.DESCRIPTOR.services_by_name["VerifierService"].full_name,
         on_drain,
         in_flight=lambda: len(scheduler.sessions),
