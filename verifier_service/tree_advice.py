@@ -2,8 +2,8 @@
 
 A tree raises tau (the shipped fused drafter on the demo's prompt: 1.76 for chains, 2.49 for a 2x2 tree 3 deep), but
 its verify pass holds every node. Whether that pays is a property of the hardware, measured here rather than
-guessed: on a CPU where a pass of a tree's tokens costs about a decode step (a 2-core AVX-512 EPYC: 11 tokens ~1.0x
-one), `make demo` went from 1.25-1.43x off with chains to 1.52-1.67x with 2x2 trees; where it costs much more (an
+guessed: on a CPU where a pass of a tree's tokens costs about a decode step (a 2-core AVX-512 EPYC: 11 tokens ~1.2x
+one), `make demo` went from 1.30-1.56x off with chains to 1.64-1.79x with 2x2 trees; where it costs much more (an
 AVX2 EPYC: 11 tokens 1.69x one; an AMX CPU in fp32: 6 tokens 1.64x) trees tied or lost (docs/benchmarks.md,
 fourteenth session). On a GPU trees lost at one user across two H200s (level-by-level drafting and the wider verify
 cost more than their tau bought: seventh session), so GPU verifiers advise chains without measuring.
