@@ -19,7 +19,7 @@ from specdec.server import GrpcServer
 from verifier_service import tree_advice
 from verifier_service.prefix_cache import PrefixCache
 from verifier_service.scheduler import Scheduler
-from verifier_service.service import ADVISED_DRAFT_TOKENS, VerifierServicer
+from verifier_service.service import VerifierServicer
 
 log = logging.getLogger(__name__)
 
@@ -139,10 +139,11 @@ async def start_verifier(
                              prefix_cache_blocks, publisher.changed if publisher else None, decode_chunk_ms,
                              decode_ahead_steps, graph_warmup_tokens, graph_warmup_feature_layers)
     scheduler.metrics = telemetry.instrument_verifier(scheduler)  # None unless this process serves /metrics
-    draft_tokens = min(ADVISED_DRAFT_TOKENS.get(scheduler.engine.device.type, 0) if advise[1] < 0 else advise[1],
-                       scheduler.max_draft_tokens)
-    draft_tree = compute.call(tree_advice.advise_draft_tree, scheduler.engine, draft_tokens, scheduler.max_tree_nodes,
-                              advise_draft_tree)
+    servicer = VerifierServicer(scheduler, model, speculation_max_sessions=None if advise[0] < 0 else advise[0],
+                                draft_tokens=None if advise[1] < 0 else advise[1])
+    # measured before the scheduler starts, so its passes have the engine to themselves
+    servicer.draft_tree = compute.call(tree_advice.advise_draft_tree, scheduler.engine, servicer.draft_tokens,
+                                       scheduler.max_tree_nodes, advise_draft_tree)
     scheduler.start()
     if publisher is not None:
         await publisher.start()
@@ -166,8 +167,7 @@ async def start_verifier(
 
     server.add(
         verifier_pb2_grpc.add_VerifierServiceServicer_to_server,
-        VerifierServicer(scheduler, model, speculation_max_sessions=None if advise[0] < 0 else advise[0],
-                         draft_tokens=draft_tokens, draft_tree=draft_tree),
+        servicer,
         verifier_pb2.DESCRIPTOR.services_by_name["VerifierService"].full_name,
         on_drain,
         in_flight=lambda: len(scheduler.sessions),

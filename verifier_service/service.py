@@ -43,12 +43,11 @@ def draft_limit(settings, sessions_in_flight: int, max_sessions: int) -> int | N
 
 class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
     def __init__(self, scheduler: Scheduler, model_name: str, max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT,
-                 speculation_max_sessions: int | None = None, draft_tokens: int | None = None, draft_tree: str = ""):
+                 speculation_max_sessions: int | None = None, draft_tokens: int | None = None):
         """speculation_max_sessions: with more sessions than this in flight, drafts cost this verifier more than
         they save (advised to routers, and to drafters with each verdict); draft_tokens: the draft length advised to
         routers. None = the measured default for the engine's device (SPECULATION_MAX_SESSIONS,
-        ADVISED_DRAFT_TOKENS), 0 = no advice. draft_tree: the tree shape advised to drafters, "" = chains
-        (verifier_service.tree_advice)."""
+        ADVISED_DRAFT_TOKENS), 0 = no advice."""
         self.scheduler = scheduler
         self.model_name = model_name
         self.max_new_tokens_limit = max_new_tokens_limit
@@ -57,7 +56,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
                                          else speculation_max_sessions)
         advised = ADVISED_DRAFT_TOKENS.get(device, 0) if draft_tokens is None else draft_tokens
         self.draft_tokens = min(advised, scheduler.max_draft_tokens)
-        self.draft_tree = draft_tree
+        self.draft_tree = ""  # the tree shape advised to drafters, "" = chains (verifier_service.tree_advice)
 
     async def GetModelInfo(self, request, context):
         s = self.scheduler
