@@ -1,6 +1,6 @@
 """Attention of one layer of the default target's shape on the CPU (9 query heads over 3 KV heads, head size 64), by
 query width and KV length: torch's scaled_dot_product_attention in fp32 and in bf16, against the engine's own
-`_attend` in bf16 (which attends a single query in fp32: the CPU kernel's slow path for one reduced-precision query).
+`_attend` in bf16 (which sends a single query as two: the CPU kernel's slow path for one bf16 query).
 Median microseconds; the JSON keeps them all.
 
     .venv/bin/python bench/cpu_attention.py --json bench/results/cpu-session14/cpu_attention.json

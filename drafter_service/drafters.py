@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from specdec.draft_tree import FOLLOW_VERIFIER, TreeShape  # noqa: F401  (drafters' callers import them here)
 from specdec.engine import LlamaEngine, Row
 from specdec.errors import Exhausted
 from specdec.hf_engine import TransformersEngine, make_engine
@@ -55,35 +56,6 @@ class DraftRequest:
     features: torch.Tensor | Callable[[], torch.Tensor] | None = None
     # a draft tree k levels deep instead of a chain (drafters that can: `can_draft_trees`); None = a chain
     tree: TreeShape | None = None
-
-
-FOLLOW_VERIFIER = "auto"  # `--draft-tree auto`: draft the trees the verifier advises (GetModelInfo.draft_tree)
-
-
-@dataclass(frozen=True)
-class TreeShape:
-    """A draft tree's shape: the root gets `branch` children, and at each next level the `beam` likeliest nodes
-    get `branch` children each (depth: the request's k)."""
-
-    branch: int
-    beam: int
-
-    @classmethod
-    def parse(cls, spec: str) -> "TreeShape | None":
-        """'BRANCHxBEAM' (e.g. '4x4'), or 'off'/'' for chains; ValueError with the expected form otherwise."""
-        if spec in ("", "off", "none"):
-            return None
-        try:
-            branch, beam = (int(v) for v in spec.lower().split("x"))
-        except ValueError:
-            raise ValueError(f"draft tree {spec!r}: write BRANCHxBEAM, e.g. 4x4, or off") from None
-        if branch < 1 or beam < 1:
-            raise ValueError(f"draft tree {spec!r}: branch and beam must be at least 1")
-        return cls(branch, beam)
-
-    def nodes(self, depth: int) -> int:
-        """The most tokens a tree of this shape holds at `depth` levels."""
-        return self.branch + max(0, depth - 1) * self.beam * self.branch if depth else 0
 
 
 @dataclass

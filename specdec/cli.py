@@ -257,15 +257,11 @@ def _command_of(argv: list[str]) -> str | None:
 
 # -- commands ---------------------------------------------------------------------------------------------------------
 def _tree_shape(spec: str):
-    """--draft-tree: "auto" (drafters.FOLLOW_VERIFIER), None for chains, else the TreeShape. The words are read
-    here: argparse converts string defaults too, and light commands must not import torch with the drafters."""
-    word = spec.strip().lower()
-    if word == "auto":
-        return word
-    if word in ("", "off", "none"):
-        return None
-    from drafter_service.drafters import TreeShape
+    """--draft-tree: FOLLOW_VERIFIER for "auto", None for chains, else the TreeShape."""
+    from specdec.draft_tree import FOLLOW_VERIFIER, TreeShape
 
+    if spec.strip().lower() == FOLLOW_VERIFIER:
+        return FOLLOW_VERIFIER
     try:
         return TreeShape.parse(spec)
     except ValueError as exc:

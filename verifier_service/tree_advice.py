@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from drafter_service.drafters import TreeShape
+from specdec.draft_tree import TreeShape
 from specdec.engine import Row
 
 log = logging.getLogger(__name__)
@@ -51,13 +51,13 @@ def advise_draft_tree(engine, depth: int, max_tree_nodes: int, setting: str = "a
     on other devices), "off" advises chains, "BRANCHxBEAM" advises that shape without measuring."""
     if setting != "auto":
         shape = TreeShape.parse(setting)  # ValueError for a malformed one, at start-up
-        return "" if shape is None else f"{shape.branch}x{shape.beam}"
+        return "" if shape is None else str(shape)
     nodes = CANDIDATE.nodes(depth)
-    if engine.device.type != "cpu" or not 0 < nodes <= max_tree_nodes or not hasattr(engine, "new_cache"):
+    if engine.device.type != "cpu" or not 0 < nodes <= max_tree_nodes:  # (0 nodes: an engine without trees)
         return ""
     with torch.inference_mode():
         ratio = pass_cost_ratio(engine, nodes + 1)
-    advice = f"{CANDIDATE.branch}x{CANDIDATE.beam}" if ratio <= PAYS_AT_MOST else ""
+    advice = str(CANDIDATE) if ratio <= PAYS_AT_MOST else ""
     log.info("a verify pass of %d tokens costs %.2fx a decode step here: advising %s", nodes + 1, ratio,
              f"{advice} draft trees {depth} deep" if advice else "chains")
     return advice
