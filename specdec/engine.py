@@ -800,15 +800,26 @@ class _GraphRunner:
         graph, outputs = self._record(step)
         logits = outputs[1]
         # A replay must reproduce the eager pass on the same inputs; a graph that does not (say, captured empty)
-        # would return stale logits silently, so refuse it loudly instead. (A greedy step advances its inputs:
-        # both runs start from the same ones.)
-        inputs = [b.clone() for b in buffers]
+        # would return stale logits silently, so refuse it loudly instead. Both runs start from fresh padding, every
+        # token of it token 0 at position 0, so the writes they all make to the scratch slot's first entry agree:
+        # a greedy step's warm-ups leave an argmax in each row's first token, and where its second token is padding
+        # too (a compiled graph's) the two raced for that entry, which the attention then reads (H200, fifteenth
+        # session: logits 1.6-43 apart, the compiled verifier refused to start).
+        fresh = [t.to(dev) for t in _pack([], batch, width, cache.scratch)]
+
+        def reset():
+            for buffer, value in zip(buffers, fresh):
+                buffer.copy_(value)
+
+        reset()
         graph.replay()
-        for buffer, value in zip(buffers, inputs):
-            buffer.copy_(value)
+        reset()
         # (Against the same function run outside the graph: a compiled pass fuses, so it rounds differently from
         # the eager one, and both verify and decode use the one pass, so the output stays the engine's own.)
-        if not torch.allclose(logits.float(), step()[1].float(), rtol=1e-2, atol=1e-2):
+        eager = step()[1]
+        if not torch.allclose(logits.float(), eager.float(), rtol=1e-2, atol=1e-2):
+            log.warning("CUDA graph for batch %d, width %d, kv length %d: logits up to %.3g from the eager pass's",
+                        batch, width, length, (logits.float() - eager.float()).abs().max().item())
             if width > self.max_width:  # a wide bucket: run those passes eagerly (same logits, slower)
                 log.warning("CUDA graph for %d rows of %d tokens does not match the eager pass; running such wide "
                             "passes (draft trees' verifies, prefills) eagerly", batch, width)

@@ -225,6 +225,36 @@ def test_a_graph_that_does_not_replay_the_pass_is_refused(caplog):
     assert torch.allclose(got, eager.forward(caches[0], [tree])[0], atol=1e-5)
 
 
+def test_the_capture_check_compares_passes_whose_scratch_writes_agree():
+    """The check's two runs (the replay and the eager pass) of a compiled engine's greedy step, two tokens a row:
+    every token that writes a given entry of the scratch slot is the same token at the same position, so on a GPU,
+    where such writes land in no set order, both runs compute the same thing. (A greedy step's warm-ups leave an
+    argmax in each row's first token; its second token is padding too, and the two raced for the scratch slot's
+    first entry, which the attention reads: the compiled verifier refused to start on the H200.)"""
+    _, graphed = _engines(seed=7, kind="qwen3")
+    runner = graphed._graphs
+    runner.floor = 2  # a compiled runner's buckets (the step itself stays eager here)
+    cache = _prefill((graphed,), PROMPTS, max_len=128)[0]
+    seen = []
+    step = runner.step
+
+    def spy(cache, tokens, positions, write_slots, write_pos, *rest):
+        seen.append([t.clone() for t in (tokens, positions, write_slots, write_pos)])
+        return step(cache, tokens, positions, write_slots, write_pos, *rest)
+
+    runner.step = spy
+    with torch.inference_mode():  # as the engine's own entry points run
+        runner._graph(cache, 2, 2, 128, (), greedy=True)
+    assert len(seen) == 3  # the stand-in capture's own run, then the check's two
+    for tokens, positions, write_slots, write_pos in seen[1:]:
+        writers = {}
+        for target in zip(write_slots.flatten().tolist(), write_pos.flatten().tolist(),
+                          tokens.flatten().tolist(), positions.flatten().tolist()):
+            writers.setdefault(target[:2], set()).add(target[2:])
+        assert all(len(w) == 1 for w in writers.values()), writers
+    assert torch.equal(seen[1][0], seen[2][0]) and torch.equal(seen[1][1], seen[2][1])
+
+
 def test_prefills_of_many_prompts_go_a_graphs_rows_at_a_time():
     """The verifier's prefill groups (similar lengths): with graphs, prompts the wide graphs take go at most
     WIDE_BATCH a pass, so each pass replays one; longer prompts and engines without graphs keep one pass a group."""
