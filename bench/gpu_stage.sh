@@ -56,6 +56,11 @@ mkdir -p /root/m /root/site
 if [ -d .gpu/whl ] && [ ! -f /root/site/.staged ]; then
   python3 -m pip install -q --no-index --no-deps --target /root/site .gpu/whl/*.whl && touch /root/site/.staged
 fi
+# generated gRPC code refuses an older grpcio than the one that generated it: the device's grpcio (GPU.md) is
+# older than this machine's grpcio-tools and the newest wheels, and the code it generates runs on it
+grpc=$(python3 -c 'import grpc; print(grpc.__version__)')
+sed -i "s/^GRPC_GENERATED_VERSION = .*/GRPC_GENERATED_VERSION = '$grpc'/" \
+  $(find /root/site specdec/v1 -name '*_pb2_grpc.py' 2>/dev/null) 2>/dev/null
 for part in .gpu/e*/mp*; do [ -f "$part" ] && cp "$part" /root/m/; done
 if [ ! -f /root/m/smollm2.gguf ] && [ "$(ls /root/m/mp* 2>/dev/null | wc -l)" = PARTS ]; then
   cat /root/m/mp* > /root/m/smollm2.part
