@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The next GPU lease's first item (docs/benchmarks.md, "For the next GPU lease", 00) in two calls of under 10
-# minutes each, on nvidia-h200-x2 after `bench/gpu_stage.sh`'s staging calls (this script is the last call's):
+# The next GPU lease's first items (docs/benchmarks.md, "For the next GPU lease", 00) in calls of under 10 minutes
+# each, after `bench/gpu_stage.sh`'s staging calls (this script is the last call's), on nvidia-h200-x2 (the tiers on
+# two GPUs) or one H200 (both on cuda:0). checks and levels ran in the fifteenth session on one H200:
 #
 #   checks  (~3 min): the CUDA paths against the CPU (bench/gpu_paths.py, the drafter's prompt graphs among them),
 #           then a batch of drafts with new sessions' prompts of fresh lengths, eager prompts against the prompt
@@ -8,11 +9,14 @@
 #   levels  (~6 min): a warm-up level, then 64 users off and speculating (the fused drafter), the tiers on two GPUs
 #           (predicted: wide drafter batches 31 -> ~8 ms mean, speculating +20-30%, ~0.9x off; the verifier's
 #           prefill ticks p99 117-154 -> under 30 ms)
+#   compiled (~6 min): one user through the stack with SPECDEC_COMPILE=yes, off and the fused drafter: the capture
+#           check's fix (fifteenth session: the compiled verifier refused its greedy graphs) and the 800 bar again
+#           (834-837 tokens/s compiled in the ninth session; 350 uncompiled on one GPU in the fifteenth)
 #
 # Results go to $OUT: checks.txt, drafter_batch_{no,yes}.json, levels.txt and one JSON a level.
 #   . .gpu/env.sh && bash .gpu/setup.sh final && bash bench/gpu_next.sh checks
 set -uo pipefail
-part=${1:?usage: gpu_next.sh checks|levels}
+part=${1:?usage: gpu_next.sh checks|levels|compiled}
 model=/root/m/smollm2.gguf
 case "$part" in
   checks)
@@ -26,5 +30,12 @@ case "$part" in
   levels)
     # "ENV:modes:requests:timeout_s" as s13_levels.sh reads them; F = the fused drafter
     bash bench/results/h200x2-session13/s13_levels.sh "-:F:128:150" "-:off:384:170" "-:F:384:200" ;;
-  *) echo "unknown part: $part (checks or levels)" >&2; exit 2 ;;
+  compiled)
+    SPECDEC_COMPILE=yes timeout 560 python3 -m specdec.cli bench --target $model --concurrency 1 --requests 12 \
+      --modes off,model=drafters/smollm2-135m-instruct-fused --max-new-tokens 128 --out /root/b/compiled \
+      --verifier-device cuda:0 --drafter-device cuda:0 2>&1 | grep -v -e "^WARNING" -e "warnings.warn" | tail -40 \
+      | tee "$OUT/compiled.txt"
+    cp /root/b/compiled/results.json "$OUT/compiled.json" 2>/dev/null
+    tail -30 /root/b/compiled/*.log > "$OUT/compiled_logs.txt" 2>/dev/null ;;
+  *) echo "unknown part: $part (checks, levels or compiled)" >&2; exit 2 ;;
 esac
