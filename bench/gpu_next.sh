@@ -13,10 +13,13 @@
 #           check's fix (fifteenth session: the compiled verifier refused its greedy graphs) and the 800 bar again
 #           (834-837 tokens/s compiled in the ninth session; 350 uncompiled on one GPU in the fifteenth)
 #
-# Results go to $OUT: checks.txt, drafter_batch_{no,yes}.json, levels.txt and one JSON a level.
-#   . .gpu/env.sh && bash .gpu/setup.sh final && bash bench/gpu_next.sh checks
+# Results go to $OUT: checks.txt, drafter_batch_{no,yes}.json, levels.txt and one JSON a level, compiled.txt.
+# Each call is whole by itself (a machine goes back 30 s after a call, and each call's copy of the tree brings the
+# generated code afresh): carry [.gpu/setup.sh, .gpu/env.sh, .gpu/model.sha256, specdec/v1] and run
+#   bash bench/gpu_next.sh checks
 set -uo pipefail
 part=${1:?usage: gpu_next.sh checks|levels|compiled}
+. .gpu/env.sh && bash .gpu/setup.sh final || { echo "not staged: run bench/gpu_stage.sh's calls first" >&2; exit 1; }
 model=/root/m/smollm2.gguf
 case "$part" in
   checks)

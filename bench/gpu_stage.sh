@@ -84,3 +84,5 @@ for i in $(seq 0 $((parts - 2))); do
 done
 echo "  $((parts + 1)): carry [.gpu/e$((parts - 1)), .gpu/setup.sh, .gpu/model.sha256, .gpu/env.sh, specdec/v1, <your script>]"
 echo "     command: . .gpu/env.sh && bash .gpu/setup.sh final && bash <your script>"
+echo "  then, within 30 s of each return: carry [.gpu/setup.sh, .gpu/env.sh, .gpu/model.sha256, specdec/v1] and the same"
+echo "  command (each call's tree comes afresh; setup.sh readies its generated code for the device's grpcio)"
