@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from specdec import drafter_model, models
+from specdec.draft_tree import TreeShape
 from specdec.engine import LlamaEngine, Row, tree_visibility
 from specdec.sampling import SamplingConfig, probs_from_logits, sample
 from specdec.verification import verify
@@ -244,7 +245,7 @@ def measure(target_engine, drafter, prompts, k, config, max_new_tokens, eos_ids,
 def measure_tree(target_engine, drafter: "_FeatureDrafter", prompts, k, shape, config, max_new_tokens, eos_ids,
                  seed) -> dict:
     """`measure` with draft trees, through the code that serves them: the feature drafter's
-    FeatureRunner.draft_tree (`shape`: a drafter_service.drafters.TreeShape, k levels deep), one tree-attention
+    FeatureRunner.draft_tree (`shape`: a specdec.draft_tree.TreeShape, k levels deep), one tree-attention
     pass of the target for every session's tree (the verifier's row layout), verify_tree (sampled) or its greedy
     walk, and the accepted path's KV moved into place (KVCache.move). Tau counts tokens per verify step as for
     chains; acceptance by position is by depth; nodes_per_step is the verify pass's extra width."""
@@ -403,8 +404,6 @@ def add_parser(subparsers, summary: str) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from drafter_service.drafters import TreeShape
-
     try:
         shape = TreeShape.parse(args.tree) if args.tree else None
     except ValueError as exc:
