@@ -264,6 +264,12 @@ class LlamaEngine:
         passes); None without graphs. More rows in one pass run eagerly."""
         return None if self._graphs is None else (self._graphs.WIDE_BATCH, self._graphs.WIDE_WIDTH)
 
+    @property
+    def graph_width(self) -> int:
+        """The most tokens a row of a pass of any batch (up to the graphs' max_batch rows) may have and still replay
+        a CUDA graph; 0 without graphs. Wider rows replay graphs a few rows a pass (graphed_prefill) or run eagerly."""
+        return 0 if self._graphs is None else self._graphs.max_width
+
     @torch.inference_mode()
     def warm_cuda_graphs(self, cache: KVCache, max_rows: int, widths: Sequence[int] = (), max_kv: int = 512,
                          feature_layers: Sequence[Sequence[int]] = ()) -> int:

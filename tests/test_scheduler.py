@@ -463,6 +463,26 @@ def test_draft_trees_verify_in_passes_of_their_own_of_at_most_four_rows(engine, 
     assert passes == [[6], [0], [1, 2, 3, 4], [5]]  # (on the CPU plain decode rows and chain blocks run apart)
 
 
+def test_on_a_gpu_trees_that_fit_the_chains_graphs_verify_in_the_ticks_one_pass(engine, eos):
+    """On a GPU a tree of at most LlamaEngine.graph_width tokens (a 2x2 tree 4 deep: 15) goes in the tick's one
+    pass with the chains, whatever the number of rows (the chains' graphs take it); wider trees keep passes of their
+    own of at most four rows."""
+    from types import SimpleNamespace
+
+    from verifier_service.scheduler import _Work
+
+    s = Scheduler(engine, eos)
+    s.engine = SimpleNamespace(device=torch.device("cuda"), graph_width=16)  # what _passes reads of a GPU engine
+    small = [_Work(None, None, list(range(14)), draft_parents=[-1, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6])] * 5
+    wide = _Work(None, None, list(range(16)), draft_parents=[-1] + list(range(15)))
+    works = [_Work(None, None, [1, 2]), *small, _Work(None, None, []), wide]
+    passes = [[i for i, _ in group] for group in s._passes(list(enumerate(works)))]
+    assert passes == [[0, 1, 2, 3, 4, 5, 6], [7]]
+    s.engine = SimpleNamespace(device=torch.device("cuda"), graph_width=0)  # no graphs: trees apart, as before
+    passes = [[i for i, _ in group] for group in s._passes(list(enumerate(works)))]
+    assert passes == [[0, 6], [1, 2, 3, 4], [5, 7]]
+
+
 def test_an_unexpected_error_fails_its_session_instead_of_hanging_it(engine, eos, references, caplog):
     """A bug or a failing device inside a pass (here a TypeError in the prefill) reaches the drafter as an INTERNAL
     error on that session (logged with its traceback), and the stream goes on serving other sessions: before, only
