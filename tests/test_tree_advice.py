@@ -59,3 +59,22 @@ def test_drafters_following_the_advice_draft_the_advised_tree_where_it_fits(capl
     with caplog.at_level(logging.WARNING, logger="drafter_service.service"):
         assert tree_for(FOLLOW_VERIFIER, feature, SimpleNamespace(draft_tree="2y2", max_tree_nodes=128), 3) is None
     assert "cannot read" in caplog.text
+
+
+def test_a_gpu_verifier_advising_trees_captures_the_width_they_verify_in_before_serving():
+    """Trees that fit the chains' CUDA graphs verify in the chains' pass (Scheduler._passes): a verifier advising
+    trees captures that width's graphs before serving (and no prefill graphs again); advising chains, nothing."""
+    from verifier_service.app import warm_advised_trees
+
+    calls = []
+    engine = SimpleNamespace(device=torch.device("cuda"), graph_width=16,
+                             warm_cuda_graphs=lambda *args: calls.append(args) or 7)
+    scheduler = SimpleNamespace(engine=engine, cache="cache")
+    warm_advised_trees(scheduler, 64, "", 512, None)
+    assert calls == []
+    warm_advised_trees(scheduler, 64, "2x2", 512, [[29]])
+    assert calls == [("cache", 64, (16,), 512, [[29]])]
+    warm_advised_trees(SimpleNamespace(engine=SimpleNamespace(device=torch.device("cpu"), graph_width=0,
+                                                              warm_cuda_graphs=calls.append), cache=None),
+                       8, "2x2", 512, None)
+    assert len(calls) == 1

@@ -80,23 +80,43 @@ def build_scheduler(model: str, device: str, max_sessions: int, max_sequence_len
                           prefix_cache, decode_chunk_ms,
                           decode_ahead_steps=decode_ahead_steps)
     del hf_model  # the engine holds its own copies of the weights
-    warm = getattr(engine, "warm_cuda_graphs", None)
-    if graph_warmup_tokens > 0 and warm is not None and engine.device.type == "cuda":
-        began = time.perf_counter()
-        try:
-            captured = warm(scheduler.cache, max_sessions, WARM_VERIFY_WIDTHS + WARM_PREFILL_WIDTHS,
-                            graph_warmup_tokens, graph_warmup_feature_layers or ())
-        except ValueError:  # a layer list this model cannot serve, refused before any capture: the error says which
-            raise
-        except Exception as exc:  # (out of memory, say): fail at start-up, not mid-serving, and say what to change
-            raise RuntimeError(f"capturing CUDA graphs before serving failed ({exc}); --graph-warmup-tokens 0 "
-                               "captures each on first use instead, a lower --max-sessions captures fewer") from exc
-        log.info("captured %d CUDA graphs (greedy decode steps, %s-token verify passes and %s-token prefills%s, up "
-                 "to %d rows and %d tokens of context) in %.1f s", captured, "/".join(map(str, WARM_VERIFY_WIDTHS)),
-                 "/".join(map(str, WARM_PREFILL_WIDTHS)),
-                 "".join(f", with layers {layers}" for layers in graph_warmup_feature_layers or ()), max_sessions,
-                 graph_warmup_tokens, time.perf_counter() - began)
+    warm_graphs(scheduler, max_sessions, WARM_VERIFY_WIDTHS, graph_warmup_tokens, graph_warmup_feature_layers)
     return scheduler
+
+
+def warm_graphs(scheduler: Scheduler, max_sessions: int, verify_widths: tuple[int, ...], tokens: int,
+                feature_layers: list[list[int]] | None, prefills: bool = True) -> None:
+    """build_scheduler's capture before serving (see there), of these verify widths and, with prefills, the wide
+    passes' (WARM_PREFILL_WIDTHS); nothing unless on CUDA with tokens > 0. Graphs already captured are kept."""
+    engine = scheduler.engine
+    warm = getattr(engine, "warm_cuda_graphs", None)
+    if tokens <= 0 or warm is None or engine.device.type != "cuda":
+        return
+    prefill_widths = WARM_PREFILL_WIDTHS if prefills else ()
+    began = time.perf_counter()
+    try:
+        captured = warm(scheduler.cache, max_sessions, verify_widths + prefill_widths, tokens,
+                        feature_layers or ())
+    except ValueError:  # a layer list this model cannot serve, refused before any capture: the error says which
+        raise
+    except Exception as exc:  # (out of memory, say): fail at start-up, not mid-serving, and say what to change
+        raise RuntimeError(f"capturing CUDA graphs before serving failed ({exc}); --graph-warmup-tokens 0 "
+                           "captures each on first use instead, a lower --max-sessions captures fewer") from exc
+    prefill_text = f" and {'/'.join(map(str, prefill_widths))}-token prefills" if prefill_widths else ""
+    log.info("captured %d CUDA graphs (greedy decode steps, %s-token verify passes%s%s, up to %d rows and %d tokens "
+             "of context) in %.1f s", captured, "/".join(map(str, verify_widths)), prefill_text,
+             "".join(f", with layers {layers}" for layers in feature_layers or ()), max_sessions, tokens,
+             time.perf_counter() - began)
+
+
+def warm_advised_trees(scheduler: Scheduler, max_sessions: int, draft_tree: str, tokens: int,
+                       feature_layers: list[list[int]] | None) -> None:
+    """Where this verifier advises draft trees and has CUDA graphs: capture the chains' widest verify graphs too
+    (LlamaEngine.graph_width), since the trees that fit them verify in the chains' pass (Scheduler._passes); the
+    drafters' first trees then wait on no capture mid-serving."""
+    width = getattr(scheduler.engine, "graph_width", 0)
+    if draft_tree and width:
+        warm_graphs(scheduler, max_sessions, (width,), tokens, feature_layers, prefills=False)
 
 
 async def start_verifier(
@@ -144,6 +164,8 @@ async def start_verifier(
     # measured before the scheduler starts, so its passes have the engine to themselves
     servicer.draft_tree = compute.call(tree_advice.advise_draft_tree, scheduler.engine, servicer.draft_tokens,
                                        scheduler.max_tree_nodes, advise_draft_tree)
+    compute.call(warm_advised_trees, scheduler, max_sessions, servicer.draft_tree, graph_warmup_tokens,
+                 graph_warmup_feature_layers)
     scheduler.start()
     if publisher is not None:
         await publisher.start()
