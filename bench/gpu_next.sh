@@ -12,13 +12,17 @@
 #   compiled (~6 min): one user through the stack with SPECDEC_COMPILE=yes, off and the fused drafter: the capture
 #           check's fix (fifteenth session: the compiled verifier refused its greedy graphs) and the 800 bar again
 #           (834-837 tokens/s compiled in the ninth session; 350 uncompiled on one GPU in the fifteenth)
+#   trees   (~7 min): 64 users, draft length 4: chains against 2x2 trees advised by the verifier (15 tokens a tree:
+#           since the fifteenth session they verify in the chains' one pass, not 16 passes of 4 rows a tick), off
+#           beside them (predicted, written before any run: tau 2.0 -> 2.4-2.6, rounds +10-15%, speculating
+#           +5-15% over chains, ~0.95-1.05x off on one GPU)
 #
 # Results go to $OUT: checks.txt, drafter_batch_{no,yes}.json, levels.txt and one JSON a level, compiled.txt.
 # Each call is whole by itself (a machine goes back 30 s after a call, and each call's copy of the tree brings the
 # generated code afresh): carry [.gpu/setup.sh, .gpu/env.sh, .gpu/model.sha256, specdec/v1] and run
 #   bash bench/gpu_next.sh checks
 set -uo pipefail
-part=${1:?usage: gpu_next.sh checks|levels|compiled}
+part=${1:?usage: gpu_next.sh checks|levels|trees|compiled}
 . .gpu/env.sh && bash .gpu/setup.sh final || { echo "not staged: run bench/gpu_stage.sh's calls first" >&2; exit 1; }
 model=/root/m/smollm2.gguf
 case "$part" in
@@ -33,6 +37,9 @@ case "$part" in
   levels)
     # "ENV:modes:requests:timeout_s" as s13_levels.sh reads them; F = the fused drafter
     bash bench/results/h200x2-session13/s13_levels.sh "-:F:128:150" "-:off:384:170" "-:F:384:200" ;;
+  trees)
+    bash bench/results/h200x2-session13/s13_levels.sh "SPECDEC_K=4:F:128:150" "SPECDEC_K=4:F:384:200" \
+      "SPECDEC_K=4,SPECDEC_ADVISE_DRAFT_TREE=2x2:F:384:200" "-:off:384:170" ;;
   compiled)
     SPECDEC_COMPILE=yes timeout 560 python3 -m specdec.cli bench --target $model --concurrency 1 --requests 12 \
       --modes off,model=drafters/smollm2-135m-instruct-fused --max-new-tokens 128 --out /root/b/compiled \
@@ -40,5 +47,5 @@ case "$part" in
       | tee "$OUT/compiled.txt"
     cp /root/b/compiled/results.json "$OUT/compiled.json" 2>/dev/null
     tail -30 /root/b/compiled/*.log > "$OUT/compiled_logs.txt" 2>/dev/null ;;
-  *) echo "unknown part: $part (checks, levels or compiled)" >&2; exit 2 ;;
+  *) echo "unknown part: $part (checks, levels, trees or compiled)" >&2; exit 2 ;;
 esac
