@@ -822,14 +822,15 @@ class _GraphRunner:
         reset()
         # (Against the same function run outside the graph: a compiled pass fuses, so it rounds differently from
         # the eager one, and both verify and decode use the one pass, so the output stays the engine's own.)
-        eager = step()[1]
-        if not torch.allclose(logits.float(), eager.float(), rtol=1e-2, atol=1e-2):
-            log.warning("CUDA graph for batch %d, width %d, kv length %d: logits up to %.3g from the eager pass's",
-                        batch, width, length, (logits.float() - eager.float()).abs().max().item())
+        eager = step()[1].float()
+        if not torch.allclose(logits.float(), eager, rtol=1e-2, atol=1e-2):
+            apart = (logits.float() - eager).abs().max().item()
             if width > self.max_width:  # a wide bucket: run those passes eagerly (same logits, slower)
-                log.warning("CUDA graph for %d rows of %d tokens does not match the eager pass; running such wide "
-                            "passes (draft trees' verifies, prefills) eagerly", batch, width)
+                log.warning("CUDA graph for %d rows of %d tokens does not match the eager pass (logits up to %.3g "
+                            "apart); running such wide passes (draft trees' verifies, prefills) eagerly", batch, width,
+                            apart)
                 return None
             raise RuntimeError(f"CUDA graph for batch {batch}, width {width}, kv length {length} does not match "
-                               "the eager pass; run with cuda_graphs=False and report this")
+                               f"the eager pass (logits up to {apart:.3g} apart); run with cuda_graphs=False and "
+                               "report this")
         return graph, buffers, outputs
