@@ -139,6 +139,30 @@ def test_wide_draft_tree_passes_run_on_their_own_graphs():
     assert any(key[2] > 4 for key in graphed._graphs.graphs)  # a tree bucket was captured
 
 
+def test_narrow_draft_trees_verify_in_the_chains_graph_with_them():
+    """Trees no wider than the chain graphs (here 4 tokens, the graphs' max width) and chains in one pass of several
+    rows (what a GPU verifier's tick makes of them: Scheduler._passes) replay one chain bucket's graph, with each
+    node's logits and each chain's those of the eager pass."""
+    eager, graphed = _engines(seed=6)
+    assert graphed.graph_width == 4
+    prompts = [*PROMPTS, list(range(70, 80))]
+    caches = _prefill((eager, graphed), prompts)
+    rows = []
+    for slot, prompt in enumerate(prompts):
+        start = len(prompt) - 1
+        if slot % 2:  # a 2x1 tree two deep: the root, its two children, one grandchild
+            rows.append(Row(slot, start, [prompt[-1], 50 + slot, 60 + slot, 70 + slot], all_logits=True,
+                            tree_base=start, visible=tree_visibility([-1, -1, 0])))
+        else:
+            rows.append(Row(slot, len(prompt), [61, 62, 63], all_logits=True))
+    before, eager_before = set(graphed._graphs.graphs), graphed.passes["eager"]  # (the prefills' graphs)
+    want = eager.forward(caches[0], rows)
+    got = graphed.forward(caches[1], rows)
+    assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(got, want))
+    assert set(graphed._graphs.graphs) - before == {(id(caches[1]), 4, 4, 64, (), False)}  # a chain bucket, 4 rows
+    assert graphed.passes["eager"] == eager_before
+
+
 def test_prefills_of_a_few_prompts_run_on_wide_graphs():
     """Prompts longer than the chain graphs' width (here 40 and 20 tokens > 4) prefill in one replay of a wide
     bucket when they are few, with the eager pass's logits and KV; more rows than a wide bucket holds run eagerly."""
