@@ -12,7 +12,7 @@
 #   compiled (~6 min): one user through the stack with SPECDEC_COMPILE=yes, off and the fused drafter: the capture
 #           check's fix (fifteenth session: the compiled verifier refused its greedy graphs) and the 800 bar again
 #           (834-837 tokens/s compiled in the ninth session; 350 uncompiled on one GPU in the fifteenth)
-#   trees   (~7 min): 64 users, draft length 4: chains against 2x2 trees advised by the verifier (15 tokens a tree:
+#   trees   (~6 min): 64 users, draft length 4: chains against 2x2 trees advised by the verifier (15 tokens a tree:
 #           since the fifteenth session they verify in the chains' one pass, not 16 passes of 4 rows a tick), off
 #           beside them (predicted, written before any run: tau 2.0 -> 2.4-2.6, rounds +10-15%, speculating
 #           +5-15% over chains, ~0.95-1.05x off on one GPU)
@@ -38,8 +38,16 @@ case "$part" in
     # "ENV:modes:requests:timeout_s" as s13_levels.sh reads them; F = the fused drafter
     bash bench/results/h200x2-session13/s13_levels.sh "-:F:128:150" "-:off:384:170" "-:F:384:200" ;;
   trees)
-    bash bench/results/h200x2-session13/s13_levels.sh "SPECDEC_K=4:F:128:150" "SPECDEC_K=4:F:384:200" \
-      "SPECDEC_K=4,SPECDEC_ADVISE_DRAFT_TREE=2x2:F:384:200" "-:off:384:170" ;;
+    # one run, one verifier advising 2x2 trees: off, chains (F@off) and the advised trees (F), each mode's processes
+    # serving two 64-user levels, the first of which captures what the warm-ups did not (the drafter's tree levels)
+    F=model=drafters/smollm2-135m-instruct-fused
+    if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then devs="--verifier-device cuda:1 --drafter-device cuda:0"
+    else devs="--verifier-device cuda:0 --drafter-device cuda:0"; fi
+    SPECDEC_K=4 SPECDEC_ADVISE_DRAFT_TREE=2x2 SPECDEC_ADVISE_SPECULATION_MAX_SESSIONS=1000 timeout 560 \
+      python3 -m specdec.cli bench --target $model --modes "off,$F@off,$F" --concurrency 64,64 --requests 384 \
+      --max-new-tokens 64 --out /root/b/trees $devs 2>&1 | grep -v -e "^WARNING" -e "warnings.warn" \
+      | grep -e " x64" -e "draft\|verify\|tick\|round" | tee "$OUT/trees.txt"
+    cp /root/b/trees/results.json "$OUT/trees.json" 2>/dev/null ;;
   compiled)
     SPECDEC_COMPILE=yes timeout 560 python3 -m specdec.cli bench --target $model --concurrency 1 --requests 12 \
       --modes off,model=drafters/smollm2-135m-instruct-fused --max-new-tokens 128 --out /root/b/compiled \
