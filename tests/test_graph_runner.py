@@ -249,6 +249,25 @@ def test_a_graph_that_does_not_replay_the_pass_is_refused(caplog):
     assert torch.allclose(got, eager.forward(caches[0], [tree])[0], atol=1e-5)
 
 
+def test_compiled_graphs_decode_and_verify_as_the_eager_engine(monkeypatch):
+    """The compiled path (SPECDEC_COMPILE, what met the 800 bar on the H200) on the stand-in graphs: torch.compile'd
+    passes in buckets of at least 2 rows and 2 tokens, the greedy step's input updates compiled with it, each graph
+    through the capture check; greedy decode gives the eager engine's tokens and a verify pass its logits. (It
+    stopped starting on the H200 once, unnoticed here: fifteenth session. ~1 min of compiling on 2 cores.)"""
+    monkeypatch.setenv("SPECDEC_CPU_PACKED_WEIGHTS", "no")  # dynamo traces F.linear, not oneDNN's packed op
+    model = tiny_model("qwen3", seed=7)
+    eager, graphed = LlamaEngine(model), LlamaEngine(model)
+    graphed._graphs = CpuGraphRunner(graphed, max_batch=8, max_width=4, compile=True)
+    caches = _prefill((eager, graphed), PROMPTS)
+    rows = [Row(i, len(p), [p[-1] + 1]) for i, p in enumerate(PROMPTS)]
+    assert graphed.decode_greedy(caches[1], rows, 9) == _decode_one_step_at_a_time(eager, caches[0], rows, 9)
+    caches = _prefill((eager, graphed), PROMPTS)
+    chains = [Row(i, len(p), [60, 61, 62], all_logits=True) for i, p in enumerate(PROMPTS)]
+    want, got = eager.forward(caches[0], chains), graphed.forward(caches[1], chains)
+    assert all(torch.allclose(g, w, atol=1e-4) for g, w in zip(got, want))
+    assert graphed._graphs.floor == 2 and all(key[1] >= 2 and key[2] >= 2 for key in graphed._graphs.graphs)
+
+
 def test_the_capture_check_compares_passes_whose_scratch_writes_agree():
     """The check's two runs (the replay and the eager pass) of a compiled engine's greedy step, two tokens a row:
     every token that writes a given entry of the scratch slot is the same token at the same position, so on a GPU,
