@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 
-from drafter_service.drafters import FOLLOW_VERIFIER, TreeShape, make_drafter
+from drafter_service.drafters import make_drafter
 from drafter_service.service import DraftBatcher, DrafterServicer
 from specdec import compute, telemetry
+from specdec.draft_tree import FOLLOW_VERIFIER, TreeShape
 from specdec.proto import drafter_pb2, drafter_pb2_grpc
 from specdec.server import GrpcServer
 

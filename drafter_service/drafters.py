@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specdec.draft_tree import FOLLOW_VERIFIER, TreeShape  # noqa: F401  (drafters' callers import them here)
+from specdec.draft_tree import TreeShape
 from specdec.engine import LlamaEngine, Row
 from specdec.errors import Exhausted
 from specdec.hf_engine import TransformersEngine, make_engine

@@ -17,9 +17,10 @@ from dataclasses import replace
 
 import torch
 
-from drafter_service.drafters import FOLLOW_VERIFIER, Draft, DraftRequest, TreeShape
+from drafter_service.drafters import Draft, DraftRequest
 from drafter_service.link import VerifierLink
 from specdec import compute, device_trace, telemetry
+from specdec.draft_tree import FOLLOW_VERIFIER, TreeShape
 from specdec.errors import InvalidInput, SpecdecError, Unavailable
 from specdec.proto import drafter_pb2, drafter_pb2_grpc, verifier_pb2
 from specdec.phases import PhaseTimes

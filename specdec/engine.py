@@ -822,9 +822,9 @@ class _GraphRunner:
         reset()
         # (Against the same function run outside the graph: a compiled pass fuses, so it rounds differently from
         # the eager one, and both verify and decode use the one pass, so the output stays the engine's own.)
-        eager = step()[1].float()
-        if not torch.allclose(logits.float(), eager, rtol=1e-2, atol=1e-2):
-            apart = (logits.float() - eager).abs().max().item()
+        replayed, eager = logits.float(), step()[1].float()
+        if not torch.allclose(replayed, eager, rtol=1e-2, atol=1e-2):
+            apart = (replayed - eager).abs().max().item()
             if width > self.max_width:  # a wide bucket: run those passes eagerly (same logits, slower)
                 log.warning("CUDA graph for %d rows of %d tokens does not match the eager pass (logits up to %.3g "
                             "apart); running such wide passes (draft trees' verifies, prefills) eagerly", batch, width,

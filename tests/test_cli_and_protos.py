@@ -58,7 +58,7 @@ def test_engine_dtype_follows_the_device_unless_specdec_dtype_says(monkeypatch):
 
 
 def test_draft_tree_flags_take_auto_branch_x_beam_or_off_and_explain_a_bad_one(monkeypatch, capsys):
-    from drafter_service.drafters import FOLLOW_VERIFIER, TreeShape
+    from specdec.draft_tree import FOLLOW_VERIFIER, TreeShape
 
     monkeypatch.delenv("SPECDEC_ADVISE_DRAFT_TREE", raising=False)
     assert build_parser().parse_args(["serve", "drafter", "--draft-tree", "4x2"]).draft_tree == TreeShape(4, 2)

@@ -596,7 +596,7 @@ def test_tree_drafts_keep_greedy_decoding_and_a_chain_shaped_tree_is_the_chain(e
     """eval-drafter --tree (draft_tree, a tree-attention pass of the target, the greedy walk, the path's KV moved):
     it commits greedy decoding's tokens, and a one-branch tree measures what the chain loop measures (same drafts,
     same verdicts)."""
-    from drafter_service.drafters import TreeShape
+    from specdec.draft_tree import TreeShape
     from specdec import models
     from specdec.eval_drafter import _FeatureDrafter, measure, measure_tree
     from specdec.sampling import SamplingConfig

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from drafter_service.drafters import FOLLOW_VERIFIER, TreeShape
 from drafter_service.service import tree_for
+from specdec.draft_tree import FOLLOW_VERIFIER, TreeShape
 from specdec.engine import LlamaEngine, Row
 from tests.test_engine import tiny_model
 from verifier_service import tree_advice
