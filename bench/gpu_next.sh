@@ -9,9 +9,11 @@
 #   levels  (~6 min): a warm-up level, then 64 users off and speculating (the fused drafter), the tiers on two GPUs
 #           (predicted: wide drafter batches 31 -> ~8 ms mean, speculating +20-30%, ~0.9x off; the verifier's
 #           prefill ticks p99 117-154 -> under 30 ms)
-#   compiled (~6 min): one user through the stack with SPECDEC_COMPILE=yes, off and the fused drafter: the capture
-#           check's fix (fifteenth session: the compiled verifier refused its greedy graphs) and the 800 bar again
-#           (834-837 tokens/s compiled in the ninth session; 350 uncompiled on one GPU in the fifteenth)
+#   compiled (~5 min): the 800 bar's command (bench/decode_path.py, one user, speculation off, every layer up to
+#           the whole stack) with SPECDEC_COMPILE=yes: the capture check's fix on a GPU (fifteenth session: the
+#           compiled verifier refused its greedy graphs) and the bar again (797 tokens/s in the ninth session)
+#   compiled-bench (~8 min, after compiled on the same machine): one user through specdec bench, compiled, off and
+#           the fused drafter (a cold compiled verifier took over 300 s to serve in the sixteenth session)
 #   trees   (~6 min): 64 users, draft length 4: chains against 2x2 trees advised by the verifier (15 tokens a tree:
 #           since the fifteenth session they verify in the chains' one pass, not 16 passes of 4 rows a tick), off
 #           beside them (predicted, written before any run: tau 2.0 -> 2.4-2.6, rounds +10-15%, speculating
@@ -22,7 +24,7 @@
 # generated code afresh): carry [.gpu/setup.sh, .gpu/env.sh, .gpu/model.sha256, specdec/v1] and run
 #   bash bench/gpu_next.sh checks
 set -uo pipefail
-part=${1:?usage: gpu_next.sh checks|levels|trees|compiled}
+part=${1:?usage: gpu_next.sh checks|levels|trees|compiled|compiled-bench}
 . .gpu/env.sh && bash .gpu/setup.sh final || { echo "not staged: run bench/gpu_stage.sh's calls first" >&2; exit 1; }
 model=/root/m/smollm2.gguf
 case "$part" in
@@ -49,11 +51,20 @@ case "$part" in
       | grep -e " x64" -e "draft\|verify\|tick\|round" | tee "$OUT/trees.txt"
     cp /root/b/trees/results.json "$OUT/trees.json" 2>/dev/null ;;
   compiled)
-    SPECDEC_COMPILE=yes timeout 560 python3 -m specdec.cli bench --target $model --concurrency 1 --requests 12 \
-      --modes off,model=drafters/smollm2-135m-instruct-fused --max-new-tokens 128 --out /root/b/compiled \
-      --verifier-device cuda:0 --drafter-device cuda:0 2>&1 | grep -v -e "^WARNING" -e "warnings.warn" | tail -40 \
-      | tee "$OUT/compiled.txt"
-    cp /root/b/compiled/results.json "$OUT/compiled.json" 2>/dev/null
-    tail -30 /root/b/compiled/*.log > "$OUT/compiled_logs.txt" 2>/dev/null ;;
-  *) echo "unknown part: $part (checks, levels, trees or compiled)" >&2; exit 2 ;;
+    # the 800 bar's own command (ninth session: 797 tokens/s at layer 5), compiled: the capture check's fix on a GPU
+    timeout 560 python3 bench/decode_path.py --device cuda:0 --compile yes --target $model --max-new-tokens 128 \
+      --prompt-count 4 --decode-ahead-steps 2 --out /root/b/decode_path 2>&1 \
+      | grep -v -e "^WARNING" -e "warnings.warn" | tail -40 | tee "$OUT/compiled.txt"
+    cp /root/b/decode_path/*.json "$OUT/" 2>/dev/null
+    grep -h "captured\|capture check\|does not match" /root/b/decode_path/*.log > "$OUT/compiled_logs.txt" 2>/dev/null ;;
+  compiled-bench)
+    # after `compiled` on the same machine (its inductor cache): one user through specdec bench, off and the fused
+    # drafter, compiled; the verifier's start-up (compile + captures) took over 300 s cold in the sixteenth session
+    SPECDEC_COMPILE=yes SPECDEC_START_TIMEOUT=400 timeout 580 python3 -m specdec.cli bench --target $model \
+      --concurrency 1 --requests 8 --modes off,model=drafters/smollm2-135m-instruct-fused --max-new-tokens 128 \
+      --out /root/b/compiled --verifier-device cuda:0 --drafter-device cuda:0 2>&1 \
+      | grep -v -e "^WARNING" -e "warnings.warn" | tail -40 | tee "$OUT/compiled_bench.txt"
+    cp /root/b/compiled/results.json "$OUT/compiled_bench.json" 2>/dev/null
+    grep -h "captured\|capture check\|does not match" /root/b/compiled/*.log > "$OUT/compiled_bench_logs.txt" 2>/dev/null ;;
+  *) echo "unknown part: $part (checks, levels, trees, compiled or compiled-bench)" >&2; exit 2 ;;
 esac

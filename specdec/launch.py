@@ -20,14 +20,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_serving(address: str, proc: subprocess.Popen | None = None, timeout: float = 300.0) -> None:
-    """Polls grpc.health.v1 until SERVING; fails fast if the process exits."""
-    deadline = time.monotonic() + timeout
+def start_timeout() -> float:
+    """Seconds a started server may take to serve: SPECDEC_START_TIMEOUT, else 300, or 1800 with SPECDEC_COMPILE on
+    (torch.compile'd CUDA graphs take minutes to build on a cold inductor cache: over 300 s on an H200)."""
+    if value := os.environ.get("SPECDEC_START_TIMEOUT"):
+        return float(value)
+    compiling = os.environ.get("SPECDEC_COMPILE", "no").lower() in ("1", "yes", "true", "on")
+    return 1800.0 if compiling else 300.0
+
+
+def wait_serving(address: str, proc: subprocess.Popen | None = None, timeout: float = 300.0,
+                 waiting=None, every: float = 60.0) -> None:
+    """Polls grpc.health.v1 until SERVING; fails fast if the process exits. waiting(seconds) is called every
+    `every` seconds while it waits (progress for a slow start)."""
+    began = time.monotonic()
+    deadline, told = began + timeout, began
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if proc is not None and proc.poll() is not None:
                 raise RuntimeError(f"the server for {address} exited with {proc.returncode}")
+            if waiting is not None and time.monotonic() - told >= every:
+                told = time.monotonic()
+                waiting(told - began)
             try:
                 status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
                 if status == health_pb2.HealthCheckResponse.SERVING:
@@ -35,7 +50,8 @@ def wait_serving(address: str, proc: subprocess.Popen | None = None, timeout: fl
             except grpc.RpcError:
                 status = None  # not listening yet: keep polling until the deadline
             time.sleep(0.2)
-    raise TimeoutError(f"{address} did not become SERVING within {timeout:.0f} s")
+    raise TimeoutError(f"{address} did not become SERVING within {timeout:.0f} s (SPECDEC_START_TIMEOUT sets the "
+                       "limit)")
 
 
 class ServerProcess:
@@ -54,10 +70,18 @@ class ServerProcess:
         self.proc = subprocess.Popen(cmd, stdout=self._log or subprocess.DEVNULL, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})
         try:
-            wait_serving(self.address, self.proc)
+            wait_serving(self.address, self.proc, start_timeout(), lambda s: self._waiting(s, log))
         except BaseException:
             self.stop()
             raise
+
+    def _waiting(self, seconds: float, log: Path | None) -> None:
+        last = ""
+        if log is not None:
+            lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+            last = f"; its log ({log}) last said: {lines[-1][-160:]}" if lines else f"; its log: {log}"
+        print(f"still waiting for the {self.role} at {self.address} to serve ({seconds:.0f} s{last})",
+              file=sys.stderr, flush=True)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.proc.poll() is None:
