@@ -52,7 +52,7 @@ case "$part" in
     cp /root/b/trees/results.json "$OUT/trees.json" 2>/dev/null ;;
   compiled)
     # the 800 bar's own command (ninth session: 797 tokens/s at layer 5), compiled: the capture check's fix on a GPU
-    timeout 560 python3 bench/decode_path.py --device cuda:0 --compile yes --target $model --max-new-tokens 128 \
+    timeout ${DECODE_PATH_TIMEOUT:-560} python3 bench/decode_path.py --device cuda:0 --compile yes --target $model --max-new-tokens 128 \
       --prompt-count 4 --decode-ahead-steps 2 --out /root/b/decode_path 2>&1 \
       | grep -v -e "^WARNING" -e "warnings.warn" | tail -40 | tee "$OUT/compiled.txt"
     cp /root/b/decode_path/*.json "$OUT/" 2>/dev/null
