@@ -667,20 +667,6 @@ def _bucket(n: int, floor: int = 1) -> int:
     return max(floor, 1 << (n - 1).bit_length())
 
 
-def _one_compilation(compiled):
-    """A torch.compile'd function traced without duck shapes: by default a first call whose sizes coincide (the
-    floor bucket: 2 rows of 2 tokens) ties those sizes together, and every bucket where they differ compiles again
-    (a CPU stand-in: 3 compilations of the pass and 2 of _feed_back for batches 2-8 and widths 2-4, ~70 s, against
-    one of each, ~30 s; on the H200 a compiled verifier took 287 s to capture 21 graphs, sixteenth session)."""
-    from torch.fx.experimental import _config as fx_config
-
-    def call(*args, **kwargs):
-        with fx_config.patch(use_duck_shape=False):
-            return compiled(*args, **kwargs)
-
-    return call
-
-
 class _GraphRunner:
     """CUDA graphs of the decode/verify pass, one per (batch, width, kv length) bucket, captured on first use (and
     per list of inner layers whose outputs a pass also returns: LlamaEngine.forward_flat's `hidden`).
@@ -707,8 +693,8 @@ class _GraphRunner:
             # SPECDEC_COMPILE_MODE: torch.compile's mode, e.g. max-autotune-no-cudagraphs (slower to warm up;
             # the calibration's fastest minimal step used max-autotune); unset = the default mode
             mode = os.environ.get("SPECDEC_COMPILE_MODE") or None
-            self.step = _one_compilation(torch.compile(self._eager_step, dynamic=True, mode=mode))
-            self.feed_back = _one_compilation(torch.compile(_feed_back, dynamic=True))  # five small updates, one kernel
+            self.step = torch.compile(self._eager_step, dynamic=True, mode=mode)
+            self.feed_back = torch.compile(_feed_back, dynamic=True)  # its five small updates as one kernel
 
     def _eager_step(self, cache: KVCache, tokens, positions, write_slots, write_pos, slots, base, visible,
                     length: int, taps: tuple[int, ...] = ()):
