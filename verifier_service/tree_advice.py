@@ -6,7 +6,8 @@ guessed: on a CPU where a pass of a tree's tokens costs about a decode step (a 2
 one), `make demo` went from 1.30-1.56x off with chains to 1.64-1.79x with 2x2 trees; where it costs much more (an
 AVX2 EPYC: 11 tokens 1.69x one; an AMX CPU in fp32: 6 tokens 1.64x) trees tied or lost (docs/benchmarks.md,
 fourteenth session). On a GPU trees lost at one user across two H200s (level-by-level drafting and the wider verify
-cost more than their tau bought: seventh session), so GPU verifiers advise chains without measuring.
+cost more than their tau bought: seventh session) and at 64 users on one H200 (tau 2.80 against 1.99, but rounds of
+53 ms against 33: 9-12% below chains, sixteenth session), so GPU verifiers advise chains without measuring.
 
 Owns only the decision; drafters follow it unless told otherwise (`--draft-tree`), and requests that choose their
 own draft length keep it.
