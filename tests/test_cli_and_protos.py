@@ -137,3 +137,31 @@ def test_light_commands_start_without_loading_torch():
     assert "bench" in build_parser().format_help()  # the heavy commands are still listed and built on demand
     args = build_parser("bench").parse_args(["bench", "--modes", "off"])
     assert args.modes == "off"
+
+
+def test_a_server_slow_to_start_is_waited_for_with_progress_and_a_limit_the_user_can_raise(monkeypatch):
+    """A started server gets SPECDEC_START_TIMEOUT seconds to serve (1800 when compiling: a compiled verifier took
+    ~5 min to capture its graphs on an H200), says every so often what its log last said, and the error names the
+    setting; a process that exits is reported at once."""
+    from specdec.launch import free_port, start_timeout, wait_serving
+
+    monkeypatch.delenv("SPECDEC_START_TIMEOUT", raising=False)
+    monkeypatch.setenv("SPECDEC_COMPILE", "no")
+    assert start_timeout() == 300
+    monkeypatch.setenv("SPECDEC_COMPILE", "yes")
+    assert start_timeout() == 1800
+    monkeypatch.setenv("SPECDEC_START_TIMEOUT", "7.5")
+    assert start_timeout() == 7.5
+
+    silent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    waited: list[float] = []
+    try:
+        with pytest.raises(TimeoutError, match="SPECDEC_START_TIMEOUT"):
+            wait_serving(f"127.0.0.1:{free_port()}", silent, timeout=1.6, waiting=waited.append, every=0.5)
+    finally:
+        silent.kill()
+        silent.wait()
+    assert len(waited) >= 2 and waited == sorted(waited)
+    exits = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    with pytest.raises(RuntimeError, match="exited with 3"):
+        wait_serving(f"127.0.0.1:{free_port()}", exits, timeout=30)
