@@ -11,7 +11,8 @@
 #           prefill ticks p99 117-154 -> under 30 ms)
 #   compiled (~5 min): the 800 bar's command (bench/decode_path.py, one user, speculation off, every layer up to
 #           the whole stack) with SPECDEC_COMPILE=yes: the capture check's fix on a GPU (fifteenth session: the
-#           compiled verifier refused its greedy graphs) and the bar again (797 tokens/s in the ninth session)
+#           compiled verifier refused its greedy graphs) and the bar again (797 tokens/s in the ninth session, 842
+#           in the sixteenth; DECODE_PATH_TIMEOUT lowers its 560 s limit for a lease with less time left)
 #   compiled-bench (~8 min, after compiled on the same machine): one user through specdec bench, compiled, off and
 #           the fused drafter (a cold compiled verifier took over 300 s to serve in the sixteenth session)
 #   trees   (~6 min): 64 users, draft length 4: chains against 2x2 trees advised by the verifier (15 tokens a tree:
@@ -52,8 +53,8 @@ case "$part" in
     cp /root/b/trees/results.json "$OUT/trees.json" 2>/dev/null ;;
   compiled)
     # the 800 bar's own command (ninth session: 797 tokens/s at layer 5), compiled: the capture check's fix on a GPU
-    timeout ${DECODE_PATH_TIMEOUT:-560} python3 bench/decode_path.py --device cuda:0 --compile yes --target $model --max-new-tokens 128 \
-      --prompt-count 4 --decode-ahead-steps 2 --out /root/b/decode_path 2>&1 \
+    timeout ${DECODE_PATH_TIMEOUT:-560} python3 bench/decode_path.py --device cuda:0 --compile yes --target $model \
+      --max-new-tokens 128 --prompt-count 4 --decode-ahead-steps 2 --out /root/b/decode_path 2>&1 \
       | grep -v -e "^WARNING" -e "warnings.warn" | tail -40 | tee "$OUT/compiled.txt"
     cp /root/b/decode_path/*.json "$OUT/" 2>/dev/null
     grep -h "captured\|capture check\|does not match" /root/b/decode_path/*.log > "$OUT/compiled_logs.txt" 2>/dev/null ;;

@@ -22,9 +22,13 @@ def free_port() -> int:
 
 def start_timeout() -> float:
     """Seconds a started server may take to serve: SPECDEC_START_TIMEOUT, else 300, or 1800 with SPECDEC_COMPILE on
-    (torch.compile'd CUDA graphs take minutes to build on a cold inductor cache: over 300 s on an H200)."""
+    (a compiled verifier captures each CUDA graph in ~13 s on an H200: 287 s for the 21 graphs of 2 sessions)."""
     if value := os.environ.get("SPECDEC_START_TIMEOUT"):
-        return float(value)
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"SPECDEC_START_TIMEOUT={value!r}: give the seconds a server may take to start, "
+                             "e.g. 900") from None
     compiling = os.environ.get("SPECDEC_COMPILE", "no").lower() in ("1", "yes", "true", "on")
     return 1800.0 if compiling else 300.0
 

@@ -152,6 +152,9 @@ def test_a_server_slow_to_start_is_waited_for_with_progress_and_a_limit_the_user
     assert start_timeout() == 1800
     monkeypatch.setenv("SPECDEC_START_TIMEOUT", "7.5")
     assert start_timeout() == 7.5
+    monkeypatch.setenv("SPECDEC_START_TIMEOUT", "10m")
+    with pytest.raises(ValueError, match="give the seconds"):
+        start_timeout()
 
     silent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     waited: list[float] = []
