@@ -44,6 +44,8 @@ class RequestResult:
     drafted_by_position: list[int]
     accepted_by_position: list[int]
     wire_bytes: int
+    prompt: int = 0  # index in the prompt set
+    token_ids: list[int] = field(default_factory=list)  # what the request generated (greedy: compared across modes)
 
 
 @dataclass
@@ -65,6 +67,12 @@ class Row:
     # CPU time (user + system, every thread) each process spent per committed token during the level: the bench's
     # client and, when this run started them, the router, the drafter and the verifier (torch work included)
     cpu_ms_per_token: dict[str, float] = field(default_factory=dict)
+    # Losslessness in the stack, on this hardware (the sweep is greedy): requests whose tokens equal speculation off's
+    # first answer to the same prompt, of those compared; and for the others the index of the first token that
+    # differs (a verify pass and a decode step run different kernels: in bf16 a near-tie may round either way)
+    same_as_off: int | None = None
+    compared_with_off: int = 0
+    first_differences: list[int] = field(default_factory=list)
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -85,6 +93,7 @@ async def _one(client, messages, max_new_tokens, k) -> RequestResult:
     gaps: list[float] = []
     tokens = 0
     usage = None
+    token_ids: list[int] = []
     async for chunk in client.generate(chat=messages, max_new_tokens=max_new_tokens, max_draft_tokens=k):
         now = time.perf_counter()
         n = len(chunk.token_ids)
@@ -95,13 +104,14 @@ async def _one(client, messages, max_new_tokens, k) -> RequestResult:
         if n:
             last = now
         tokens += n
+        token_ids.extend(chunk.token_ids)
         if chunk.finish_reason:
             usage = chunk.usage
     end = time.perf_counter()
     return RequestResult(
         tokens, end - start, (first or end) - start, gaps, usage.draft_tokens, usage.accepted_draft_tokens,
         usage.verify_steps, list(usage.drafted_by_position), list(usage.accepted_by_position),
-        usage.draft_wire_bytes,
+        usage.draft_wire_bytes, token_ids=token_ids,
     )
 
 
@@ -110,14 +120,16 @@ async def run_level(address: str, prompts, concurrency: int, requests: int, max_
 
     queue: asyncio.Queue = asyncio.Queue()
     for i in range(requests):
-        queue.put_nowait(prompts[i % len(prompts)])
+        queue.put_nowait(i % len(prompts))
     results: list[RequestResult] = []
     async with AsyncClient(address) as client:
 
         async def worker():
             while not queue.empty():
-                messages = queue.get_nowait()
-                results.append(await _one(client, messages, max_new_tokens, k))
+                prompt = queue.get_nowait()
+                result = await _one(client, prompts[prompt], max_new_tokens, k)
+                result.prompt = prompt
+                results.append(result)
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -147,6 +159,34 @@ def summarize(mode: str, concurrency: int, results: list[RequestResult], wall: f
         acceptance_by_position=[round(a / d, 3) if d else 0.0 for a, d in zip(accepted, drafted)],
         wire_bytes_per_token=round(sum(r.wire_bytes for r in results) / max(tokens, 1), 1),
     )
+
+
+def compare_with_off(levels: list[tuple[Row, list[RequestResult]]]) -> None:
+    """Fills each row's same_as_off, compared_with_off and first_differences: every request against speculation
+    off's first answer to its prompt (the first level that ran off; requests whose prompt off did not answer are
+    not compared, nor the answers that are the reference). Nothing without an `off` row."""
+    reference: dict[int, RequestResult] = {}
+    for row, results in levels:
+        if row.mode == "off":
+            for result in results:
+                reference.setdefault(result.prompt, result)
+            break
+    if not reference:
+        return
+    for row, results in levels:
+        row.same_as_off, row.compared_with_off, row.first_differences = 0, 0, []
+        for result in results:
+            want = reference.get(result.prompt)
+            if want is None or want is result:
+                continue
+            row.compared_with_off += 1
+            got = result.token_ids
+            if got == want.token_ids:
+                row.same_as_off += 1
+            else:
+                row.first_differences.append(
+                    next((i for i, (a, b) in enumerate(zip(got, want.token_ids)) if a != b),
+                         min(len(got), len(want.token_ids))))
 
 
 def cpu_seconds(pid: int | None = None) -> float:
@@ -336,6 +376,7 @@ def run(args) -> int:
     out = Path(args.out or f"out/bench-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     rows: list[Row] = []
+    levels_run: list[tuple[Row, list[RequestResult]]] = []  # every row with its requests, for compare_with_off
     started: list = []
     pids: dict[str, dict[str, int]] = {m: {} for m in modes}  # per mode: the processes serving it, by tier
     try:
@@ -383,6 +424,7 @@ def run(args) -> int:
                 row = summarize(mode, concurrency, results, wall)
                 row.cpu_ms_per_token = cpu_ms_per_token(cpu_before, tiers, row.tokens)
                 rows.append(row)
+                levels_run.append((row, results))
                 print(f"{mode:>6} x{concurrency:<4} per-user {row.per_user_tps:8.1f} tok/s  aggregate "
                       f"{row.aggregate_tps:8.1f} tok/s  TTFT p50 {row.ttft_p50_ms:7.1f} ms  ITL p50 "
                       f"{row.itl_p50_ms:6.2f} ms p99 {row.itl_p99_ms:6.2f} ms  tau {row.tau:5.2f}  accept@pos "
@@ -391,6 +433,8 @@ def run(args) -> int:
     finally:
         for proc in reversed(started):
             proc.stop()
+    compare_with_off(levels_run)
+    report_agreement(rows)
     phases = report_phases(sorted(out.glob("*.log")))
     baselines = {}
     _write_report(args, out, rows, baselines, phases)  # the sweep is kept even if a baseline fails below
@@ -406,6 +450,17 @@ def run(args) -> int:
         print("matplotlib is not installed: no plot (the JSON has every figure)")
     print(f"wrote {out / 'results.json'} and {out / 'plot.png'}")
     return 0
+
+
+def report_agreement(rows: list[Row]) -> None:
+    if not any(row.compared_with_off for row in rows):
+        return
+    print("greedy output against speculation off's first answer to each prompt (losslessness on this hardware):")
+    for row in rows:
+        if row.compared_with_off:
+            where = f" (first differing token at {sorted(row.first_differences)[:8]})" if row.first_differences else ""
+            print(f"  {row.mode:>6} x{row.concurrency:<4} {row.same_as_off} of {row.compared_with_off} the same{where}",
+                  flush=True)
 
 
 def _write_report(args, out: Path, rows: list[Row], baselines: dict, phases: dict) -> None:

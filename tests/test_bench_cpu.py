@@ -35,3 +35,28 @@ def test_a_modes_drafter_and_the_layers_its_verifier_warms():
     assert feature_layers(mode_drafter("model=drafters/smollm2-135m-instruct-fused@4x4")) == [2, 15, 29]
     assert feature_layers("drafters/smollm2-135m-instruct-feature") is None  # the last layer only: no extra graphs
     assert feature_layers("ngram") is None
+
+
+def test_bench_compares_every_requests_greedy_tokens_with_speculation_offs_first_answer():
+    """compare_with_off: each row's requests against off's first answer to the same prompt (its first level), the
+    reference answers themselves left out; a difference is reported at the first token that differs (a shorter
+    answer that agrees so far differs where it ends)."""
+    from specdec.bench import RequestResult, Row, compare_with_off
+
+    def result(prompt, tokens):
+        return RequestResult(len(tokens), 1.0, 0.1, [], 0, 0, 0, [], [], 0, prompt=prompt, token_ids=tokens)
+
+    def row(mode, concurrency):
+        return Row(mode, concurrency, 0, 0, 1.0, 0, 0, 0, 0, 0, 0, 1.0)
+
+    off1 = [result(0, [1, 2, 3]), result(1, [4, 5]), result(0, [1, 2, 3])]
+    spec1 = [result(0, [1, 2, 3]), result(1, [4, 6]), result(2, [7])]  # prompt 2: off never answered it
+    off4 = [result(0, [1, 2, 9]), result(1, [4, 5])]  # off itself at another batch size is compared too
+    spec4 = [result(0, [1, 2]), result(1, [4, 5])]
+    levels = [(row("ngram", 1), spec1), (row("off", 1), off1), (row("off", 4), off4), (row("ngram", 4), spec4)]
+    compare_with_off(levels)
+    got = [(r.mode, r.concurrency, r.same_as_off, r.compared_with_off, r.first_differences) for r, _ in levels]
+    assert got == [("ngram", 1, 1, 2, [1]), ("off", 1, 1, 1, []), ("off", 4, 1, 2, [2]), ("ngram", 4, 1, 2, [2])]
+    lone = [(row("ngram", 1), spec1)]
+    compare_with_off(lone)  # no off row: nothing to compare with
+    assert lone[0][0].same_as_off is None and lone[0][0].compared_with_off == 0
