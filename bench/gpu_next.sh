@@ -9,6 +9,8 @@
 #   levels  (~6 min): a warm-up level, then 64 users off and speculating (the fused drafter), the tiers on two GPUs
 #           (predicted: wide drafter batches 31 -> ~8 ms mean, speculating +20-30%, ~0.9x off; the verifier's
 #           prefill ticks p99 117-154 -> under 30 ms)
+#   agree   (~4 min): one user and 64, off and the fused drafter: each row's greedy tokens against off's (bf16 on
+#           a GPU: a verify pass and a decode step run different kernels; the CPU gives 8 of 8 the same everywhere)
 #   compiled (~5 min): the 800 bar's command (bench/decode_path.py, one user, speculation off, every layer up to
 #           the whole stack) with SPECDEC_COMPILE=yes: the capture check's fix on a GPU (fifteenth session: the
 #           compiled verifier refused its greedy graphs) and the bar again (797 tokens/s in the ninth session, 842
@@ -25,7 +27,7 @@
 # generated code afresh): carry [.gpu/setup.sh, .gpu/env.sh, .gpu/model.sha256, specdec/v1] and run
 #   bash bench/gpu_next.sh checks
 set -uo pipefail
-part=${1:?usage: gpu_next.sh checks|levels|trees|compiled|compiled-bench}
+part=${1:?usage: gpu_next.sh checks|levels|trees|agree|compiled|compiled-bench}
 . .gpu/env.sh && bash .gpu/setup.sh final || { echo "not staged: run bench/gpu_stage.sh's calls first" >&2; exit 1; }
 model=/root/m/smollm2.gguf
 case "$part" in
@@ -51,6 +53,15 @@ case "$part" in
       --max-new-tokens 64 --out /root/b/trees $devs 2>&1 | grep -v -e "^WARNING" -e "warnings.warn" \
       | grep -e " x64" -e "draft\|verify\|tick\|round" | tee "$OUT/trees.txt"
     cp /root/b/trees/results.json "$OUT/trees.json" 2>/dev/null ;;
+  agree)
+    # losslessness on the GPU: every request's greedy tokens against speculation off's for the same prompt, at one
+    # user and at 64 (speculation forced on there), bf16, graphed; `SPECDEC_COMPILE=yes bash ... agree` compiled
+    F=model=drafters/smollm2-135m-instruct-fused
+    SPECDEC_ADVISE_SPECULATION_MAX_SESSIONS=1000 timeout 560 python3 -m specdec.cli bench --target $model \
+      --modes "off,$F" --concurrency 1,64 --requests 64 --max-new-tokens 128 --out /root/b/agree \
+      --verifier-device cuda:0 --drafter-device cuda:0 2>&1 | grep -v -e "^WARNING" -e "warnings.warn" \
+      | grep -e " x[0-9]" -e "greedy output" | tee "$OUT/agree.txt"
+    cp /root/b/agree/results.json "$OUT/agree.json" 2>/dev/null ;;
   compiled)
     # the 800 bar's own command (ninth session: 797 tokens/s at layer 5), compiled: the capture check's fix on a GPU
     timeout ${DECODE_PATH_TIMEOUT:-560} python3 bench/decode_path.py --device cuda:0 --compile yes --target $model \
@@ -67,5 +78,5 @@ case "$part" in
       | grep -v -e "^WARNING" -e "warnings.warn" | tail -40 | tee "$OUT/compiled_bench.txt"
     cp /root/b/compiled/results.json "$OUT/compiled_bench.json" 2>/dev/null
     grep -h "captured\|capture check\|does not match" /root/b/compiled/*.log > "$OUT/compiled_bench_logs.txt" 2>/dev/null ;;
-  *) echo "unknown part: $part (checks, levels, trees, compiled or compiled-bench)" >&2; exit 2 ;;
+  *) echo "unknown part: $part (checks, levels, trees, agree, compiled or compiled-bench)" >&2; exit 2 ;;
 esac
