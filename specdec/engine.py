@@ -771,13 +771,20 @@ class _GraphRunner:
         passes = sorted({_bucket(w, self.floor) for w in widths if self.accepts(1, w)})
         # (width, taps, greedy): the greedy step, then the passes, plain and with each list's hidden states
         kinds = [(self.floor, (), True), *((w, t, False) for t in [(), *taps] for w in passes)]
+        todo = [(batch, width, length, tapped, greedy) for length in sorted(lengths) for batch in batches
+                for width, tapped, greedy in kinds
+                if (greedy or self.accepts(batch, width))  # wide passes (prefills): a few rows only
+                and (id(cache), batch, width, length, tapped, greedy) not in self.graphs]
+        began = told = time.perf_counter()
         with self._on_device():
-            for length in sorted(lengths):
-                for batch in batches:
-                    for width, tapped, greedy in kinds:
-                        if greedy or self.accepts(batch, width):  # wide passes (prefills): a few rows only
-                            self._graph(cache, batch, width, length, tapped, greedy)
+            for done, bucket in enumerate(todo, 1):
+                self._graph(cache, *bucket)
+                if time.perf_counter() - told >= self.PROGRESS_EVERY_S and done < len(todo):
+                    told = time.perf_counter()  # a long warm-up (a compiled pass: ~13 s a graph on an H200) says so
+                    log.info("captured %d of %d CUDA graphs (%.0f s)", done, len(todo), told - began)
         return len(self.graphs) - before
+
+    PROGRESS_EVERY_S = 30.0
 
     @staticmethod
     def _length(cache: KVCache, kv_len: int) -> int:

@@ -184,13 +184,19 @@ def test_prefills_of_a_few_prompts_run_on_wide_graphs():
     assert {k: v for k, v in graphed.passes.items() if k != "capture_s"} == {"graphed": 1, "eager": 1, "captures": 1}
 
 
-def test_graphs_warmed_before_serving_are_the_ones_replayed():
-    """warm_cuda_graphs captures the greedy decode steps' and the verify passes' buckets up front: decoding and
-    verifying afterwards capture nothing on the token path, and give the eager engine's tokens and logits."""
+def test_graphs_warmed_before_serving_are_the_ones_replayed(monkeypatch, caplog):
+    """warm_cuda_graphs captures the greedy decode steps' and the verify passes' buckets up front, saying how far it
+    has got while it takes long (a compiled verifier's took ~5 min on an H200): decoding and verifying afterwards
+    capture nothing on the token path, and give the eager engine's tokens and logits."""
     eager, graphed = _engines(seed=10)
     caches = _prefill((eager, graphed), PROMPTS)
+    monkeypatch.setattr(type(graphed._graphs), "PROGRESS_EVERY_S", 0.0)  # every capture counts as a long while
     # batches 1, 2, 4 (up to 3 rows) x (a greedy step, a 2-token pass) x the one KV bucket of a 64-token cache
-    assert graphed.warm_cuda_graphs(caches[1], max_rows=3, widths=(2,), max_kv=64) == 6
+    with caplog.at_level(logging.INFO, logger="specdec.engine"):
+        assert graphed.warm_cuda_graphs(caches[1], max_rows=3, widths=(2,), max_kv=64) == 6
+        assert graphed.warm_cuda_graphs(caches[1], max_rows=3, widths=(2,), max_kv=64) == 0  # all there already
+    progress = [r.getMessage().partition(" (")[0] for r in caplog.records if "CUDA graphs (" in r.getMessage()]
+    assert progress == [f"captured {n} of 6 CUDA graphs" for n in range(1, 6)]
     captures = graphed.passes["captures"]
     rows = [Row(i, len(p), [7]) for i, p in enumerate(PROMPTS)]
     assert graphed.decode_greedy(caches[1], rows, 5) == eager.decode_greedy(caches[0], rows, 5)
