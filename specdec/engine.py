@@ -752,7 +752,7 @@ class _GraphRunner:
     def _graph(self, cache: KVCache, batch: int, width: int, length: int, taps: tuple[int, ...], greedy: bool):
         """The bucket's (graph, input buffers, outputs), captured on first use; None if its graph failed the
         capture check (run such passes eagerly)."""
-        key = (id(cache), batch, width, length, taps, greedy)
+        key = self._key(cache, batch, width, length, taps, greedy)
         if key not in self.graphs:
             began = time.perf_counter()
             self.graphs[key] = self._capture(cache, batch, width, length, taps, greedy)
@@ -774,7 +774,7 @@ class _GraphRunner:
         todo = [(batch, width, length, tapped, greedy) for length in sorted(lengths) for batch in batches
                 for width, tapped, greedy in kinds
                 if (greedy or self.accepts(batch, width))  # wide passes (prefills): a few rows only
-                and (id(cache), batch, width, length, tapped, greedy) not in self.graphs]
+                and self._key(cache, batch, width, length, tapped, greedy) not in self.graphs]
         began = told = time.perf_counter()
         with self._on_device():
             for done, bucket in enumerate(todo, 1):
@@ -785,6 +785,11 @@ class _GraphRunner:
         return len(self.graphs) - before
 
     PROGRESS_EVERY_S = 30.0
+
+    @staticmethod
+    def _key(cache: KVCache, batch: int, width: int, length: int, taps: tuple[int, ...], greedy: bool) -> tuple:
+        """A bucket's entry in self.graphs."""
+        return id(cache), batch, width, length, taps, greedy
 
     @staticmethod
     def _length(cache: KVCache, kv_len: int) -> int:
