@@ -17,6 +17,10 @@
 #           in the sixteenth; DECODE_PATH_TIMEOUT lowers its 560 s limit for a lease with less time left)
 #   compiled-bench (~8 min, after compiled on the same machine): one user through specdec bench, compiled, off and
 #           the fused drafter (a cold compiled verifier took over 300 s to serve in the sixteenth session)
+#   one     (~6 min): one user, the tiers on two GPUs where there are two (the bar's shape: >= 2.5x off): off, n-grams,
+#           the fused drafter's chains and its 2x2 trees, and transformers' generate and assisted generation beside
+#           them (--baselines); predicted, written before the run: chains ~0.6-0.8x off (0.59x on one GPU in the
+#           fifteenth session), trees no better (their drafting levels cost more than the tau they add at one user)
 #   trees   (~6 min): 64 users, draft length 4: chains against 2x2 trees advised by the verifier (15 tokens a tree:
 #           since the fifteenth session they verify in the chains' one pass, not 16 passes of 4 rows a tick), off
 #           beside them (predicted, written before any run: tau 2.0 -> 2.4-2.6, rounds +10-15%, speculating
@@ -27,7 +31,7 @@
 # generated code afresh): carry [.gpu/setup.sh, .gpu/env.sh, .gpu/model.sha256, specdec/v1] and run
 #   bash bench/gpu_next.sh checks
 set -uo pipefail
-part=${1:?usage: gpu_next.sh checks|levels|trees|agree|compiled|compiled-bench}
+part=${1:?usage: gpu_next.sh checks|levels|one|trees|agree|compiled|compiled-bench}
 . .gpu/env.sh && bash .gpu/setup.sh final || { echo "not staged: run bench/gpu_stage.sh's calls first" >&2; exit 1; }
 model=/root/m/smollm2.gguf
 case "$part" in
@@ -53,6 +57,14 @@ case "$part" in
       --max-new-tokens 64 --out /root/b/trees $devs 2>&1 | grep -v -e "^WARNING" -e "warnings.warn" \
       | grep -e " x64" -e "draft\|verify\|tick\|round" | tee "$OUT/trees.txt"
     cp /root/b/trees/results.json "$OUT/trees.json" 2>/dev/null ;;
+  one)
+    F=model=drafters/smollm2-135m-instruct-fused
+    if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then devs="--verifier-device cuda:1 --drafter-device cuda:0"
+    else devs="--verifier-device cuda:0 --drafter-device cuda:0"; fi
+    timeout 560 python3 -m specdec.cli bench --target $model --modes "off,ngram,$F@off,$F@2x2" --concurrency 1 \
+      --requests 16 --max-new-tokens 128 --baselines --baseline-prompts 4 --out /root/b/one $devs 2>&1 \
+      | grep -v -e "^WARNING" -e "warnings.warn" | tail -40 | tee "$OUT/one.txt"
+    cp /root/b/one/results.json "$OUT/one.json" 2>/dev/null ;;
   agree)
     # losslessness on the GPU: every request's greedy tokens against speculation off's for the same prompt, at one
     # user and at 64 (speculation forced on there), bf16, graphed; `SPECDEC_COMPILE=yes bash ... agree` compiled
@@ -78,5 +90,5 @@ case "$part" in
       | grep -v -e "^WARNING" -e "warnings.warn" | tail -40 | tee "$OUT/compiled_bench.txt"
     cp /root/b/compiled/results.json "$OUT/compiled_bench.json" 2>/dev/null
     grep -h "captured\|capture check\|does not match" /root/b/compiled/*.log > "$OUT/compiled_bench_logs.txt" 2>/dev/null ;;
-  *) echo "unknown part: $part (checks, levels, trees, agree, compiled or compiled-bench)" >&2; exit 2 ;;
+  *) echo "unknown part: $part (checks, levels, one, trees, agree, compiled or compiled-bench)" >&2; exit 2 ;;
 esac
