@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from specdec.cli import flag
+from specdec import settings
+from specdec.cli import dtype_flag, flag
 from specdec.models import DEFAULT_TARGET
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "bench" / "prompts" / "chat.jsonl"
@@ -434,7 +435,7 @@ def run(args) -> int:
         for proc in reversed(started):
             proc.stop()
     compare_with_off(levels_run)
-    report_agreement(rows)
+    report_agreement(rows, settings.dtype_name(args.verifier_device))
     phases = report_phases(sorted(out.glob("*.log")))
     baselines = {}
     _write_report(args, out, rows, baselines, phases)  # the sweep is kept even if a baseline fails below
@@ -452,7 +453,8 @@ def run(args) -> int:
     return 0
 
 
-def report_agreement(rows: list[Row]) -> None:
+def report_agreement(rows: list[Row], dtype: str = "float32") -> None:
+    """Prints each row's agreement with speculation off; `dtype`, the engines', explains differences in bf16."""
     if not any(row.compared_with_off for row in rows):
         return
     print("greedy output against speculation off's first answer to each prompt (losslessness on this hardware):")
@@ -461,6 +463,9 @@ def report_agreement(rows: list[Row]) -> None:
             where = f" (first differing token at {sorted(row.first_differences)[:8]})" if row.first_differences else ""
             print(f"  {row.mode:>6} x{row.concurrency:<4} {row.same_as_off} of {row.compared_with_off} the same{where}",
                   flush=True)
+    if dtype != "float32" and any(row.first_differences for row in rows):
+        print(f"  ({dtype} engines round a verify pass and a decode step apart at near-ties, and a batch of one row "
+              "and of many too; --dtype float32 gives speculation off's tokens exactly)", flush=True)
 
 
 def _write_report(args, out: Path, rows: list[Row], baselines: dict, phases: dict) -> None:
@@ -497,6 +502,7 @@ def add_parser(sub, summary: str) -> None:
     flag(p, "--k", default=5, type=int, help="draft block length")
     flag(p, "--verifier-device", default="cpu", help="torch device of the verifier, e.g. cuda:1")
     flag(p, "--drafter-device", default="cpu", help="torch device of the drafter, e.g. cuda:0")
+    dtype_flag(p)
     flag(p, "--max-sequence-length", default=2048, type=int, help="verifier context per session")
     flag(p, "--address", default=None, help="use this running router instead of starting processes")
     flag(p, "--prefix-cache-blocks", default=0, type=int,

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from specdec import settings
+
 log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -172,7 +174,7 @@ class Linear:
 def _onednn_packed(weight: torch.Tensor) -> torch.Tensor | None:
     if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return None
-    if os.environ.get("SPECDEC_CPU_PACKED_WEIGHTS", "yes").lower() in ("0", "no", "false", "off"):
+    if os.environ.get("SPECDEC_CPU_PACKED_WEIGHTS", "yes").strip().lower() in settings.NO:
         return None
     try:
         return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
@@ -239,7 +241,7 @@ class LlamaEngine:
         self.inv_freq = rotary.inv_freq.detach().to(self.device, torch.float32)  # [head_dim / 2]
         self.attention_scaling = float(getattr(rotary, "attention_scaling", 1.0))
         if compile is None:
-            compile = os.environ.get("SPECDEC_COMPILE", "no").lower() in ("1", "yes", "true", "on")
+            compile = settings.compiling()
         if cuda_graphs if cuda_graphs is not None else self.device.type == "cuda":
             self.enable_cuda_graphs(compile=compile)
 

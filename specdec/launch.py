@@ -13,6 +13,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from specdec import settings
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -29,8 +31,7 @@ def start_timeout() -> float:
         except ValueError:
             raise ValueError(f"SPECDEC_START_TIMEOUT={value!r}: give the seconds a server may take to start, "
                              "e.g. 900") from None
-    compiling = os.environ.get("SPECDEC_COMPILE", "no").lower() in ("1", "yes", "true", "on")
-    return 1800.0 if compiling else 300.0
+    return 1800.0 if settings.compiling() else 300.0
 
 
 def wait_serving(address: str, proc: subprocess.Popen | None = None, timeout: float = 300.0,

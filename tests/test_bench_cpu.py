@@ -37,7 +37,7 @@ def test_a_modes_drafter_and_the_layers_its_verifier_warms():
     assert feature_layers("ngram") is None
 
 
-def test_bench_compares_every_requests_greedy_tokens_with_speculation_offs_first_answer():
+def test_bench_compares_every_requests_greedy_tokens_with_speculation_offs_first_answer(capsys):
     """compare_with_off: each row's requests against off's first answer to the same prompt (its first level), the
     reference answers themselves left out; a difference is reported at the first token that differs (a shorter
     answer that agrees so far differs where it ends)."""
@@ -60,3 +60,13 @@ def test_bench_compares_every_requests_greedy_tokens_with_speculation_offs_first
     lone = [(row("ngram", 1), spec1)]
     compare_with_off(lone)  # no off row: nothing to compare with
     assert lone[0][0].same_as_off is None and lone[0][0].compared_with_off == 0
+
+    # the report: each row's count, and in bf16 (a GPU's default) what the differences are and how to be exact
+    from specdec.bench import report_agreement
+
+    rows = [r for r, _ in levels]
+    report_agreement(rows, "float32")
+    printed = capsys.readouterr().out
+    assert "ngram x1    1 of 2 the same (first differing token at [1])" in printed and "--dtype" not in printed
+    report_agreement(rows, "bfloat16")
+    assert "--dtype float32 gives speculation off's tokens exactly" in capsys.readouterr().out

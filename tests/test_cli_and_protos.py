@@ -52,9 +52,34 @@ def test_engine_dtype_follows_the_device_unless_specdec_dtype_says(monkeypatch):
     assert default_dtype("cpu") == torch.float32 and default_dtype("cuda:1") == torch.bfloat16
     monkeypatch.setenv("SPECDEC_DTYPE", "BFloat16")
     assert default_dtype("cpu") == torch.bfloat16
+    monkeypatch.setenv("SPECDEC_DTYPE", "auto")
+    assert default_dtype("cuda:0") == torch.bfloat16
     monkeypatch.setenv("SPECDEC_DTYPE", "fp8")
-    with pytest.raises(ValueError, match="float32, bfloat16, float16"):
+    with pytest.raises(ValueError, match="auto or one of float32, bfloat16, float16"):
         default_dtype("cpu")
+
+
+def test_dtype_flag_sets_every_engine_of_the_process_and_its_children(monkeypatch, capsys):
+    """`--dtype float32` on serve (all-in-one or a tier) and bench: the engines of that process and of the servers
+    bench starts (SPECDEC_DTYPE, inherited) use it; a format the engines lack is refused with the choices."""
+    from specdec import cli, settings
+
+    monkeypatch.delenv("SPECDEC_DTYPE", raising=False)
+    assert build_parser().parse_args(["serve", "verifier"]).dtype == "auto"
+    assert build_parser().parse_args(["serve", "drafter", "--dtype", "Float32"]).dtype == "float32"
+    assert build_parser().parse_args(["serve", "--dtype", "bfloat16"]).dtype == "bfloat16"
+    assert build_parser("bench").parse_args(["bench", "--dtype", "float32"]).dtype == "float32"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "verifier", "--dtype", "fp8"])
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err
+
+    from specdec import bench
+
+    # what the command then runs (here bench's sweep, which starts the servers) sees the engines' dtype it asked for
+    monkeypatch.setattr(bench, "run", lambda args: 0 if settings.dtype_name("cuda:0") == "float32" else 1)
+    assert cli.main(["bench", "--dtype", "float32"]) == 0
+    monkeypatch.setenv("SPECDEC_DTYPE", "auto")
+    assert cli.main(["bench"]) == 1
 
 
 def test_draft_tree_flags_take_auto_branch_x_beam_or_off_and_explain_a_bad_one(monkeypatch, capsys):

@@ -466,6 +466,21 @@ def test_verifiers_capture_the_shipped_drafters_layers_at_start_up_only_when_it_
     assert "--graph-warmup-feature-layers=3,20,31" in verifier_args(explicit)
 
 
+def test_model_dtype_reaches_every_engine_and_a_wrong_one_is_refused(rendered):
+    """model.dtype is the drafters' and verifiers' --dtype (auto by default; float32 for token-exact greedy output on
+    a GPU); the router runs no engine. A format the engines lack fails the install, not a pod."""
+    def args(docs, tier):
+        return one(docs, "Deployment", f"{FULLNAME}-{tier}")["spec"]["template"]["spec"]["containers"][0]["args"]
+
+    default = objects(rendered["default"])
+    assert "--dtype=auto" in args(default, "drafter") and "--dtype=auto" in args(default, "verifier")
+    assert not any(a.startswith("--dtype") for a in args(default, "router"))
+    exact = [doc for doc in yaml.safe_load_all(helm_template("--set", "model.dtype=float32")) if doc]
+    assert "--dtype=float32" in args(exact, "drafter") and "--dtype=float32" in args(exact, "verifier")
+    refused = run(tool("helm"), "template", RELEASE, str(CHART), "--set", "model.dtype=fp8")
+    assert refused.returncode != 0 and "dtype" in refused.stderr
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_the_chart_command_lines_are_ones_specdec_accepts(rendered, case):
     """Every container's args parse with the real CLI, so a renamed flag breaks this test, not a rollout."""

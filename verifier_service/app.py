@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from specdec import compute, models, telemetry
+from specdec import compute, models, settings, telemetry
 from specdec.hf_engine import make_engine
 from specdec.locality import Publisher
 from specdec.prefix_hash import model_namespace, model_seed
@@ -24,18 +24,9 @@ from verifier_service.service import VerifierServicer
 log = logging.getLogger(__name__)
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def default_dtype(device: str) -> torch.dtype:
-    """The engines' dtype: SPECDEC_DTYPE (float32, bfloat16 or float16) when set, else bfloat16 on CUDA and float32
-    on a CPU. Every tier of a deployment should agree: a drafter's features and q are read as the target made them."""
-    name = os.environ.get("SPECDEC_DTYPE", "").strip().lower()
-    if name:
-        if name not in _DTYPES:
-            raise ValueError(f"SPECDEC_DTYPE={name!r}: use one of {', '.join(_DTYPES)}")
-        return _DTYPES[name]
-    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    """The engines' dtype: SPECDEC_DTYPE when set, else bfloat16 on CUDA and float32 on a CPU (settings.dtype_name)."""
+    return getattr(torch, settings.dtype_name(device))
 
 
 def eos_ids_of(hf_model) -> frozenset[int]:
