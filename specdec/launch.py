@@ -59,6 +59,13 @@ def wait_serving(address: str, proc: subprocess.Popen | None = None, timeout: fl
                        "limit)")
 
 
+def _tail(path: Path, size: int = 4096) -> str:
+    """The last `size` bytes of a file, as text (a server's log can grow long while it starts)."""
+    with path.open("rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - size))
+        return f.read().decode(errors="replace")
+
+
 class ServerProcess:
     """`specdec serve [ROLE] ...` in its own process, on a free loopback port unless given one."""
 
@@ -83,7 +90,7 @@ class ServerProcess:
     def _waiting(self, seconds: float, log: Path | None) -> None:
         last = ""
         if log is not None:
-            lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+            lines = [line for line in _tail(log).splitlines() if line.strip()]
             last = f"; its log ({log}) last said: {lines[-1][-160:]}" if lines else f"; its log: {log}"
         print(f"still waiting for the {self.role} at {self.address} to serve ({seconds:.0f} s{last})",
               file=sys.stderr, flush=True)

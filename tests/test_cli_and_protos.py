@@ -193,3 +193,20 @@ def test_a_server_slow_to_start_is_waited_for_with_progress_and_a_limit_the_user
     exits = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
     with pytest.raises(RuntimeError, match="exited with 3"):
         wait_serving(f"127.0.0.1:{free_port()}", exits, timeout=30)
+
+
+def test_the_wait_for_a_server_reads_only_the_end_of_its_log(tmp_path, capsys):
+    """What a slow server's log last said, from its last few KB however long the log has grown."""
+    from types import SimpleNamespace
+
+    from specdec.launch import ServerProcess
+
+    log = tmp_path / "verifier.log"
+    log.write_text("x" * 100 + "\n" + "warming up\n" * 200_000 + "captured 5 of 21 CUDA graphs (64 s)\n\n")
+    ServerProcess._waiting(SimpleNamespace(role="verifier", address="127.0.0.1:1"), 61.0, log)
+    said = capsys.readouterr().err
+    assert said.startswith("still waiting for the verifier at 127.0.0.1:1 to serve (61 s; its log (")
+    assert said.rstrip().endswith("last said: captured 5 of 21 CUDA graphs (64 s))")
+    log.write_text("")
+    ServerProcess._waiting(SimpleNamespace(role="drafter", address="a:2"), 120.0, log)
+    assert capsys.readouterr().err.rstrip().endswith(f"(120 s; its log: {log})")
