@@ -79,7 +79,19 @@ def attend_flex(q, keys, values, mask):
 VARIANTS = {"sdpa": engine_module._attend, "grouped": attend_grouped, "flex": attend_flex}
 
 
-def kernel_table(fn, runs: int = 10, top: int = 30) -> tuple[float, list]:
+def rms_norm_composed(x, weight, eps):
+    """The engine's RMSNorm until the seventeenth session, composed of small ops (on CUDA: the fp32 cast, square,
+    mean, add, rsqrt, multiply and cast back, then the weight), against the fused one it uses now (same bits)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+NORMS = {"fused": engine_module._rms_norm, "composed": rms_norm_composed}
+
+
+def kernel_table(fn, runs: int = 10, top: int = 30) -> tuple[float, list, float]:
+    """(device ms busy a run, the `top` kernels by time as [name, launches a run, us a run], all launches a run)."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -97,7 +109,7 @@ def kernel_table(fn, runs: int = 10, top: int = 30) -> tuple[float, list]:
     busy = sum(v[1] for v in per_name.values()) / runs / 1000
     rows = sorted(([name[:90], n / runs, round(us / runs, 1)] for name, (n, us) in per_name.items()),
                   key=lambda r: -r[2])
-    return busy, rows[:top]
+    return busy, rows[:top], sum(n for n, _ in per_name.values()) / runs
 
 
 def floor_ms(weight_bytes: int) -> float:
@@ -105,7 +117,8 @@ def floor_ms(weight_bytes: int) -> float:
 
 
 @torch.inference_mode()
-def run_shape(name: str, forms: list[str], variants: list[str], kv: int, steps: int, out: dict) -> None:
+def run_shape(name: str, forms: list[str], variants: list[str], kv: int, steps: int, out: dict,
+              norms: tuple[str, ...] = ("fused",)) -> None:
     import transformers
 
     config = transformers.LlamaConfig(**SHAPES[name])
@@ -118,50 +131,51 @@ def run_shape(name: str, forms: list[str], variants: list[str], kv: int, steps: 
     out[name] = {"weight_gb": round(weight_bytes / 1e9, 3), "floor_ms": round(floor_ms(weight_bytes), 4)}
     print(f"{time.perf_counter() - T0:.0f}s", name, out[name], flush=True)
     reference = None
-    for form in forms:
-        for variant in variants:
-            key = f"{form}/{variant}"
-            try:
-                engine_module._attend = VARIANTS[variant]
-                started = time.perf_counter()
-                engine = LlamaEngine(model, "cuda", torch.bfloat16, cuda_graphs=True, compile=form == "compiled")
-                cache = engine.new_cache(2, 2048)
-                engine.forward(cache, [Row(0, 0, list(range(100, 100 + kv)))])
-                rows = [Row(0, kv, [7])]
-                logits = engine.forward(cache, rows)[0]
-                if reference is None:
-                    reference = logits
-                graph, _, _ = engine._graphs._loaded(cache, rows, engine._graphs.floor, kv + 1)
-                entry = {"warmup_s": round(time.perf_counter() - started, 1),
-                         "max_logit_diff_vs_first": float((logits - reference).abs().max()),
-                         "same_argmax_as_first": bool(logits.argmax() == reference.argmax()),
-                         "replay_ms": round(timed(graph.replay, 100), 4)}
-                engine.decode_greedy(cache, rows, steps)  # captures the decode graph for this kv bucket
-                torch.cuda.synchronize()
-                walls = []
-                for _ in range(5):
-                    began = time.perf_counter()
-                    engine.decode_greedy(cache, rows, steps)
-                    walls.append((time.perf_counter() - began) * 1000 / steps)
-                entry["decode_step_ms"] = round(statistics.median(walls), 4)
-                _, buffers, _ = engine._graphs._loaded(cache, rows, engine._graphs.floor, kv + 1)
-                length = min(engine_module._bucket(kv + 1, 128), 2048)
-                busy, table = kernel_table(lambda: engine._graphs.step(cache, *buffers, length))
-                entry["busy_ms_outside_graph"] = round(busy, 4)
-                entry["kernels_per_step"] = sum(r[1] for r in table)
-                entry["kernels"] = table
-                out[name][key] = entry
-                figures = {k: v for k, v in entry.items() if k != "kernels"}
-                print(f"{time.perf_counter() - T0:.0f}s", key, json.dumps(figures), flush=True)
-                for row in table[:20]:
-                    print("   ", row, flush=True)
-                del engine, cache, graph
-                torch.cuda.empty_cache()
-            except Exception:
-                out[name][key] = {"error": traceback.format_exc()}
-                traceback.print_exc()
-            finally:
-                engine_module._attend = VARIANTS["sdpa"]
+    for form, variant, norm in ((f, v, n) for f in forms for v in variants for n in norms):
+        key = f"{form}/{variant}" + ("" if norm == "fused" else f"/{norm}-norm")
+        try:
+            engine_module._attend = VARIANTS[variant]
+            engine_module._rms_norm = NORMS[norm]
+            started = time.perf_counter()
+            engine = LlamaEngine(model, "cuda", torch.bfloat16, cuda_graphs=True, compile=form == "compiled")
+            cache = engine.new_cache(2, 2048)
+            engine.forward(cache, [Row(0, 0, list(range(100, 100 + kv)))])
+            rows = [Row(0, kv, [7])]
+            logits = engine.forward(cache, rows)[0]
+            if reference is None:
+                reference = logits
+            graph, _, _ = engine._graphs._loaded(cache, rows, engine._graphs.floor, kv + 1)
+            entry = {"warmup_s": round(time.perf_counter() - started, 1),
+                     "max_logit_diff_vs_first": float((logits - reference).abs().max()),
+                     "same_argmax_as_first": bool(logits.argmax() == reference.argmax()),
+                     "replay_ms": round(timed(graph.replay, 100), 4)}
+            engine.decode_greedy(cache, rows, steps)  # captures the decode graph for this kv bucket
+            torch.cuda.synchronize()
+            walls = []
+            for _ in range(5):
+                began = time.perf_counter()
+                engine.decode_greedy(cache, rows, steps)
+                walls.append((time.perf_counter() - began) * 1000 / steps)
+            entry["decode_step_ms"] = round(statistics.median(walls), 4)
+            _, buffers, _ = engine._graphs._loaded(cache, rows, engine._graphs.floor, kv + 1)
+            length = min(engine_module._bucket(kv + 1, 128), 2048)
+            busy, table, launches = kernel_table(lambda: engine._graphs.step(cache, *buffers, length))
+            entry["busy_ms_outside_graph"] = round(busy, 4)
+            entry["kernels_per_step"] = launches
+            entry["kernels"] = table
+            out[name][key] = entry
+            figures = {k: v for k, v in entry.items() if k != "kernels"}
+            print(f"{time.perf_counter() - T0:.0f}s", key, json.dumps(figures), flush=True)
+            for row in table[:20]:
+                print("   ", row, flush=True)
+            del engine, cache, graph
+            torch.cuda.empty_cache()
+        except Exception:
+            out[name][key] = {"error": traceback.format_exc()}
+            traceback.print_exc()
+        finally:
+            engine_module._attend = VARIANTS["sdpa"]
+            engine_module._rms_norm = NORMS["fused"]
     del model
     torch.cuda.empty_cache()
 
@@ -171,6 +185,7 @@ def main() -> None:
     parser.add_argument("--shapes", default="smollm2,8b", help="comma-separated: " + ", ".join(SHAPES))
     parser.add_argument("--compile", default="no,yes", help="engine forms: no (CUDA graph), yes (compiled too)")
     parser.add_argument("--attention", default="sdpa,grouped", help="attention variants: " + ", ".join(VARIANTS))
+    parser.add_argument("--norm", default="fused", help="RMSNorm forms: " + ", ".join(NORMS))
     parser.add_argument("--kv", type=int, default=200, help="tokens of context before the step")
     parser.add_argument("--steps", type=int, default=64, help="steps of each decode_greedy run")
     parser.add_argument("--json", help="write the results here")
@@ -178,7 +193,7 @@ def main() -> None:
     forms = [{"no": "graphed", "yes": "compiled"}[f] for f in args.compile.split(",")]
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "kv": args.kv}
     for shape in args.shapes.split(","):
-        run_shape(shape, forms, args.attention.split(","), args.kv, args.steps, out)
+        run_shape(shape, forms, args.attention.split(","), args.kv, args.steps, out, tuple(args.norm.split(",")))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1))

@@ -120,6 +120,25 @@ def test_rollback_is_a_smaller_start_position():
     assert (got - reference_logits(model, ids)[12:]).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rms_norm_is_transformers_own_to_the_bit(dtype):
+    """The engine's RMSNorm (torch's fused rms_norm, then the weight) gives exactly what transformers' Llama RMSNorm
+    computes (fp32 normalization rounded to the model's dtype, then scaled in it), for a layer's hidden states and
+    for per-head q/k norms (Qwen3)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from specdec.engine import _rms_norm
+
+    torch.manual_seed(0)
+    for shape in [(1, 1, 64), (3, 5, 64), (2, 4, 3, 16)]:
+        norm = LlamaRMSNorm(shape[-1], eps=1e-6).to(dtype)
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(shape[-1]))
+        x = (torch.randn(shape) * 4).to(dtype)
+        with torch.no_grad():
+            assert torch.equal(_rms_norm(x, norm.weight.detach(), 1e-6), norm(x)), shape
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_computes_f_linear_packed_or_not(dtype, monkeypatch):
     """The engine's projections on a CPU go through oneDNN's packed GEMM where it can pack (fp32 everywhere; bf16
