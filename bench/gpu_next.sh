@@ -34,6 +34,9 @@ set -uo pipefail
 part=${1:?usage: gpu_next.sh checks|levels|one|trees|agree|compiled|compiled-bench}
 . .gpu/env.sh && bash .gpu/setup.sh final || { echo "not staged: run bench/gpu_stage.sh's calls first" >&2; exit 1; }
 model=/root/m/smollm2.gguf
+# the tiers on two GPUs where there are two (the deployment's shape), else both on the one
+if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then devs="--verifier-device cuda:1 --drafter-device cuda:0"
+else devs="--verifier-device cuda:0 --drafter-device cuda:0"; fi
 case "$part" in
   checks)
     { python3 bench/gpu_paths.py --device cuda:0
@@ -50,8 +53,6 @@ case "$part" in
     # one run, one verifier advising 2x2 trees: off, chains (F@off) and the advised trees (F), each mode's processes
     # serving two 64-user levels, the first of which captures what the warm-ups did not (the drafter's tree levels)
     F=model=drafters/smollm2-135m-instruct-fused
-    if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then devs="--verifier-device cuda:1 --drafter-device cuda:0"
-    else devs="--verifier-device cuda:0 --drafter-device cuda:0"; fi
     SPECDEC_K=4 SPECDEC_ADVISE_DRAFT_TREE=2x2 SPECDEC_ADVISE_SPECULATION_MAX_SESSIONS=1000 timeout 560 \
       python3 -m specdec.cli bench --target $model --modes "off,$F@off,$F" --concurrency 64,64 --requests 384 \
       --max-new-tokens 64 --out /root/b/trees $devs 2>&1 | grep -v -e "^WARNING" -e "warnings.warn" \
@@ -59,8 +60,6 @@ case "$part" in
     cp /root/b/trees/results.json "$OUT/trees.json" 2>/dev/null ;;
   one)
     F=model=drafters/smollm2-135m-instruct-fused
-    if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then devs="--verifier-device cuda:1 --drafter-device cuda:0"
-    else devs="--verifier-device cuda:0 --drafter-device cuda:0"; fi
     timeout 560 python3 -m specdec.cli bench --target $model --modes "off,ngram,$F@off,$F@2x2" --concurrency 1 \
       --requests 16 --max-new-tokens 128 --baselines --baseline-prompts 4 --out /root/b/one $devs 2>&1 \
       | grep -v -e "^WARNING" -e "warnings.warn" | tail -40 | tee "$OUT/one.txt"

@@ -20,6 +20,7 @@ logits are compared with `sdpa`'s.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -131,7 +132,7 @@ def run_shape(name: str, forms: list[str], variants: list[str], kv: int, steps: 
     out[name] = {"weight_gb": round(weight_bytes / 1e9, 3), "floor_ms": round(floor_ms(weight_bytes), 4)}
     print(f"{time.perf_counter() - T0:.0f}s", name, out[name], flush=True)
     reference = None
-    for form, variant, norm in ((f, v, n) for f in forms for v in variants for n in norms):
+    for form, variant, norm in itertools.product(forms, variants, norms):
         key = f"{form}/{variant}" + ("" if norm == "fused" else f"/{norm}-norm")
         try:
             engine_module._attend = VARIANTS[variant]

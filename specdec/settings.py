@@ -1,5 +1,5 @@
-"""Settings every tier reads from its environment, in one place and free of torch (the launcher and the command line
-import them without loading a model stack).
+"""Environment settings read in more than one place (the engines, the launcher, the command line), parsed here once
+and free of torch, so the launcher and the command line import them without loading a model stack.
 
 SPECDEC_COMPILE (yes|no): torch.compile the graphed passes on CUDA. SPECDEC_DTYPE (auto, float32, bfloat16 or
 float16): the engines' number format; auto is bfloat16 on CUDA and float32 on a CPU.
@@ -16,9 +16,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 def yes_no(value: str) -> bool:
     """'yes' / 'no' and their usual spellings; ValueError for anything else."""
-    if value.strip().lower() in YES:
+    word = value.strip().lower()
+    if word in YES:
         return True
-    if value.strip().lower() in NO:
+    if word in NO:
         return False
     raise ValueError(f"expected yes or no, got {value!r}")
 
